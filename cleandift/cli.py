@@ -1,0 +1,200 @@
+"""The `cleandift` command: core commands here; service and trainer commands join below.
+
+Heavy imports (torch, diffusers) happen inside commands so `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="diffusers folder, hub id or registry DIR/NAME (demo)"),
+]
+UnetOpt = Annotated[Path | None, typer.Option(help="flat UNet safetensors, e.g. CleanDIFT's")]
+DeviceOpt = Annotated[str | None, typer.Option(help="cuda, cpu, ...; auto if unset")]
+DtypeOpt = Annotated[str | None, typer.Option(help="float16, bfloat16, float32; auto if unset")]
+SizeOpt = Annotated[int | None, typer.Option(help="model input side in px (multiple of 64)")]
+
+
+def settings_with(**overrides):
+    """Settings from the environment, with the CLI flags that were given on top."""
+    from .settings import Settings
+
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _load(model, unet, device, dtype):
+    from .loading import ModelLoadError, load_extractor
+
+    settings = settings_with(model=model, unet=unet, device=device, dtype=dtype)
+    typer.echo(f"loading {settings.model or 'the demo model'} …", err=True)
+    try:
+        return load_extractor(
+            settings.model,
+            unet=settings.unet,
+            device=settings.device,
+            dtype=settings.dtype,
+            cache_dir=settings.cache_dir,
+        ), settings
+    except ModelLoadError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+@contextmanager
+def user_errors():
+    """Bad arguments end the command with a message and exit code 2, not a traceback."""
+    from .extractor import InvalidSizeError
+    from .layers import UnknownLayerError
+    from .matching import InvalidPointsError
+
+    try:
+        yield
+    except (json.JSONDecodeError, InvalidSizeError, UnknownLayerError, InvalidPointsError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _read_image(path: Path, settings):
+    from .images import ImageError, decode_image
+
+    try:
+        data = path.read_bytes()
+        return decode_image(data, max_bytes=len(data), max_pixels=settings.max_image_pixels)
+    except (OSError, ImageError) as exc:
+        typer.echo(f"error: {path}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+@app.command("demo-model")
+def demo_model(
+    out_dir: Path,
+    seed: Annotated[int, typer.Option(help="weights seed")] = 0,
+    kind: Annotated[str, typer.Option(help="demo or bench")] = "demo",
+) -> None:
+    """Write the small SD2.1-shaped demo model (diffusers layout) to OUT_DIR."""
+    from .architectures import ARCHITECTURES
+    from .demo import write_model
+
+    arch = ARCHITECTURES[kind]
+    typer.echo(f"creating {arch.name} (seed {seed}) in {out_dir} …", err=True)
+    start = time.perf_counter()
+    write_model(arch, out_dir, seed=seed)
+    size = sum(p.stat().st_size for p in Path(out_dir).rglob("*") if p.is_file())
+    typer.echo(f"done in {time.perf_counter() - start:.1f}s, {size / 1e6:.1f} MB", err=True)
+
+
+@app.command()
+def info(model: ModelOpt = None, unet: UnetOpt = None, device: DeviceOpt = None) -> None:
+    """Print the model description (the body of GET /v1/models) as JSON."""
+    extractor, _ = _load(model, unet, device, None)
+    typer.echo(json.dumps(extractor.info.to_json(), indent=2))
+
+
+@app.command()
+def extract(
+    images: Annotated[list[Path], typer.Argument(help="image files")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output .safetensors")],
+    layers: Annotated[str | None, typer.Option(help="comma-separated keys, e.g. us6,us9")] = None,
+    size: SizeOpt = None,
+    prompt: str = "",
+    mode: Annotated[str, typer.Option(help="clean or dift")] = "clean",
+    batch_size: int = 8,
+    model: ModelOpt = None,
+    unet: UnetOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Extract feature maps; tensors are named by key (IMAGE_STEM/key for several images)."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    extractor, settings = _load(model, unet, device, dtype)
+    keys = layers.split(",") if layers else None
+    tensors = {}
+    for start in tqdm(range(0, len(images), batch_size), desc="extract", unit="batch"):
+        paths = images[start : start + batch_size]
+        batch = [_read_image(p, settings) for p in paths]
+        with user_errors():
+            results = extractor.extract(batch, keys, size, prompt, mode=mode)
+        for path, feats in zip(paths, results):
+            for key, value in feats.items():
+                name = key if len(images) == 1 else f"{path.stem}/{key}"
+                tensors[name] = value.contiguous()
+    meta = {
+        "model": extractor.info.name,
+        "model_version": extractor.info.version,
+        "input_size": str(size or extractor.info.input_size),
+    }
+    save_file(tensors, str(out), metadata=meta)
+    typer.echo(f"wrote {len(tensors)} tensors to {out}", err=True)
+
+
+@app.command()
+def correspond(
+    source: Path,
+    target: Path,
+    points: Annotated[str | None, typer.Option(help="JSON list of [x, y] source pixels")] = None,
+    layer: Annotated[str | None, typer.Option(help="feature key; the model's default if unset")]
+    = None,
+    size: SizeOpt = None,
+    prompt: str = "",
+    max_matches: Annotated[int | None, typer.Option(help="mutual matches without points")] = None,
+    model: ModelOpt = None,
+    unet: UnetOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Match points from SOURCE to TARGET; prints the JSON of POST /correspond."""
+    from .matching import correspond as run_match
+    from .matching import validate_points
+
+    extractor, settings = _load(model, unet, device, None)
+    src, tgt = _read_image(source, settings), _read_image(target, settings)
+    key = layer or extractor.info.correspondence_layer
+    start = time.perf_counter()
+    with user_errors():
+        pts = validate_points(json.loads(points), src.size, settings.max_points) if points else None
+        feats = extractor.features(extractor.preprocess([src, tgt], size), [key], prompt)[key]
+    matches = run_match(
+        feats[0], feats[1], src.size, tgt.size, pts,
+        max_matches=max_matches or settings.max_matches,
+    )
+    elapsed = (time.perf_counter() - start) * 1000
+    body = {
+        "model": extractor.info.name,
+        "model_version": extractor.info.version,
+        "matches": [m.to_json() for m in matches],
+        "timings_ms": {"queue": 0.0, "inference": round(elapsed, 3)},
+    }
+    typer.echo(json.dumps(body, indent=2))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _register_optional_commands()
+    app(prog_name="cleandift")
+
+
+def _register_optional_commands() -> None:
+    """Service and trainer commands live with their packages."""
+    for module in ("service.cli", "trainer.cli"):
+        try:
+            __import__(module, fromlist=["register"]).register(app)
+        except ModuleNotFoundError as exc:
+            if exc.name not in (module, module.split(".")[0]):
+                raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

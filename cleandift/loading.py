@@ -1,0 +1,217 @@
+"""Model specs -> a ready Extractor: diffusers folders, hub ids, registry versions, and a
+flat UNet state dict (the published CleanDIFT weights) loaded strictly on top.
+
+Only safetensors are read; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from . import registry
+from .demo import METADATA_FILE, ensure_model
+from .extractor import Extractor, model_info
+from .hf import quiet_progress_bars
+from .prompts import EMPTY_PROMPT_FILE, PromptEncoder
+from .settings import get_settings
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class ResolvedSpec:
+    """Where the base model comes from and what sits on top of it."""
+
+    source: str  # diffusers folder or hub id
+    is_hub: bool
+    unet_file: Path | None = None
+    metadata: dict = field(default_factory=dict)
+    name: str = ""
+    version: str = "base"
+
+
+def resolve_spec(spec: str | Path | None, cache_dir: Path | None = None) -> ResolvedSpec:
+    """Classify a spec; registry versions are checksum-verified here."""
+    settings = get_settings()
+    cache_dir = Path(cache_dir or settings.cache_dir)
+    if spec is None or str(spec) == "demo":
+        folder = ensure_model("demo", cache_dir, seed=settings.demo_seed)
+        return _folder_spec(folder)
+    path = Path(spec).expanduser()
+    if path.is_dir() and registry.is_registry_path(path):
+        try:
+            version_dir = registry.resolve(path)
+            manifest = registry.read_manifest(version_dir, verify=True)
+        except registry.RegistryError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        base = resolve_spec(manifest["base"], cache_dir)
+        base.unet_file = version_dir / registry.UNET_FILE
+        base.metadata = {**base.metadata, **manifest, "registry_dir": str(version_dir)}
+        base.name, base.version = manifest["name"], manifest["version"]
+        return base
+    if path.is_dir():
+        if not (path / "unet" / "config.json").is_file():
+            raise ModelLoadError(f"{path} is not a diffusers model folder (no unet/config.json)")
+        return _folder_spec(path)
+    if path.exists():
+        raise ModelLoadError(f"{path} is a file; expected a diffusers folder or registry path")
+    if _HUB_ID.match(str(spec)) and not str(spec).startswith((".", "/", "~")):
+        return ResolvedSpec(source=str(spec), is_hub=True, name=str(spec))
+    raise ModelLoadError(f"no model at {spec!r}: not a folder, registry path or hub id")
+
+
+def _folder_spec(folder: Path) -> ResolvedSpec:
+    meta_path = folder / METADATA_FILE
+    metadata = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return ResolvedSpec(
+        source=str(folder.resolve()),
+        is_hub=False,
+        metadata=metadata,
+        name=metadata.get("name", folder.name),
+        version=str(metadata.get("version", "base")),
+    )
+
+
+def _from_pretrained(cls, spec: ResolvedSpec, subfolder: str, **kwargs):
+    try:
+        return cls.from_pretrained(spec.source, subfolder=subfolder, **kwargs)
+    except Exception as exc:  # diffusers/hub raise many types; all mean "cannot load"
+        if spec.is_hub:
+            hint = (
+                "hub ids need network access or an earlier download in the Hugging Face "
+                "cache; offline, pass a local diffusers folder instead"
+            )
+        else:
+            hint = "is it a complete diffusers folder?"
+        raise ModelLoadError(
+            f"cannot load {subfolder} of {spec.source!r}: {exc} ({hint})"
+        ) from exc
+
+
+def load_unet_state(unet: torch.nn.Module, path: Path) -> dict[str, str]:
+    """Strictly load a flat diffusers-named safetensors state dict; returns its metadata."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read UNet weights {path}: {exc}") from exc
+    expected = unet.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(
+        k for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k].shape)
+    )
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)):
+            if keys:
+                shown = ", ".join(keys[:8]) + (f" … (+{len(keys) - 8})" if len(keys) > 8 else "")
+                parts.append(f"{len(keys)} {label} key(s): {shown}")
+        raise ModelLoadError(f"{path} does not fit the base UNet: " + "; ".join(parts))
+    unet.load_state_dict(state, strict=True)
+    return metadata
+
+
+def pick_device_dtype(device: str | torch.device | None, dtype: str | torch.dtype | None):
+    """fp16 on CUDA, fp32 on CPU unless asked otherwise (bf16 is opt-in)."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        return dev, torch.float16 if dev.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        names = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
+                 "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+        if dtype not in names:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+        dtype = names[dtype]
+    return dev, dtype
+
+
+def load_extractor(
+    spec: str | Path | None = None,
+    *,
+    unet: str | Path | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    cache_dir: str | Path | None = None,
+) -> Extractor:
+    """Load a model spec (and optionally a flat UNet file on top) into an Extractor."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    quiet_progress_bars()
+    resolved = resolve_spec(spec, Path(cache_dir) if cache_dir else None)
+    dev, dt = pick_device_dtype(device, dtype)
+    unet_file = Path(unet) if unet is not None else resolved.unet_file
+    base_unet = _from_pretrained(UNet2DConditionModel, resolved, "unet", torch_dtype=dt)
+    metadata = dict(resolved.metadata)
+    version = resolved.version
+    if unet_file is not None:
+        student = UNet2DConditionModel.from_config(base_unet.config).to(dt)
+        metadata.update(load_unet_state(student, unet_file))
+        if unet is not None:  # an explicit file; registry versions are named already
+            version = "unet-" + registry.sha256_file(unet_file)[:12]
+        del base_unet
+    else:
+        student = base_unet
+    vae = _from_pretrained(AutoencoderKL, resolved, "vae", torch_dtype=dt)
+    vae.decoder = None  # features need the encoder only
+    scheduler = _from_pretrained(DDPMScheduler, resolved, "scheduler")
+    latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    input_size = int(metadata.get("input_size", student.config.sample_size * latent_factor))
+    info = model_info(
+        name=resolved.name,
+        version=version,
+        base=resolved.source,
+        unet_config=student.config,
+        latent_factor=latent_factor,
+        input_size=input_size,
+        metadata=metadata,
+    )
+    return Extractor(
+        vae=vae.to(dev).eval().requires_grad_(False),
+        unet=student.to(dev).eval().requires_grad_(False),
+        noise_scheduler=scheduler,
+        prompts=_prompt_encoder(resolved, dev, dt, cache_dir),
+        info=info,
+        device=dev,
+        dtype=dt,
+        load_base_unet=_base_loader(resolved, dev, dt) if unet_file is not None else None,
+    )
+
+
+def _base_loader(resolved: ResolvedSpec, dev: torch.device, dt: torch.dtype):
+    def load():
+        from diffusers import UNet2DConditionModel
+
+        unet = _from_pretrained(UNet2DConditionModel, resolved, "unet", torch_dtype=dt)
+        return unet.to(dev).eval().requires_grad_(False)
+
+    return load
+
+
+def _prompt_encoder(resolved: ResolvedSpec, dev, dt, cache_dir) -> PromptEncoder:
+    def load_text():
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        tokenizer = _from_pretrained(CLIPTokenizer, resolved, "tokenizer")
+        encoder = _from_pretrained(CLIPTextModel, resolved, "text_encoder", torch_dtype=dt)
+        return tokenizer, encoder.to(dev).eval().requires_grad_(False)
+
+    key = hashlib.sha256(resolved.source.encode()).hexdigest()[:16]
+    cache = Path(cache_dir or get_settings().cache_dir) / "prompts" / f"{key}.safetensors"
+    files = [cache]
+    if not resolved.is_hub:
+        files.insert(0, Path(resolved.source) / EMPTY_PROMPT_FILE)
+    return PromptEncoder(load_text, device=dev, dtype=dt, empty_cache_files=files)

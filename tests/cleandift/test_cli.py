@@ -1,0 +1,85 @@
+import json
+
+import pytest
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from cleandift.cli import app
+from corpus import encode
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, photo, photo2):
+    folder = tmp_path_factory.mktemp("cli")
+    (folder / "a.jpg").write_bytes(encode(photo, "JPEG", quality=95))
+    (folder / "b.png").write_bytes(encode(photo2, "PNG"))
+    return folder
+
+
+def run(*args):
+    result = CliRunner().invoke(app, list(map(str, args)))
+    return result
+
+
+def test_demo_model_writes_a_small_loadable_folder(tmp_path):
+    result = run("demo-model", tmp_path / "demo", "--seed", 1)
+    assert result.exit_code == 0, result.output
+    size = sum(p.stat().st_size for p in (tmp_path / "demo").rglob("*") if p.is_file())
+    assert size < 10_000_000
+    info = run("info", "--model", tmp_path / "demo")
+    assert info.exit_code == 0, info.output
+    assert json.loads(info.stdout[info.stdout.index("{"):])["version"] == "demo-seed1"
+
+
+def test_info_has_the_models_endpoint_shape(demo_dir):
+    result = run("info", "--model", demo_dir)
+    body = json.loads(result.stdout[result.stdout.index("{"):])
+    assert {"name", "version", "base", "input_size", "default_layers", "correspondence_layer",
+            "layers"} <= set(body)
+    assert body["layers"]["us6"] == {"channels": 64, "stride": 16}
+
+
+def test_extract_names_tensors_by_stem_and_key(files, demo_dir, tmp_path):
+    out = tmp_path / "f.safetensors"
+    result = run("extract", files / "a.jpg", files / "b.png", "--layers", "us6,mid",
+                 "--out", out, "--model", demo_dir)
+    assert result.exit_code == 0, result.output
+    with safe_open(str(out), "pt") as fh:
+        assert set(fh.keys()) == {"a/us6", "a/mid", "b/us6", "b/mid"}
+        assert fh.get_tensor("a/us6").shape == (64, 16, 16)
+        assert fh.metadata()["model"] == "cleandift-demo"
+    single = tmp_path / "one.safetensors"
+    assert run("extract", files / "a.jpg", "--out", single, "--model", demo_dir).exit_code == 0
+    with safe_open(str(single), "pt") as fh:
+        assert list(fh.keys()) == ["us6"]
+
+
+def test_correspond_prints_the_api_body(files, demo_dir):
+    result = run("correspond", files / "a.jpg", files / "b.png",
+                 "--points", "[[10, 20], [100, 50]]", "--model", demo_dir)
+    assert result.exit_code == 0, result.output
+    body = json.loads(result.stdout[result.stdout.index("{"):])
+    assert [m["source"] for m in body["matches"]] == [[10.0, 20.0], [100.0, 50.0]]
+    assert all(0 <= m["target"][0] < 300 and 0 <= m["target"][1] < 280 for m in body["matches"])
+    mutual = run("correspond", files / "a.jpg", files / "b.png", "--max-matches", 5,
+                 "--model", demo_dir)
+    assert len(json.loads(mutual.stdout[mutual.stdout.index("{"):])["matches"]) == 5
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--points", "[[1e9, 0]]"], ["--points", "not json"], ["--layer", "us99"], ["--size", "100"]],
+)
+def test_bad_arguments_exit_2_with_a_message(files, demo_dir, args):
+    result = run("correspond", files / "a.jpg", files / "b.png", "--model", demo_dir, *args)
+    assert result.exit_code == 2
+    assert "error:" in result.output
+
+
+def test_unreadable_image_and_missing_model(files, demo_dir, tmp_path):
+    (tmp_path / "bad.jpg").write_bytes(b"nope")
+    result = run("extract", tmp_path / "bad.jpg", "--out", tmp_path / "x.safetensors",
+                 "--model", demo_dir)
+    assert result.exit_code == 2 and "bad.jpg" in result.output
+    result = run("info", "--model", tmp_path / "nothing-here")
+    assert result.exit_code == 2 and "no model" in result.output

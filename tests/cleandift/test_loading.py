@@ -1,0 +1,109 @@
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cleandift import ModelLoadError, load_extractor
+
+
+@pytest.fixture(scope="module")
+def student_file(tmp_path_factory, extractor):
+    """A flat, diffusers-named UNet state dict, like cleandift_sd21_unet.safetensors."""
+    gen = torch.Generator().manual_seed(3)
+    state = {
+        k: (v + 0.05 * torch.randn(v.shape, generator=gen)).half().contiguous()
+        for k, v in extractor.unet.state_dict().items()
+    }
+    path = tmp_path_factory.mktemp("student") / "cleandift_demo_unet.safetensors"
+    save_file(state, str(path))
+    return path, state
+
+
+def test_flat_state_dict_loads_strictly_and_changes_features(
+    demo_dir, extractor, student_file, photo
+):
+    path, state = student_file
+    student = load_extractor(demo_dir, unet=path, device="cpu")
+    for key, value in student.unet.state_dict().items():
+        torch.testing.assert_close(value, state[key].float())
+    assert student.info.version.startswith("unet-")
+    base = extractor.extract([photo], layers=["us6"])[0]["us6"]
+    new = student.extract([photo], layers=["us6"])[0]["us6"]
+    assert not torch.allclose(base, new)
+    # DIFT mode runs the base UNet, loaded beside the student on demand.
+    dift_student = student.extract([photo], layers=["us6"], mode="dift", seeds=[1])[0]["us6"]
+    dift_base = extractor.extract([photo], layers=["us6"], mode="dift", seeds=[1])[0]["us6"]
+    torch.testing.assert_close(dift_student, dift_base)
+
+
+def test_mismatched_state_dict_names_the_keys(demo_dir, student_file, tmp_path):
+    _, state = student_file
+    broken = dict(state)
+    missing = "conv_out.bias"
+    del broken[missing]
+    broken["extra.weight"] = torch.zeros(1)
+    broken["conv_in.weight"] = torch.zeros(3, 3)
+    path = tmp_path / "broken.safetensors"
+    save_file(broken, str(path))
+    with pytest.raises(ModelLoadError) as err:
+        load_extractor(demo_dir, unet=path, device="cpu")
+    message = str(err.value)
+    assert missing in message and "extra.weight" in message and "conv_in.weight" in message
+
+
+def test_corrupt_state_dict_is_a_clear_error(demo_dir, student_file, tmp_path):
+    path, _ = student_file
+    data = path.read_bytes()
+    bad = tmp_path / "truncated.safetensors"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="cannot read UNet weights"):
+        load_extractor(demo_dir, unet=bad, device="cpu")
+    pickle = tmp_path / "weights.bin"
+    pickle.write_bytes(b"\x80\x04\x95" + b"\x00" * 64)
+    with pytest.raises(ModelLoadError):
+        load_extractor(demo_dir, unet=pickle, device="cpu")
+
+
+def test_bad_specs(tmp_path, demo_dir):
+    with pytest.raises(ModelLoadError, match="no model"):
+        load_extractor(str(tmp_path / "missing"), device="cpu")
+    with pytest.raises(ModelLoadError, match="not a diffusers model folder"):
+        load_extractor(tmp_path, device="cpu")
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(demo_dir, incomplete)
+    shutil.rmtree(incomplete / "vae")
+    with pytest.raises(ModelLoadError, match="vae"):
+        load_extractor(incomplete, device="cpu")
+
+
+def test_hub_id_offline_fails_clearly():
+    # conftest sets HF_HUB_OFFLINE=1: nothing is fetched.
+    with pytest.raises(ModelLoadError, match="network"):
+        load_extractor("cleandift-test/not-in-the-cache", device="cpu")
+
+
+def test_metadata_overrides_and_defaults(demo_dir, tmp_path):
+    folder = tmp_path / "plain"
+    shutil.copytree(demo_dir, folder)
+    (folder / "cleandift.json").unlink()
+    ex = load_extractor(folder, device="cpu")
+    assert ex.info.input_size == 32 * 8  # unet sample_size x VAE factor
+    assert ex.info.student_timestep == 261.0
+    assert ex.info.default_layers == ["us6"] and ex.info.version == "base"
+    meta = {"input_size": 128, "student_timestep": 300.0, "default_layers": ["us6", "us9"]}
+    (folder / "cleandift.json").write_text(json.dumps(meta))
+    ex = load_extractor(folder, device="cpu")
+    assert (ex.info.input_size, ex.info.student_timestep) == (128, 300.0)
+    assert ex.info.default_layers == ["us6", "us9"]
+
+
+def test_dtype_choice():
+    from cleandift.loading import pick_device_dtype
+
+    assert pick_device_dtype("cpu", None) == (torch.device("cpu"), torch.float32)
+    assert pick_device_dtype("cuda", None)[1] == torch.float16
+    assert pick_device_dtype("cpu", "bf16")[1] == torch.bfloat16
+    with pytest.raises(ValueError):
+        pick_device_dtype("cpu", "int8")

@@ -1,0 +1,96 @@
+"""Image files made by the tests: good ones in every format and mode, and bad ones.
+
+Shared by the core, service and reliability suites so each kind of input is defined once.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+
+from conftest import textured_image
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def png_bomb(width: int = 60000, height: int = 60000) -> bytes:
+    """A tiny PNG whose header claims width x height pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(
+        b"IEND", b""
+    )
+
+
+def rotated_jpeg() -> tuple[bytes, tuple[int, int]]:
+    """A 60x40 JPEG with EXIF orientation 6 (display rotated): shown as 40x60."""
+    image = textured_image(60, 40, seed=5)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(image, "JPEG", exif=exif.tobytes()), (40, 60)
+
+
+def sixteen_bit_png() -> bytes:
+    ramp = (np.linspace(0, 65535, 64 * 48).reshape(48, 64)).astype(np.uint16)
+    return encode(Image.fromarray(ramp), "PNG")
+
+
+def cmyk_jpeg() -> bytes:
+    return encode(textured_image(50, 40, seed=6).convert("CMYK"), "JPEG")
+
+
+def palette_with_transparency() -> bytes:
+    image = textured_image(40, 30, seed=7).convert("P", palette=Image.Palette.ADAPTIVE)
+    return encode(image, "PNG", transparency=0)
+
+
+def animated_gif() -> bytes:
+    frames = [textured_image(32, 32, seed=s).convert("P") for s in (8, 9, 10)]
+    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
+
+
+def good_images() -> dict[str, bytes]:
+    base = textured_image(64, 48, seed=4)
+    return {
+        "jpeg": encode(base, "JPEG"),
+        "png": encode(base, "PNG"),
+        "webp": encode(base, "WEBP"),
+        "bmp": encode(base, "BMP"),
+        "tiff": encode(base, "TIFF"),
+        "gif": animated_gif(),
+        "gray": encode(base.convert("L"), "PNG"),
+        "gray_alpha": encode(base.convert("LA"), "PNG"),
+        "rgba": encode(base.convert("RGBA"), "PNG"),
+        "palette_transparency": palette_with_transparency(),
+        "cmyk": cmyk_jpeg(),
+        "png16": sixteen_bit_png(),
+        "one_pixel": encode(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"),
+        "exif_rotated": rotated_jpeg()[0],
+    }
+
+
+def bad_images() -> dict[str, bytes]:
+    """name -> bytes that must be refused with a 400-class ImageError."""
+    jpeg = encode(textured_image(64, 48, seed=4), "JPEG")
+    png = encode(textured_image(64, 48, seed=4), "PNG")
+    return {
+        "empty": b"",
+        "text": b"hello, this is not an image\n" * 4,
+        "truncated_jpeg": jpeg[: len(jpeg) // 2],
+        "truncated_png": png[: len(png) // 2],
+        "html": b"<html><body>nope</body></html>",
+    }
