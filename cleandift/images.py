@@ -49,7 +49,11 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(str(exc)) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError as exc:
+        raise UndecodableImageError(
+            f"not a decodable image (supported: {', '.join(SUPPORTED_FORMATS[:6])})"
+        ) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         raise UndecodableImageError(f"not a decodable image: {exc}") from exc
     if image.format not in SUPPORTED_FORMATS:
         raise UndecodableImageError(f"unsupported image format {image.format}")

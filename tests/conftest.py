@@ -9,9 +9,10 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
+
+from corpus import textured_image
 
 _CACHE = Path(tempfile.mkdtemp(prefix="cleandift-test-cache-"))
 os.environ.setdefault("CLEANDIFT_CACHE_DIR", str(_CACHE))
@@ -35,19 +36,6 @@ def extractor(demo_dir: Path):
     from cleandift import load_extractor
 
     return load_extractor(demo_dir, device="cpu")
-
-
-def textured_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A smooth random colour field with structure at several scales (unique features)."""
-    rng = np.random.default_rng(seed)
-    ys, xs = np.mgrid[0:height, 0:width] / max(width, height)
-    image = np.zeros((height, width, 3))
-    for _ in range(12):
-        fx, fy = rng.uniform(1, 12, size=2)
-        phase = rng.uniform(0, 2 * np.pi, size=3)
-        image += np.sin(2 * np.pi * (fx * xs + fy * ys)[..., None] + phase)
-    image = (image - image.min()) / (image.max() - image.min())
-    return Image.fromarray((image * 255).astype(np.uint8))
 
 
 @pytest.fixture(scope="session")

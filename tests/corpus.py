@@ -12,7 +12,18 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from conftest import textured_image
+
+def textured_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A smooth random colour field with structure at several scales (unique features)."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:height, 0:width] / max(width, height)
+    image = np.zeros((height, width, 3))
+    for _ in range(12):
+        fx, fy = rng.uniform(1, 12, size=2)
+        phase = rng.uniform(0, 2 * np.pi, size=3)
+        image += np.sin(2 * np.pi * (fx * xs + fy * ys)[..., None] + phase)
+    image = (image - image.min()) / (image.max() - image.min())
+    return Image.fromarray((image * 255).astype(np.uint8))
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:

@@ -1,0 +1,1 @@
+"""The CleanDIFT feature service: FastAPI front end, Redis Streams queue, batching workers."""

@@ -1,0 +1,67 @@
+"""`cleandift api | worker | serve`: flags override CLEANDIFT_* settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cleandift.cli import DeviceOpt, DtypeOpt, ModelOpt, UnetOpt, settings_with
+
+RedisOpt = Annotated[str | None, typer.Option(help="Redis URL; serve starts its own if unset")]
+HostOpt = Annotated[str | None, typer.Option(help="bind address (default 127.0.0.1)")]
+PortOpt = Annotated[int | None, typer.Option(help="HTTP port (default 8000)")]
+BatchOpt = Annotated[int | None, typer.Option(help="images per forward pass at most")]
+KeyOpt = Annotated[str | None, typer.Option(help="require this API key")]
+
+
+def api(redis_url: RedisOpt = None, host: HostOpt = None, port: PortOpt = None,
+        api_key: KeyOpt = None) -> None:
+    """Run the HTTP API (FastAPI + uvicorn) in front of the Redis queue."""
+    from .processes import run_api
+
+    run_api(settings_with(redis_url=redis_url, host=host, port=port, api_key=api_key))
+
+
+def worker(
+    model: ModelOpt = None,
+    unet: UnetOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    redis_url: RedisOpt = None,
+    max_batch: BatchOpt = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus port, 0 = off")] = None,
+) -> None:
+    """Run a worker: load the model, take batches from the queue, answer them."""
+    from .processes import run_worker
+
+    run_worker(settings_with(model=model, unet=unet, device=device, dtype=dtype,
+                             redis_url=redis_url, max_batch=max_batch,
+                             worker_metrics_port=metrics_port))
+
+
+def serve(
+    model: ModelOpt = None,
+    unet: UnetOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    redis_url: RedisOpt = None,
+    redis_server: Annotated[Path | None, typer.Option(help="redis-server binary")] = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    max_batch: BatchOpt = None,
+    api_key: KeyOpt = None,
+) -> None:
+    """All in one: API + one worker (+ a private redis-server without REDIS_URL)."""
+    from .processes import run_serve
+
+    run_serve(settings_with(model=model, unet=unet, device=device, dtype=dtype,
+                            redis_url=redis_url, host=host, port=port, max_batch=max_batch,
+                            api_key=api_key,
+                            redis_server=str(redis_server) if redis_server else None))
+
+
+def register(app: typer.Typer) -> None:
+    for command in (serve, api, worker):
+        app.command()(command)

@@ -1,0 +1,88 @@
+"""The three stages of running a batch: pre (CPU), core (forward), post (results).
+
+They are separate functions so the worker can run them on separate threads and overlap
+CPU work and host-device copies with the forward pass of the next batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cleandift.extractor import Extractor
+from cleandift.images import to_pixels
+from cleandift.matching import correspond
+
+from .batching import Batch
+from .protocol import Job, Result
+
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class Prepared:
+    batch: Batch
+    pixels: torch.Tensor
+    started: float  # when the worker began this batch (end of queueing)
+
+
+@dataclass
+class Computed:
+    prepared: Prepared
+    features: dict[str, torch.Tensor]
+    extractor: Extractor  # the exact model (version) that produced them
+    inference_s: float
+
+
+def prepare(batch: Batch, pin: bool) -> Prepared:
+    started = time.time()
+    pixels = to_pixels(batch.images)
+    if pin:
+        pixels = pixels.pin_memory()
+    return Prepared(batch=batch, pixels=pixels, started=started)
+
+
+def forward(prepared: Prepared, extractor: Extractor) -> Computed:
+    batch = prepared.batch
+    start = time.perf_counter()
+    feats = extractor.features(prepared.pixels, batch.layers, batch.prompt, mode=batch.mode)
+    if extractor.device.type == "cuda":
+        torch.cuda.synchronize(extractor.device)
+    return Computed(prepared, feats, extractor, time.perf_counter() - start)
+
+
+def results(computed: Computed) -> list[tuple[Job, Result]]:
+    """Per-job results: raw feature bytes, or matches computed next to the features."""
+    batch, info = computed.prepared.batch, computed.extractor.info
+    out = []
+    for job, rows in zip(batch.jobs, batch.rows()):
+        spec = job.spec
+        timings = {
+            "queue": round((computed.prepared.started - spec.enqueued_at) * 1000, 3),
+            "inference": round(computed.inference_s * 1000, 3),
+        }
+        result = Result(job_id=spec.id, model=info.name, model_version=info.version,
+                        timings_ms=timings)
+        if spec.kind == "correspond":
+            feats = computed.features[spec.layers[0]][rows]
+            matches = correspond(feats[0], feats[1], spec.sizes[0], spec.sizes[1], spec.points,
+                                 max_matches=spec.max_matches)
+            result.matches = [m.to_json() for m in matches]
+        else:
+            for key in spec.layers:
+                tensor = computed.features[key][rows][0].to(DTYPES[spec.dtype]).cpu().contiguous()
+                result.layers[key] = {"shape": list(tensor.shape), "dtype": spec.dtype}
+                result.data[key] = little_endian_bytes(tensor.numpy())
+        out.append((job, result))
+    return out
+
+
+def little_endian_bytes(array: np.ndarray) -> bytes:
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+def failed(jobs: list[Job], status: int, message: str) -> list[tuple[Job, Result]]:
+    return [(job, Result(job_id=job.spec.id, status=status, error=message)) for job in jobs]

@@ -1,0 +1,40 @@
+"""The live model of a worker, swapped for a new version only between batches."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+
+import torch
+
+from cleandift.extractor import Extractor
+
+log = logging.getLogger(__name__)
+
+
+class ModelHolder:
+    """Holds the serving Extractor; a loader thread offers a verified replacement."""
+
+    def __init__(self, extractor: Extractor) -> None:
+        self.current = extractor
+        self._pending: Extractor | None = None
+        self._lock = threading.Lock()
+
+    def offer(self, extractor: Extractor) -> None:
+        with self._lock:
+            self._pending = extractor
+
+    def maybe_swap(self) -> bool:
+        """Called by the forward thread between batches; True if the model changed."""
+        if self._pending is None:
+            return False
+        with self._lock:
+            new, self._pending = self._pending, None
+        old, self.current = self.current, new
+        log.info("now serving %s %s (was %s)", new.info.name, new.info.version, old.info.version)
+        del old
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # memory returns to one model's worth
+        return True

@@ -1,0 +1,107 @@
+"""Process entry points: the API, a worker, and `serve` (both plus a private Redis)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+
+from cleandift.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def run_api(settings: Settings) -> None:
+    import uvicorn
+
+    from .app import create_app
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                timeout_graceful_shutdown=int(settings.request_timeout_s), log_level="info")
+
+
+def build_worker(settings: Settings, extractor=None):
+    """Wire a Worker (without running it), loading the model unless one is given."""
+    import redis
+
+    from cleandift.loading import load_extractor
+
+    from .jobqueue import JobQueue
+    from .metrics import WorkerMetrics
+    from .model_holder import ModelHolder
+    from .protocol import Keys
+    from .worker import Worker
+
+    if extractor is None:
+        extractor = load_extractor(settings.model, unet=settings.unet, device=settings.device,
+                                   dtype=settings.dtype, cache_dir=settings.cache_dir)
+    log.info("loaded %s %s on %s", extractor.info.name, extractor.info.version, extractor.device)
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2,
+                                  socket_timeout=30, health_check_interval=10)
+    consumer = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    jobs = JobQueue(client, Keys(settings.queue_prefix), consumer,
+                    visibility_timeout_s=settings.visibility_timeout_s,
+                    max_deliveries=settings.max_deliveries, result_ttl_s=settings.result_ttl_s,
+                    stream_maxlen=settings.stream_maxlen)
+    return Worker(settings, ModelHolder(extractor), jobs, WorkerMetrics())
+
+
+def run_worker(settings: Settings) -> None:
+    from prometheus_client import start_http_server
+
+    if not settings.redis_url:
+        raise SystemExit("the worker needs a Redis URL (CLEANDIFT_REDIS_URL or REDIS_URL)")
+    worker = build_worker(settings)
+    if settings.worker_metrics_port:
+        try:
+            start_http_server(settings.worker_metrics_port, registry=worker.metrics.registry)
+        except OSError as exc:  # metrics still reach the API through heartbeats
+            log.warning("worker metrics port %d unavailable: %s", settings.worker_metrics_port, exc)
+    signal.signal(signal.SIGTERM, worker.stop)
+    signal.signal(signal.SIGINT, worker.stop)
+    worker.run()
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings as CLEANDIFT_* variables, to hand to a child process."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"CLEANDIFT_{name.upper()}"] = str(value)
+    return env
+
+
+def _exit(*_args) -> None:
+    raise SystemExit(0)
+
+
+def run_serve(settings: Settings) -> None:
+    """API + one worker + (without REDIS_URL) a private redis-server, stopped together."""
+    from .redis_server import die_with_parent, start_redis_server
+
+    server = None
+    if not settings.redis_url:
+        server = start_redis_server(settings.redis_server)
+        settings = settings.model_copy(update={"redis_url": server.url})
+        log.info("started a private redis-server at %s", server.url)
+    worker = subprocess.Popen([sys.executable, "-m", "cleandift.cli", "worker"],
+                              env=settings_env(settings), preexec_fn=die_with_parent)
+    # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into SystemExit so
+    # the worker and Redis below are stopped too.
+    signal.signal(signal.SIGTERM, _exit)
+    try:
+        log.info("open http://%s:%d/docs (the worker is loading the model)",
+                 settings.host, settings.port)
+        run_api(settings)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=settings.request_timeout_s)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        if server is not None:
+            server.stop()

@@ -1,0 +1,77 @@
+"""Encode worker results in the format the client negotiated (JSON, safetensors, npy)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+from fastapi.responses import JSONResponse, Response
+from safetensors.numpy import save as safetensors_bytes
+
+from .problems import Problem
+from .protocol import Result
+
+SAFETENSORS = "application/x-safetensors"
+NPY = "application/x-npy"
+FORMATS = {"json": "application/json", "safetensors": SAFETENSORS, "npy": NPY}
+
+
+def negotiate(format_param: str | None, accept: str | None) -> str:
+    """`format=` wins; then the first Accept type we serve; JSON by default."""
+    if format_param is not None:
+        if format_param not in FORMATS:
+            raise Problem(422, f"format must be one of {sorted(FORMATS)}")
+        return format_param
+    for part in (accept or "").split(","):
+        media = part.split(";")[0].strip().lower()
+        for name, served in FORMATS.items():
+            if media == served:
+                return name
+    return "json"
+
+
+def features_response(result: Result, fmt: str, image_size: tuple[int, int],
+                      input_size: int) -> Response:
+    if fmt == "safetensors":
+        metadata = {
+            "model": result.model, "model_version": result.model_version,
+            "image_width": str(image_size[0]), "image_height": str(image_size[1]),
+            "input_size": str(input_size),
+        }
+        arrays = {key: result.array(key) for key in result.layers}
+        return Response(safetensors_bytes(arrays, metadata=metadata), media_type=SAFETENSORS,
+                        headers=_version_headers(result))
+    if fmt == "npy":  # the route checked that exactly one layer was asked
+        buf = io.BytesIO()
+        np.save(buf, result.array(next(iter(result.layers))))
+        return Response(buf.getvalue(), media_type=NPY, headers=_version_headers(result))
+    body = {
+        "model": result.model,
+        "model_version": result.model_version,
+        "image": {"width": image_size[0], "height": image_size[1]},
+        "input_size": input_size,
+        "features": {
+            key: {**info, "data": base64.b64encode(result.data[key]).decode("ascii")}
+            for key, info in result.layers.items()
+        },
+        "timings_ms": result.timings_ms,
+    }
+    return JSONResponse(body, headers=_version_headers(result))
+
+
+def correspond_response(result: Result) -> JSONResponse:
+    body = {
+        "model": result.model,
+        "model_version": result.model_version,
+        "matches": result.matches or [],
+        "timings_ms": result.timings_ms,
+    }
+    return JSONResponse(body, headers=_version_headers(result))
+
+
+def _version_headers(result: Result) -> dict[str, str]:
+    """Binary formats have no body field for these, so every format gets them as headers."""
+    headers = {"X-Model-Version": result.model_version}
+    headers.update({f"X-Timing-{k.title()}-Ms": f"{v:.3f}" for k, v in result.timings_ms.items()})
+    return headers

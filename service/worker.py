@@ -1,0 +1,204 @@
+"""The GPU worker: claim jobs, batch them, run pre / core / post on three threads.
+
+The core (forward) thread only ever waits for a prepared batch; decoding of the next
+batch and result encoding of the last one happen meanwhile on the other two threads.
+SIGTERM stops claiming, finishes and acknowledges what was claimed, then exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import redis
+
+from cleandift.settings import Settings
+
+from . import execute
+from .batching import collate_requests
+from .jobqueue import JobQueue, ensure_group
+from .metrics import WorkerMetrics
+from .model_holder import ModelHolder
+from .protocol import Job
+
+log = logging.getLogger(__name__)
+POLL_S = 0.2
+
+
+class Worker:
+    def __init__(
+        self, settings: Settings, model: ModelHolder, jobs: JobQueue, metrics: WorkerMetrics
+    ) -> None:
+        self.settings, self.model, self.jobs, self.metrics = settings, model, jobs, metrics
+        self.stopping = threading.Event()
+        self._pre: queue.Queue = queue.Queue(maxsize=1)
+        self._post: queue.Queue = queue.Queue(maxsize=2)
+        self._intake_done = threading.Event()
+        self._core_done = threading.Event()
+        self.started_at = time.time()
+
+    # -- lifecycle --------------------------------------------------------------------
+    def run(self) -> None:
+        """Serve until `stop()`; returns after every claimed job has been answered."""
+        self._publish_model()
+        threads = [
+            threading.Thread(target=self._guard(self._intake, self._intake_done), name="intake"),
+            threading.Thread(target=self._guard(self._post_loop, None), name="post"),
+            threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            self._core()
+        finally:
+            self._core_done.set()
+            for thread in threads[:2]:
+                thread.join()
+            self._safe(self.jobs.leave)
+        log.info("worker %s stopped", self.jobs.consumer)
+
+    def stop(self, *_args) -> None:
+        log.info("worker %s stopping: finishing claimed jobs", self.jobs.consumer)
+        self.stopping.set()
+
+    # -- stages -----------------------------------------------------------------------
+    def _intake(self) -> None:
+        pin = self.model.current.device.type == "cuda"
+        next_reclaim = 0.0
+        while not self.stopping.is_set():
+            jobs: list[Job] = []
+            if time.monotonic() >= next_reclaim:
+                reclaimed, dead = self._safe(lambda: self.jobs.reclaim(self.settings.max_batch),
+                                             ([], 0))
+                self.metrics.retried.inc(len(reclaimed))
+                self.metrics.dead.inc(dead)
+                jobs.extend(reclaimed)
+                next_reclaim = time.monotonic() + self.settings.visibility_timeout_s / 4
+            if not jobs:
+                jobs = self._safe(lambda: self.jobs.claim(self.settings.max_batch, 500), [])
+            for batch in collate_requests(self._live(jobs), self.settings.max_batch,
+                                          self.settings.max_batch_pixels):
+                self._put(self._pre, execute.prepare(batch, pin))
+
+    def _core(self) -> None:
+        while True:
+            if self.model.maybe_swap():  # between batches only: a batch never mixes versions
+                self._publish_model()
+            try:
+                prepared = self._pre.get(timeout=POLL_S)
+            except queue.Empty:
+                if self._intake_done.is_set():
+                    return
+                continue
+            extractor = self.model.current
+            try:
+                computed = execute.forward(prepared, extractor)
+            except Exception as exc:  # a model fault answers the batch, never loses it
+                log.exception("forward failed")
+                self._answer(execute.failed(prepared.batch.jobs, 500, f"worker error: {exc}"))
+                continue
+            self.metrics.batch_size.observe(len(prepared.batch.images))
+            self.metrics.inference.observe(computed.inference_s)
+            self.metrics.images.inc(len(prepared.batch.images))
+            self._put(self._post, computed)
+
+    def _post_loop(self) -> None:
+        while True:
+            try:
+                computed = self._post.get(timeout=POLL_S)
+            except queue.Empty:
+                if self._core_done.is_set():
+                    return
+                continue
+            try:
+                answers = execute.results(computed)
+            except Exception as exc:
+                log.exception("post-processing failed")
+                answers = execute.failed(computed.prepared.batch.jobs, 500, f"worker error: {exc}")
+            self._answer(answers)
+
+    # -- helpers ----------------------------------------------------------------------
+    def _live(self, jobs: list[Job]) -> list[Job]:
+        """Drop (and answer 504) jobs whose deadline passed: they never reach the GPU."""
+        now = time.time()
+        expired = [j for j in jobs if j.spec.deadline and j.spec.deadline < now]
+        if expired:
+            self.metrics.expired.inc(len(expired))
+            self._answer(execute.failed(expired, 504, "the deadline passed before a worker ran it"))
+        return [j for j in jobs if j not in expired]
+
+    def _answer(self, answers) -> None:
+        for job, result in answers:
+            self.metrics.jobs.labels(kind=job.spec.kind, status=str(result.status)).inc()
+        deadline = time.monotonic() + self.settings.request_timeout_s
+        while True:
+            try:
+                self.jobs.complete(answers)
+                return
+            except redis.RedisError as exc:  # keep the answers until Redis is back
+                if time.monotonic() > deadline:
+                    log.error("dropping %d answers: Redis unreachable (%s)", len(answers), exc)
+                    return
+                log.warning("storing results failed (%s); retrying", exc)
+                time.sleep(0.5)
+
+    def _put(self, q: queue.Queue, item) -> None:
+        """Hand over to the next stage; if that stage is gone the jobs stay pending in
+        Redis and are reclaimed by another worker."""
+        while True:
+            try:
+                q.put(item, timeout=POLL_S)
+                return
+            except queue.Full:
+                if self._core_done.is_set():
+                    return
+
+    def _safe(self, call: Callable, default=None):
+        """Run a Redis call; on connection loss log, back off and return `default`."""
+        try:
+            return call()
+        except redis.ResponseError as exc:
+            if "NOGROUP" in str(exc):  # Redis restarted empty: recreate the group
+                ensure_group(self.jobs.r, self.jobs.keys)
+                self._publish_model()
+            else:
+                log.error("redis error: %s", exc)
+        except redis.RedisError as exc:
+            log.warning("redis unavailable: %s", exc)
+            time.sleep(1.0)
+        return default
+
+    def _guard(self, target: Callable, done: threading.Event | None) -> Callable:
+        def run():
+            try:
+                target()
+            except Exception:
+                log.exception("%s thread crashed; stopping the worker", threading.current_thread())
+                self.stopping.set()
+            finally:
+                if done is not None:
+                    done.set()
+
+        return run
+
+    def _publish_model(self) -> None:
+        info = self.model.current.info
+        self.metrics.set_model(info.name, info.version)
+        self._safe(lambda: self.jobs.publish_model(info.to_json()))
+
+    def _heartbeat_loop(self) -> None:
+        while not self._core_done.is_set():
+            info = self.model.current.info
+            beat = {
+                "id": self.jobs.consumer, "pid": os.getpid(), "host": socket.gethostname(),
+                "model": info.name, "version": info.version,
+                "device": str(self.model.current.device), "started_at": self.started_at,
+                "metrics": self.metrics.render().decode(),
+            }
+            self._safe(lambda b=beat: self.jobs.heartbeat(b, self.settings.worker_ttl_s))
+            self._core_done.wait(self.settings.heartbeat_s)

@@ -1,0 +1,39 @@
+"""A real Redis (started by the suite unless REDIS_URL is set), a real uvicorn server and
+real workers on the demo model. Each test gets its own queue prefix, so tests never see
+each other's jobs."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from service_helpers import running_service
+
+from cleandift.settings import Settings
+from service.redis_server import start_redis_server
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    with start_redis_server() as server:
+        yield server.url
+
+
+@pytest.fixture
+def settings(redis_url, demo_dir, cache_dir) -> Settings:
+    return Settings(redis_url=redis_url, model=str(demo_dir), cache_dir=cache_dir,
+                    device="cpu", queue_prefix=f"test-{uuid.uuid4().hex[:8]}",
+                    worker_metrics_port=0, request_timeout_s=30, heartbeat_s=0.2,
+                    max_batch=8)
+
+
+@pytest.fixture
+def service(settings, extractor):
+    with running_service(settings, extractor) as (client, threads):
+        yield client
+

@@ -1,0 +1,118 @@
+"""Test infrastructure for the service: a real uvicorn server and real workers in threads."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+
+import httpx
+import redis
+import torch
+import uvicorn
+
+from cleandift.images import decode_image, resize_rgb, to_pixels
+from cleandift.settings import Settings
+from service.app import create_app
+from service.processes import build_worker
+from service.redis_server import free_port
+
+
+class ApiServer:
+    def __init__(self, settings: Settings) -> None:
+        self.port = free_port()
+        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port,
+                                log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.server.install_signal_handlers = lambda: None  # not the main thread
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> ApiServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "API did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+
+
+class WorkerThread:
+    """A real Worker (same code as `cleandift worker`) sharing the session's model."""
+
+    def __init__(self, settings: Settings, extractor, name: str | None = None) -> None:
+        named = settings.model_copy(update={"worker_id": name or f"w-{uuid.uuid4().hex[:6]}"})
+        self.worker = build_worker(named, extractor)
+        self.thread = threading.Thread(target=self.worker.run, daemon=True)
+
+    def __enter__(self) -> WorkerThread:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.worker.stop()
+        self.thread.join(timeout=30)
+
+
+def wait_ready(client: httpx.Client, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "service never became ready"
+        time.sleep(0.05)
+
+
+@contextmanager
+def running_service(settings: Settings, extractor, workers: int = 1):
+    with ApiServer(settings) as api:
+        threads = [WorkerThread(settings, extractor) for _ in range(workers)]
+        for thread in threads:
+            thread.__enter__()
+        try:
+            with httpx.Client(base_url=api.url, timeout=60) as client:
+                wait_ready(client)
+                yield client, threads
+        finally:
+            for thread in threads:
+                thread.__exit__()
+
+
+
+
+def metric(text: str, name: str, /, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def wait_metric(client: httpx.Client, name: str, value: float, /, timeout: float = 10,
+                **labels: str) -> str:
+    """Scrape /metrics until `name` reaches `value` (worker figures arrive by heartbeat)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = client.get("/metrics").text
+        if metric(text, name, **labels) >= value or time.monotonic() > deadline:
+            return text
+        time.sleep(0.1)
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(settings.redis_url)
+
+
+def expected_features(extractor, data: bytes, layers, size: int = 256) -> dict[str, torch.Tensor]:
+    """What the core extractor gives for an uploaded file (same decode and resize)."""
+    image = decode_image(data, max_bytes=1 << 30, max_pixels=1 << 30)
+    pixels = to_pixels([resize_rgb(image, size)])
+    feats = extractor.features(pixels, layers)
+    return {k: v[0].float().cpu() for k, v in feats.items()}

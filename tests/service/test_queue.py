@@ -1,0 +1,186 @@
+"""Queue semantics with real Redis and real workers: batching, sharing, redelivery,
+dead letters, bounds, deadlines and readiness."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from service_helpers import (
+    ApiServer,
+    WorkerThread,
+    metric,
+    redis_client,
+    running_service,
+    wait_metric,
+    wait_ready,
+)
+
+from corpus import encode
+from service.jobqueue import JobQueue
+from service.protocol import Keys
+
+
+@pytest.fixture(scope="module")
+def jpeg(photo) -> bytes:
+    return encode(photo, "JPEG", quality=90)
+
+
+def post(client: httpx.Client, data: bytes, **fields) -> httpx.Response:
+    return client.post("/features", files={"image": ("x.jpg", data)}, data=fields)
+
+
+def parallel(n: int, call):
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        return list(pool.map(lambda _i: call(), range(n)))
+
+
+def publish_model_then_stop(settings, extractor) -> None:
+    """Leave the model description in Redis with no live worker (a worker that exited)."""
+    with WorkerThread(settings, extractor):
+        client = redis_client(settings)
+        deadline = time.monotonic() + 10
+        while not client.exists(Keys(settings.queue_prefix).model):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def test_concurrent_requests_are_batched(settings, extractor, jpeg):
+    with running_service(settings, extractor) as (client, _):
+        responses = parallel(16, lambda: post(client, jpeg))
+        assert all(r.status_code == 200 for r in responses)
+        text = wait_metric(client, "cleandift_batch_size_sum", 16)
+    batches = metric(text, "cleandift_batch_size_count")
+    images = metric(text, "cleandift_batch_size_sum")
+    assert images == 16 and batches < 16, "some forward passes held several images"
+    assert metric(text, "cleandift_requests_total", route="/features", status="200") == 16
+    assert metric(text, "cleandift_images_processed_total") == 16
+
+
+def test_two_workers_share_the_load(settings, extractor, jpeg):
+    slow = settings.model_copy(update={"max_batch": 1})
+    with running_service(slow, extractor, workers=2) as (client, threads):
+        responses = parallel(12, lambda: post(client, jpeg, size="512"))
+        assert all(r.status_code == 200 for r in responses)
+        done = [t.worker.metrics.images._value.get() for t in threads]
+    assert sum(done) == 12 and min(done) >= 1, done
+
+
+def test_jobs_of_a_killed_worker_are_rerun_by_another(settings, extractor, jpeg, demo_dir):
+    quick = settings.model_copy(update={"visibility_timeout_s": 1.0, "max_batch": 2})
+    env = {**os.environ, "CLEANDIFT_REDIS_URL": quick.redis_url,
+           "CLEANDIFT_QUEUE_PREFIX": quick.queue_prefix, "CLEANDIFT_MODEL": str(demo_dir),
+           "CLEANDIFT_DEVICE": "cpu", "CLEANDIFT_WORKER_ID": "victim",
+           "CLEANDIFT_MAX_BATCH": "2", "CLEANDIFT_WORKER_METRICS_PORT": "0"}
+    victim = subprocess.Popen([sys.executable, "-m", "cleandift.cli", "worker"], env=env)
+    keys = Keys(quick.queue_prefix)
+    try:
+        with ApiServer(quick) as api, httpx.Client(base_url=api.url, timeout=60) as client:
+            wait_ready(client, timeout=60)
+            r = redis_client(quick)
+            with ThreadPoolExecutor(max_workers=12) as pool:
+                futures = [pool.submit(post, client, jpeg, size="512") for _ in range(12)]
+                deadline = time.monotonic() + 30
+                while not r.xpending_range(keys.jobs, keys.group, "-", "+", 10, "victim"):
+                    assert time.monotonic() < deadline, "the victim never held a job"
+                    time.sleep(0.01)
+                victim.send_signal(signal.SIGKILL)
+                victim.wait()
+                held = len(r.xpending_range(keys.jobs, keys.group, "-", "+", 100, "victim"))
+                with WorkerThread(quick, extractor, name="rescuer") as rescuer:
+                    statuses = [f.result().status_code for f in futures]
+                    retried = rescuer.worker.metrics.retried._value.get()
+        assert held >= 1
+        assert statuses == [200] * 12
+        assert retried >= held
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+
+
+def test_jobs_past_max_deliveries_are_dead_lettered(settings, extractor, jpeg):
+    strict = settings.model_copy(update={"visibility_timeout_s": 0.3, "max_deliveries": 1})
+    publish_model_then_stop(strict, extractor)
+    keys = Keys(strict.queue_prefix)
+    ghost = JobQueue(redis_client(strict), keys, "ghost", visibility_timeout_s=0.3,
+                     max_deliveries=1, result_ttl_s=60, stream_maxlen=1000)
+    with ApiServer(strict) as api, httpx.Client(base_url=api.url, timeout=60) as client:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            future = pool.submit(post, client, jpeg)
+            claimed = []
+            deadline = time.monotonic() + 10
+            while not claimed:  # a consumer that takes the job and dies silently
+                assert time.monotonic() < deadline
+                claimed = ghost.claim(1, 100)
+            time.sleep(0.4)
+            with WorkerThread(strict, extractor) as rescuer:
+                response = future.result()
+                dead = rescuer.worker.metrics.dead._value.get()
+    assert response.status_code == 500 and "deliveries" in response.json()["detail"]
+    assert dead == 1
+    assert redis_client(strict).xlen(keys.dead) == 1
+
+
+def test_full_queue_answers_429_without_enqueuing(settings, extractor, jpeg):
+    small = settings.model_copy(update={"max_queue": 2})
+    publish_model_then_stop(small, extractor)
+    keys = Keys(small.queue_prefix)
+    with ApiServer(small) as api, httpx.Client(base_url=api.url, timeout=60) as client:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            waiting = [pool.submit(post, client, jpeg) for _ in range(2)]
+            r = redis_client(small)
+            while r.xlen(keys.jobs) < 2:
+                time.sleep(0.01)
+            refused = post(client, jpeg)
+            assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+            assert r.xlen(keys.jobs) == 2
+            with WorkerThread(small, extractor):
+                assert [f.result().status_code for f in waiting] == [200, 200]
+
+
+def test_deadline_gives_504_and_the_job_never_reaches_the_model(settings, extractor, jpeg):
+    hurried = settings.model_copy(update={"request_timeout_s": 1.0})
+    publish_model_then_stop(hurried, extractor)
+    with ApiServer(hurried) as api, httpx.Client(base_url=api.url, timeout=60) as client:
+        response = post(client, jpeg)
+        assert response.status_code == 504
+        assert response.headers["content-type"] == "application/problem+json"
+        with WorkerThread(hurried, extractor) as late:
+            deadline = time.monotonic() + 10
+            while late.worker.metrics.expired._value.get() < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert late.worker.metrics.images._value.get() == 0
+
+
+def test_readiness_follows_workers_and_redis(settings, extractor):
+    with ApiServer(settings) as api, httpx.Client(base_url=api.url, timeout=10) as client:
+        body = client.get("/readyz")
+        assert body.status_code == 503 and "worker" in body.json()["detail"]
+        assert client.get("/healthz").status_code == 200
+        with WorkerThread(settings, extractor):
+            wait_ready(client)
+        assert client.get("/readyz").status_code == 503  # a clean exit leaves at once
+    dead = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    with ApiServer(dead) as api, httpx.Client(base_url=api.url, timeout=10) as client:
+        body = client.get("/readyz")
+        assert body.status_code == 503 and "Redis" in body.json()["detail"]
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/metrics").status_code == 200
+
+
+def test_worker_metrics_reach_the_api_with_a_worker_label(settings, extractor, jpeg):
+    with running_service(settings, extractor) as (client, threads):
+        assert post(client, jpeg).status_code == 200
+        text = wait_metric(client, "cleandift_images_processed_total", 1)
+    worker_id = threads[0].worker.jobs.consumer
+    assert metric(text, "cleandift_images_processed_total", worker=worker_id) == 1
+    assert metric(text, "cleandift_workers_alive") == 1
+    assert metric(text, "cleandift_model_info", name="cleandift-demo", version="demo-seed0") == 1
+    assert metric(text, "cleandift_request_seconds_count", route="/features") == 1

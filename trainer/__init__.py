@@ -1,0 +1,1 @@
+"""CleanDIFT distillation: frozen teacher on noisy latents, student on clean latents."""
