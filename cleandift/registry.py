@@ -21,6 +21,7 @@ LATEST = "LATEST"
 UNET_FILE = "unet.safetensors"
 HEADS_FILE = "heads.safetensors"
 _VERSION = re.compile(r"^v(\d+)$")
+SHARED_DIR_MODE, SHARED_FILE_MODE = 0o755, 0o644
 
 
 class RegistryError(RuntimeError):
@@ -93,6 +94,7 @@ def _write_latest(model_dir: Path, version: str) -> None:
         fh.write(version + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+    os.chmod(tmp, SHARED_FILE_MODE)
     os.replace(tmp, model_dir / LATEST)
 
 
@@ -110,9 +112,11 @@ def publish(
     model_dir = Path(registry) / name
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
+    os.chmod(staging, SHARED_DIR_MODE)  # trainer and workers may run as different users
     try:
         for target, source in files.items():
             shutil.copyfile(source, staging / target)
+            os.chmod(staging / target, SHARED_FILE_MODE)
         checksums = {t: sha256_file(staging / t) for t in files}
         for _attempt in range(100):
             version = _next_version(model_dir)
@@ -124,6 +128,7 @@ def publish(
                 "sha256": checksums,
             }
             (staging / MANIFEST).write_text(json.dumps(record, indent=2))
+            os.chmod(staging / MANIFEST, SHARED_FILE_MODE)
             try:
                 os.rename(staging, model_dir / version)  # atomic; fails if taken
                 break

@@ -1,0 +1,224 @@
+"""The CleanDIFT distillation loop (one readable loop; the pieces live next door).
+
+Run on 1 or N GPUs with the same code: `accelerate launch -m cleandift.cli train ...`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from cleandift.loading import load_extractor
+from cleandift.optimize import compile_blocks
+
+from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import BatchStream, load_records
+from .distill import (
+    FIDELITY_TIMESTEPS,
+    Student,
+    alignment,
+    freeze_unused,
+    stratified_timesteps,
+    teacher_features,
+)
+from .publish import publish_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    registry: Path
+    name: str
+    teacher: str | None = None  # the demo model when unset
+    steps: int = 400
+    batch_size: int = 8
+    lr: float = 1e-5
+    warmup: int = 2000
+    size: int | None = None
+    precision: str = "bf16"  # bf16 | fp32 (bf16 applies on GPU only)
+    grad_checkpointing: bool = False
+    compile: bool = False
+    save_every: int = 100
+    resume: bool = False
+    seed: int = 0
+    holdout: int = 8
+    output_dir: Path | None = None
+    cache_dir: Path | None = None
+    redis_url: str | None = None
+    channel: str = "cleandift:registry"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir or Path(self.registry) / self.name / ".runs"
+
+
+@dataclass
+class Setup:
+    """Everything the loop touches, built once."""
+
+    accelerator: object
+    extractor: object  # teacher side: VAE, frozen UNet, scheduler, prompts
+    student: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    stream: BatchStream
+    holdout: tuple[torch.Tensor, list[str]]
+    generator: torch.Generator
+    size: int
+
+
+def build(cfg: TrainConfig) -> Setup:
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(cpu=not cuda,
+                              mixed_precision="bf16" if cuda and cfg.precision == "bf16" else "no")
+    teacher_dtype = torch.bfloat16 if cuda and cfg.precision == "bf16" else torch.float32
+    extractor = load_extractor(cfg.teacher, device=accelerator.device, dtype=teacher_dtype,
+                               cache_dir=cfg.cache_dir)
+    size = cfg.size or extractor.info.input_size
+    torch.manual_seed(cfg.seed)  # the heads' Fourier frequencies
+    unet = copy.deepcopy(extractor.unet).float().requires_grad_(True).train()
+    channels = {k: v.channels for k, v in extractor.info.layers.items()}
+    student = Student(unet, channels, extractor.info.student_timestep).to(accelerator.device)
+    frozen = freeze_unused(student, unet.config.in_channels, unet.config.cross_attention_dim)
+    log.info("%d UNet modules after the last key are frozen (never run)", len(frozen))
+    if cfg.grad_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if cfg.compile:
+        log.info("compiled %d blocks", compile_blocks(unet))
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    records = load_records(cfg.data)
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(cfg.seed))
+    held = [records[i] for i in order[: min(cfg.holdout, len(records) - 1)].tolist()]
+    train_records = [records[i] for i in order[len(held):].tolist()]
+    stream = BatchStream(train_records, size=size, batch_size=cfg.batch_size, seed=cfg.seed,
+                         rank=accelerator.process_index, world=accelerator.num_processes)
+    holdout_stream = BatchStream(held, size=size, batch_size=len(held), seed=cfg.seed)
+    holdout = holdout_stream.next_batch()
+    stream.skipped = holdout_stream.skipped  # corrupt held-out images count too
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + accelerator.process_index)
+    return Setup(accelerator, extractor, student, optimizer, stream, holdout, generator, size)
+
+
+def encode(setup: Setup, pixels: torch.Tensor, captions: list[str]):
+    """Clean latents (posterior mean x scaling factor) and caption embeddings."""
+    ex = setup.extractor
+    with torch.no_grad():
+        posterior = ex.vae.encode(pixels.to(ex.device, ex.dtype)).latent_dist
+        x0 = posterior.mean * ex.vae.config.scaling_factor
+        context = torch.cat([ex.prompts(c) for c in captions])
+    return x0, context
+
+
+def train_step(setup: Setup, pixels: torch.Tensor, captions: list[str], lr: float):
+    ex, acc = setup.extractor, setup.accelerator
+    x0, context = encode(setup, pixels, captions)
+    t = stratified_timesteps(len(x0), setup.generator).to(ex.device)
+    noise = torch.randn((len(t), *x0.shape[1:]), generator=setup.generator)
+    target = teacher_features(ex.unet, ex.noise_scheduler, x0, context, t, noise.to(ex.device))
+    with acc.autocast():
+        pred = setup.student(x0.float(), context.float(), t)
+    loss, per_key = alignment(pred, target)
+    acc.backward(loss)
+    for group in setup.optimizer.param_groups:
+        group["lr"] = lr
+    setup.optimizer.step()
+    setup.optimizer.zero_grad(set_to_none=True)
+    return loss.item(), {k: round(v.item(), 5) for k, v in per_key.items()}
+
+
+@torch.no_grad()
+def fidelity(setup: Setup) -> dict:
+    """Mean cosine of head_k(student) vs teacher_k on the held-out batch, per t and key."""
+    ex = setup.extractor
+    x0, context = encode(setup, *setup.holdout)
+    student = setup.accelerator.unwrap_model(setup.student)
+    gen = torch.Generator().manual_seed(12345)
+    per_t = {}
+    for t_value in FIDELITY_TIMESTEPS:
+        t = torch.full((len(x0),), t_value, device=ex.device)
+        noise = torch.randn(x0.shape, generator=gen).to(ex.device)
+        target = teacher_features(ex.unet, ex.noise_scheduler, x0, context, t, noise)
+        with setup.accelerator.autocast():
+            pred = student(x0.float(), context.float(), t)
+        per_t[str(t_value)] = {k: round(v.item(), 5) for k, v in alignment(pred, target)[1].items()}
+    values = [v for keys in per_t.values() for v in keys.values()]
+    return {"mean": sum(values) / len(values), "per_timestep": per_t}
+
+
+def start_state(cfg: TrainConfig, setup: Setup) -> TrainState:
+    checkpoint = latest_checkpoint(cfg.run_dir) if cfg.resume else None
+    if checkpoint is not None:
+        student = setup.accelerator.unwrap_model(setup.student)
+        state = load_checkpoint(checkpoint, student, setup.optimizer, setup.generator)
+        setup.stream.cursor, setup.stream.skipped = state.cursor, state.skipped
+        log.info("resumed from %s at step %d", checkpoint, state.step)
+        return state
+    return TrainState(step=0, cursor=0, skipped=0, fidelity_before=fidelity(setup))
+
+
+def train(cfg: TrainConfig) -> tuple[str, Path] | None:
+    """Distil, checkpoint, and publish a new version; returns (version, folder)."""
+    setup = build(cfg)
+    main = setup.accelerator.is_main_process
+    state = start_state(cfg, setup)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(range(state.step, cfg.steps), initial=state.step, total=cfg.steps,
+               desc="distill", unit="step", disable=not main)
+    started = time.perf_counter()
+    with open(cfg.run_dir / "log.jsonl", "a") if main else nullcontext() as log_file:
+        for step in bar:
+            pixels, captions = setup.stream.next_batch()
+            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+            loss, per_key = train_step(setup, pixels, captions, lr)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", skipped=setup.stream.skipped)
+            state = TrainState(step + 1, setup.stream.cursor, setup.stream.skipped,
+                               state.fidelity_before)
+            if not main:
+                continue
+            record = {"step": state.step, "loss": loss, "lr": lr, "cos": per_key,
+                      "skipped": state.skipped,
+                      "elapsed_s": round(time.perf_counter() - started, 3)}
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.steps:
+                student = setup.accelerator.unwrap_model(setup.student)
+                save_checkpoint(cfg.run_dir, state, student, setup.optimizer, setup.generator)
+    setup.accelerator.wait_for_everyone()
+    return publish(cfg, setup, state) if main else None
+
+
+def publish(cfg: TrainConfig, setup: Setup, state: TrainState) -> tuple[str, Path]:
+    after = fidelity(setup)
+    before = state.fidelity_before or {}
+    log.info("fidelity before %.4f, after %.4f", before.get("mean", float("nan")), after["mean"])
+    student = setup.accelerator.unwrap_model(setup.student)
+    heads = {f"heads.{k}": v for k, v in student.heads.state_dict().items()}
+    heads["timestep"] = student.timestep.detach().reshape(1)
+    manifest = {
+        "base": setup.extractor.info.base,
+        "input_size": setup.size,
+        "student_timestep": float(student.timestep.detach()),
+        "steps": state.step,
+        "fidelity_before": before.get("mean"),
+        "fidelity_after": after["mean"],
+        "fidelity": {"before": before.get("per_timestep"), "after": after["per_timestep"]},
+        "data": {"source": cfg.data, "skipped": state.skipped},
+        "training": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()
+                     if k not in ("redis_url", "extra")},
+    }
+    return publish_weights(cfg.registry, cfg.name, student.unet.state_dict(), manifest,
+                           heads_state=heads, redis_url=cfg.redis_url, channel=cfg.channel)
