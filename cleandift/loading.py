@@ -154,17 +154,13 @@ def load_extractor(
     resolved = resolve_spec(spec, Path(cache_dir) if cache_dir else None)
     dev, dt = pick_device_dtype(device, dtype)
     unet_file = Path(unet) if unet is not None else resolved.unet_file
-    base_unet = _from_pretrained(UNet2DConditionModel, resolved, "unet", torch_dtype=dt)
+    student = _from_pretrained(UNet2DConditionModel, resolved, "unet", torch_dtype=dt)
     metadata = dict(resolved.metadata)
     version = resolved.version
-    if unet_file is not None:
-        student = UNet2DConditionModel.from_config(base_unet.config).to(dt)
+    if unet_file is not None:  # checked whole before any weight is replaced
         metadata.update(load_unet_state(student, unet_file))
         if unet is not None:  # an explicit file; registry versions are named already
             version = "unet-" + registry.sha256_file(unet_file)[:12]
-        del base_unet
-    else:
-        student = base_unet
     vae = _from_pretrained(AutoencoderKL, resolved, "vae", torch_dtype=dt)
     vae.decoder = None  # features need the encoder only
     scheduler = _from_pretrained(DDPMScheduler, resolved, "scheduler")

@@ -28,6 +28,11 @@ class RegistryError(RuntimeError):
     pass
 
 
+def announce_channel(prefix: str) -> str:
+    """The Redis channel on which new versions are announced to watching workers."""
+    return f"{prefix}:registry"
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

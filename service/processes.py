@@ -47,7 +47,28 @@ def build_worker(settings: Settings, extractor=None):
                     visibility_timeout_s=settings.visibility_timeout_s,
                     max_deliveries=settings.max_deliveries, result_ttl_s=settings.result_ttl_s,
                     stream_maxlen=settings.stream_maxlen)
-    return Worker(settings, ModelHolder(extractor), jobs, WorkerMetrics())
+    holder, metrics = ModelHolder(extractor), WorkerMetrics()
+    return Worker(settings, holder, jobs, metrics, watcher(settings, holder, metrics, client))
+
+
+def watcher(settings: Settings, holder, metrics, client):
+    """A registry watcher when the worker serves DIR/NAME (following LATEST)."""
+    from cleandift.loading import load_extractor
+
+    from .protocol import Keys
+    from .reload import RegistryWatcher, watched_model_dir
+
+    model_dir = watched_model_dir(settings.model)
+    if model_dir is None or settings.unet is not None:
+        return None
+    device, dtype = holder.current.device, holder.current.dtype  # not the model: it must die
+
+    def load(version_dir):
+        return load_extractor(version_dir, device=device, dtype=dtype,
+                              cache_dir=settings.cache_dir)
+
+    return RegistryWatcher(model_dir, holder, load, metrics, poll_s=settings.reload_poll_s,
+                           client=client, channel=Keys(settings.queue_prefix).registry_channel)
 
 
 def run_worker(settings: Settings) -> None:

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from cleandift.registry import announce_channel
+
 
 @dataclass(frozen=True)
 class Keys:
@@ -42,7 +44,7 @@ class Keys:
 
     @property
     def registry_channel(self) -> str:
-        return f"{self.prefix}:registry"
+        return announce_channel(self.prefix)
 
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}:worker:{worker_id}"

@@ -25,6 +25,7 @@ from .jobqueue import JobQueue, ensure_group
 from .metrics import WorkerMetrics
 from .model_holder import ModelHolder
 from .protocol import Job
+from .reload import RegistryWatcher
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2
@@ -32,9 +33,11 @@ POLL_S = 0.2
 
 class Worker:
     def __init__(
-        self, settings: Settings, model: ModelHolder, jobs: JobQueue, metrics: WorkerMetrics
+        self, settings: Settings, model: ModelHolder, jobs: JobQueue, metrics: WorkerMetrics,
+        watcher: RegistryWatcher | None = None,
     ) -> None:
         self.settings, self.model, self.jobs, self.metrics = settings, model, jobs, metrics
+        self.watcher = watcher
         self.stopping = threading.Event()
         self._pre: queue.Queue = queue.Queue(maxsize=1)
         self._post: queue.Queue = queue.Queue(maxsize=2)
@@ -53,9 +56,13 @@ class Worker:
         ]
         for thread in threads:
             thread.start()
+        if self.watcher is not None:
+            self.watcher.start()
         try:
             self._core()
         finally:
+            if self.watcher is not None:
+                self.watcher.stop()
             self._core_done.set()
             for thread in threads[:2]:
                 thread.join()
@@ -95,17 +102,19 @@ class Worker:
                 if self._intake_done.is_set():
                     return
                 continue
-            extractor = self.model.current
-            try:
-                computed = execute.forward(prepared, extractor)
-            except Exception as exc:  # a model fault answers the batch, never loses it
-                log.exception("forward failed")
-                self._answer(execute.failed(prepared.batch.jobs, 500, f"worker error: {exc}"))
-                continue
-            self.metrics.batch_size.observe(len(prepared.batch.images))
-            self.metrics.inference.observe(computed.inference_s)
-            self.metrics.images.inc(len(prepared.batch.images))
-            self._put(self._post, computed)
+            self._forward(prepared)  # a method, so no stale reference to a model outlives it
+
+    def _forward(self, prepared: execute.Prepared) -> None:
+        try:
+            computed = execute.forward(prepared, self.model.current)
+        except Exception as exc:  # a model fault answers the batch, never loses it
+            log.exception("forward failed")
+            self._answer(execute.failed(prepared.batch.jobs, 500, f"worker error: {exc}"))
+            return
+        self.metrics.batch_size.observe(len(prepared.batch.images))
+        self.metrics.inference.observe(computed.inference_s)
+        self.metrics.images.inc(len(prepared.batch.images))
+        self._put(self._post, computed)
 
     def _post_loop(self) -> None:
         while True:
@@ -115,12 +124,15 @@ class Worker:
                 if self._core_done.is_set():
                     return
                 continue
-            try:
-                answers = execute.results(computed)
-            except Exception as exc:
-                log.exception("post-processing failed")
-                answers = execute.failed(computed.prepared.batch.jobs, 500, f"worker error: {exc}")
-            self._answer(answers)
+            self._answer(self._results(computed))
+            del computed
+
+    def _results(self, computed: execute.Computed):
+        try:
+            return execute.results(computed)
+        except Exception as exc:
+            log.exception("post-processing failed")
+            return execute.failed(computed.prepared.batch.jobs, 500, f"worker error: {exc}")
 
     # -- helpers ----------------------------------------------------------------------
     def _live(self, jobs: list[Job]) -> list[Job]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from corpus import textured_image
+from tests.corpus import textured_image
 
 _CACHE = Path(tempfile.mkdtemp(prefix="cleandift-test-cache-"))
 os.environ.setdefault("CLEANDIFT_CACHE_DIR", str(_CACHE))

@@ -33,6 +33,8 @@ def train(
     output_dir: Annotated[Path | None, typer.Option(help="checkpoints and log.jsonl")] = None,
 ) -> None:
     """Distil a CleanDIFT student from TEACHER and publish it as a new registry version."""
+    from cleandift import registry as reg
+
     from .train import TrainConfig
     from .train import train as run
 
@@ -45,7 +47,7 @@ def train(
         grad_checkpointing=grad_checkpointing, compile=compile, save_every=save_every,
         resume=resume, seed=seed, holdout=holdout, output_dir=output_dir,
         cache_dir=settings.cache_dir, redis_url=settings.redis_url,
-        channel=f"{settings.queue_prefix}:registry",
+        channel=reg.announce_channel(settings.queue_prefix),
     )
     published = run(cfg)
     if published:
@@ -70,7 +72,7 @@ def publish(
     from .publish import announce
 
     settings = settings_with()
-    channel = f"{settings.queue_prefix}:registry"
+    channel = reg.announce_channel(settings.queue_prefix)
     if promote:
         try:
             reg.promote(registry, name, promote)

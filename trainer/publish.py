@@ -23,7 +23,7 @@ def publish_weights(
     *,
     heads_state: dict[str, torch.Tensor] | None = None,
     redis_url: str | None = None,
-    channel: str = "cleandift:registry",
+    channel: str = registry.announce_channel("cleandift"),
 ) -> tuple[str, Path]:
     """Write a new version (atomically), make it LATEST, and announce it on Redis."""
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from cleandift.loading import load_extractor
 from cleandift.optimize import compile_blocks
+from cleandift.registry import announce_channel
 
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import BatchStream, load_records
@@ -55,7 +56,7 @@ class TrainConfig:
     output_dir: Path | None = None
     cache_dir: Path | None = None
     redis_url: str | None = None
-    channel: str = "cleandift:registry"
+    channel: str = announce_channel("cleandift")
     extra: dict = field(default_factory=dict)
 
     @property

@@ -5,7 +5,7 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from cleandift.cli import app
-from corpus import encode
+from tests.corpus import encode
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from cleandift.images import (
     resize_rgb,
     to_pixels,
 )
-from corpus import bad_images, good_images, png_bomb, rotated_jpeg, sixteen_bit_png
+from tests.corpus import bad_images, good_images, png_bomb, rotated_jpeg, sixteen_bit_png
 
 LIMITS = {"max_bytes": 1 << 20, "max_pixels": 4_000_000}
 

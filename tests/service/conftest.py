@@ -9,10 +9,10 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from service_helpers import running_service
 
 from cleandift.settings import Settings
 from service.redis_server import start_redis_server
+from tests.service.service_helpers import running_service
 
 
 @pytest.fixture(scope="session")

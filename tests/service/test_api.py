@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load as load_safetensors
-from service_helpers import expected_features, running_service
 
-from corpus import bad_images, encode, png_bomb
+from tests.corpus import bad_images, encode, png_bomb
+from tests.service.service_helpers import expected_features, running_service
 
 
 @pytest.fixture(scope="module")

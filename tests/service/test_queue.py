@@ -12,7 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from service_helpers import (
+
+from service.jobqueue import JobQueue
+from service.protocol import Keys
+from tests.corpus import encode
+from tests.service.service_helpers import (
     ApiServer,
     WorkerThread,
     metric,
@@ -21,10 +25,6 @@ from service_helpers import (
     wait_metric,
     wait_ready,
 )
-
-from corpus import encode
-from service.jobqueue import JobQueue
-from service.protocol import Keys
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import tarfile
 import pytest
 from PIL import Image
 
-from corpus import encode, textured_image
+from tests.corpus import encode, textured_image
 from trainer.data import BatchStream, expand_braces, load_records
 
 
