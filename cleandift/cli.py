@@ -180,15 +180,50 @@ def correspond(
     typer.echo(json.dumps(body, indent=2))
 
 
+@app.command("eval-spair")
+def eval_spair(
+    data: Annotated[Path, typer.Option(help="SPair-71k root (PairAnnotation/, JPEGImages/)")],
+    mode: Annotated[str, typer.Option(help="clean (one pass) or dift (8 noisy passes)")]
+    = "clean",
+    limit: Annotated[int | None, typer.Option(help="evaluate the first N pairs")] = None,
+    category: Annotated[str | None, typer.Option(help="one category only")] = None,
+    split: str = "test",
+    layer: Annotated[str | None, typer.Option(help="feature key; the model's default")] = None,
+    size: SizeOpt = None,
+    prompt: Annotated[str | None, typer.Option(help="'{category}' is filled in")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")]
+    = None,
+    model: ModelOpt = None,
+    unet: UnetOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """PCK@0.05/0.10/0.15 on SPair-71k with the DIFT protocol; prints a JSON report."""
+    from .spair import evaluate, load_pairs
+
+    extractor, _ = _load(model, unet, device, None)
+    try:
+        pairs = load_pairs(data, split=split, category=category, limit=limit)
+    except FileNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    with user_errors():
+        report = evaluate(extractor, pairs, mode=mode, layer=layer, size=size, prompt=prompt)
+    text = json.dumps(report, indent=2)
+    if json_out:
+        json_out.write_text(text + "\n")
+    typer.echo(text)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     _register_optional_commands()
     app(prog_name="cleandift")
 
 
 def _register_optional_commands() -> None:
     """Service and trainer commands live with their packages."""
-    for module in ("service.cli", "trainer.cli"):
+    for module in ("service.cli", "trainer.cli", "bench.cli"):
         try:
             __import__(module, fromlist=["register"]).register(app)
         except ModuleNotFoundError as exc:

@@ -15,12 +15,15 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
 
-    count = 0
-    for module in model.modules():
-        if isinstance(module, ResnetBlock2D | BasicTransformerBlock):
-            module.forward = torch.compile(module.forward, **compile_kwargs)
-            count += 1
-    return count
+    blocks = [m for m in model.modules() if isinstance(m, ResnetBlock2D | BasicTransformerBlock)]
+    # Each block instance is its own guard set: allow that many compiled variants.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name,
+                    max(getattr(torch._dynamo.config, name), 2 * len(blocks)))
+    for module in blocks:
+        module.forward = torch.compile(module.forward, **compile_kwargs)
+    return len(blocks)
 
 
 def channels_last(*models: nn.Module) -> None:

@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     port: int = 8000
     worker_metrics_port: int = Field(9001, ge=0, description="0 disables it.")
     worker_id: str | None = None
+    workers: int = Field(1, ge=1, description="Workers started by `serve`.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="A worker's intra-op CPU threads; on CPU, one worker per core "
+        "with 1 thread each beats one worker with all cores."
+    )
     reload_poll_s: float = Field(5.0, gt=0, description="Registry LATEST check period.")
 
 

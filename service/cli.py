@@ -14,6 +14,7 @@ HostOpt = Annotated[str | None, typer.Option(help="bind address (default 127.0.0
 PortOpt = Annotated[int | None, typer.Option(help="HTTP port (default 8000)")]
 BatchOpt = Annotated[int | None, typer.Option(help="images per forward pass at most")]
 KeyOpt = Annotated[str | None, typer.Option(help="require this API key")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads per worker (torch)")]
 
 
 def api(redis_url: RedisOpt = None, host: HostOpt = None, port: PortOpt = None,
@@ -32,13 +33,14 @@ def worker(
     redis_url: RedisOpt = None,
     max_batch: BatchOpt = None,
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus port, 0 = off")] = None,
+    torch_threads: ThreadsOpt = None,
 ) -> None:
     """Run a worker: load the model, take batches from the queue, answer them."""
     from .processes import run_worker
 
     run_worker(settings_with(model=model, unet=unet, device=device, dtype=dtype,
                              redis_url=redis_url, max_batch=max_batch,
-                             worker_metrics_port=metrics_port))
+                             worker_metrics_port=metrics_port, torch_threads=torch_threads))
 
 
 def serve(
@@ -52,13 +54,15 @@ def serve(
     port: PortOpt = None,
     max_batch: BatchOpt = None,
     api_key: KeyOpt = None,
+    workers: Annotated[int | None, typer.Option(help="worker processes (default 1)")] = None,
+    torch_threads: ThreadsOpt = None,
 ) -> None:
-    """All in one: API + one worker (+ a private redis-server without REDIS_URL)."""
+    """All in one: API + worker(s) (+ a private redis-server without REDIS_URL)."""
     from .processes import run_serve
 
     run_serve(settings_with(model=model, unet=unet, device=device, dtype=dtype,
                             redis_url=redis_url, host=host, port=port, max_batch=max_batch,
-                            api_key=api_key,
+                            api_key=api_key, workers=workers, torch_threads=torch_threads,
                             redis_server=str(redis_server) if redis_server else None))
 
 

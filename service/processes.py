@@ -27,6 +27,7 @@ def run_api(settings: Settings) -> None:
 def build_worker(settings: Settings, extractor=None):
     """Wire a Worker (without running it), loading the model unless one is given."""
     import redis
+    import torch
 
     from cleandift.loading import load_extractor
 
@@ -36,6 +37,8 @@ def build_worker(settings: Settings, extractor=None):
     from .protocol import Keys
     from .worker import Worker
 
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     if extractor is None:
         extractor = load_extractor(settings.model, unet=settings.unet, device=settings.device,
                                    dtype=settings.dtype, cache_dir=settings.cache_dir)
@@ -101,7 +104,7 @@ def _exit(*_args) -> None:
 
 
 def run_serve(settings: Settings) -> None:
-    """API + one worker + (without REDIS_URL) a private redis-server, stopped together."""
+    """API + workers + (without REDIS_URL) a private redis-server, stopped together."""
     from .redis_server import die_with_parent, start_redis_server
 
     server = None
@@ -109,8 +112,9 @@ def run_serve(settings: Settings) -> None:
         server = start_redis_server(settings.redis_server)
         settings = settings.model_copy(update={"redis_url": server.url})
         log.info("started a private redis-server at %s", server.url)
-    worker = subprocess.Popen([sys.executable, "-m", "cleandift.cli", "worker"],
-                              env=settings_env(settings), preexec_fn=die_with_parent)
+    workers = [subprocess.Popen([sys.executable, "-m", "cleandift.cli", "worker"],
+                                env=settings_env(settings), preexec_fn=die_with_parent)
+               for _ in range(settings.workers)]
     # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into SystemExit so
     # the worker and Redis below are stopped too.
     signal.signal(signal.SIGTERM, _exit)
@@ -119,10 +123,12 @@ def run_serve(settings: Settings) -> None:
                  settings.host, settings.port)
         run_api(settings)
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout=settings.request_timeout_s)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        for worker in workers:
+            try:
+                worker.wait(timeout=settings.request_timeout_s)
+            except subprocess.TimeoutExpired:
+                worker.kill()
         if server is not None:
             server.stop()

@@ -76,6 +76,21 @@ def alignment(pred: dict[str, torch.Tensor], target: dict[str, torch.Tensor]):
     return -torch.stack(list(per_key.values())).sum(), per_key
 
 
+def distill_loss(student: nn.Module, teacher: nn.Module, scheduler, x0: torch.Tensor,
+                 context: torch.Tensor, generator: torch.Generator, autocast=None,
+                 repeat_student: bool = False):
+    """One batch of the objective: stratified timesteps, teacher on x_t, student on x0.
+
+    Returns (loss, per-key mean cosine). `autocast` is a context factory (mixed precision).
+    """
+    t = stratified_timesteps(len(x0), generator).to(x0.device)
+    noise = torch.randn((len(t), *x0.shape[1:]), generator=generator).to(x0.device)
+    target = teacher_features(teacher, scheduler, x0, context, t, noise)
+    with autocast() if autocast else torch.autocast(x0.device.type, enabled=False):
+        pred = student(x0.float(), context.float(), t, repeat_student=repeat_student)
+    return alignment(pred, target)
+
+
 def freeze_unused(student: Student, latent_channels: int, context_dim: int) -> list[str]:
     """Freeze the UNet modules that never run (those after the last key): nothing trains
     them, and DDP would otherwise wait forever for their gradients. Found by running a

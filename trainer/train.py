@@ -26,8 +26,8 @@ from .distill import (
     FIDELITY_TIMESTEPS,
     Student,
     alignment,
+    distill_loss,
     freeze_unused,
-    stratified_timesteps,
     teacher_features,
 )
 from .publish import publish_weights
@@ -99,7 +99,7 @@ def build(cfg: TrainConfig) -> Setup:
     if cfg.compile:
         log.info("compiled %d blocks", compile_blocks(unet))
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, fused=True)
     student, optimizer = accelerator.prepare(student, optimizer)
     records = load_records(cfg.data)
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(cfg.seed))
@@ -127,12 +127,8 @@ def encode(setup: Setup, pixels: torch.Tensor, captions: list[str]):
 def train_step(setup: Setup, pixels: torch.Tensor, captions: list[str], lr: float):
     ex, acc = setup.extractor, setup.accelerator
     x0, context = encode(setup, pixels, captions)
-    t = stratified_timesteps(len(x0), setup.generator).to(ex.device)
-    noise = torch.randn((len(t), *x0.shape[1:]), generator=setup.generator)
-    target = teacher_features(ex.unet, ex.noise_scheduler, x0, context, t, noise.to(ex.device))
-    with acc.autocast():
-        pred = setup.student(x0.float(), context.float(), t)
-    loss, per_key = alignment(pred, target)
+    loss, per_key = distill_loss(setup.student, ex.unet, ex.noise_scheduler, x0, context,
+                                 setup.generator, acc.autocast)
     acc.backward(loss)
     for group in setup.optimizer.param_groups:
         group["lr"] = lr

@@ -1,0 +1,1 @@
+"""Benchmarks (CPU side by side, GPU script) and the load generator they share."""

@@ -1,0 +1,111 @@
+"""`cleandift bench`: the extractor, the service and the trainer measured side by side."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from cleandift.loading import load_extractor
+from cleandift.settings import Settings
+
+from . import measure
+from .load import features_request, run_load
+from .stack import service_stack
+
+log = logging.getLogger(__name__)
+
+# What each reported key means (printed with the table and used by the README).
+DESCRIPTIONS = {
+    "raw_images_per_s": "extractor alone, best batch size (images/s)",
+    "service_images_per_s_c1": "HTTP + Redis + worker, 1 client (images/s)",
+    "service_images_per_s_c16": "HTTP + Redis + worker, 16 clients (images/s)",
+    "service_vs_raw": "service at 16 clients / extractor alone",
+    "latency_ms_p50_c1": "median latency, 1 client (ms)",
+    "latency_ms_p95_c16": "95th percentile latency, 16 clients (ms)",
+    "clean_vs_dift8": "speed-up of one clean pass over our DIFT 8-sample ensemble",
+    "clean_vs_dift8_flops": "the same as a FLOP ratio",
+    "clean_vs_dift8_reference_flops": "FLOP ratio against DIFT's own recipe (8 encodes + 8 UNet)",
+    "truncated_vs_full_us6": "UNet speed-up reading us6 with the early stop vs a full pass",
+    "truncated_vs_full_us6_flops": "the same as a FLOP ratio",
+    "json_vs_safetensors_bytes": "response size, 11 layers, JSON / safetensors",
+    "json_vs_safetensors_encode": "encode + decode time, JSON / safetensors",
+    "train_once_vs_thrice": "trainer step speed-up, student once vs three times",
+    "train_once_vs_thrice_flops": "the same as a FLOP ratio",
+}
+
+
+def bench_images(n: int, size: tuple[int, int] = (320, 240)):
+    import numpy as np
+
+    from trainer.synthetic import synthetic_image  # photo-like content, no dataset needed
+
+    rng = np.random.default_rng(0)
+    return [synthetic_image(max(size), rng)[0].resize(size) for _ in range(n)]
+
+
+def service_figures(model: str, jpeg: bytes, quick: bool, batch: int) -> dict[str, float]:
+    """The real stack as deployed on a CPU box: one single-threaded worker per core, the
+    batch limit at the extractor's best batch size."""
+    n1, n16 = (12, 64) if quick else (30, 192)
+    workers = os.cpu_count() or 1
+    with service_stack(model, workers=workers, torch_threads="1", max_batch=str(batch)) as stack:
+        request = features_request(jpeg)
+        run_load(stack.url, request, concurrency=16, total=32)  # warm-up
+        c1 = run_load(stack.url, request, concurrency=1, total=n1)
+        c16 = run_load(stack.url, request, concurrency=16, total=n16)
+    if c1.ok != n1 or c16.ok != n16:
+        raise RuntimeError(f"service errors: c1 {c1.statuses}, c16 {set(c16.statuses)}")
+    return {
+        "service_images_per_s_c1": c1.throughput(),
+        "service_images_per_s_c16": c16.throughput(),
+        "latency_ms_p50_c1": c1.percentile_ms(50),
+        "latency_ms_p95_c16": c16.percentile_ms(95),
+    }
+
+
+def run_bench(model: str | None, quick: bool) -> dict[str, float]:
+    from cleandift.demo import ensure_model
+
+    settings = Settings()
+    model = model or str(ensure_model("bench", settings.cache_dir))
+    repeats = 3 if quick else 7
+    ex = load_extractor(model, device="cpu", cache_dir=settings.cache_dir)
+    images = bench_images(16)
+    raw = measure.raw_throughput(ex, images, [1, 2, 4, 8] if quick else [1, 2, 4, 8, 16], repeats)
+    best_batch = max(raw, key=raw.get)
+    steps = [
+        ("clean vs DIFT", lambda: measure.clean_vs_dift(ex, images, repeats)),
+        ("truncation", lambda: measure.truncation(ex, images, 4, repeats)),
+        ("response formats", lambda: measure.response_formats(ex, images[0], repeats)),
+        ("trainer step", lambda: measure.train_once_vs_thrice(ex, images, 4 if quick else 8,
+                                                               max(2, repeats - 1))),
+        ("service", lambda: service_figures(model, _jpeg(images[0]), quick, best_batch)),
+    ]
+    figures: dict[str, float] = {"raw_images_per_s": raw[best_batch]}
+    log.info("raw extractor: %s images/s by batch size",
+             {b: round(v, 2) for b, v in raw.items()})
+    for name, step in steps:
+        start = time.perf_counter()
+        figures.update(step())
+        log.info("%s measured in %.1fs", name, time.perf_counter() - start)
+    figures["service_vs_raw"] = figures["service_images_per_s_c16"] / figures["raw_images_per_s"]
+    return {key: round(float(figures[key]), 4) for key in DESCRIPTIONS}
+
+
+def _jpeg(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def table(figures: dict[str, float]) -> str:
+    width = max(map(len, figures))
+    return "\n".join(f"{k:<{width}}  {v:>10.3f}  {DESCRIPTIONS[k]}" for k, v in figures.items())
+
+
+def write_json(figures: dict[str, float], path: Path) -> None:
+    path.write_text(json.dumps(figures, indent=2) + "\n")

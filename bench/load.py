@@ -1,0 +1,72 @@
+"""A bounded HTTP load generator (asyncio + httpx), shared by the benchmark and the
+reliability tests: N requests at a fixed concurrency, latencies and statuses recorded."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+import numpy as np
+
+
+@dataclass
+class LoadResult:
+    wall_s: float
+    latencies_s: list[float] = field(default_factory=list)
+    statuses: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # transport errors (no HTTP status)
+
+    @property
+    def ok(self) -> int:
+        return sum(s == 200 for s in self.statuses)
+
+    def throughput(self) -> float:
+        return self.ok / self.wall_s if self.wall_s else 0.0
+
+    def percentile_ms(self, q: float) -> float:
+        return float(np.percentile(self.latencies_s, q) * 1000) if self.latencies_s else 0.0
+
+
+RequestFactory = Callable[[httpx.AsyncClient], "asyncio.Future[httpx.Response]"]
+
+
+async def _run(url: str, request: RequestFactory, concurrency: int, total: int,
+               timeout_s: float, headers: dict[str, str] | None) -> LoadResult:
+    result = LoadResult(wall_s=0.0)
+    counter = iter(range(total))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits,
+                                 headers=headers) as client:
+
+        async def user() -> None:
+            for _ in counter:
+                start = time.perf_counter()
+                try:
+                    response = await request(client)
+                except httpx.HTTPError as exc:
+                    result.errors.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                result.latencies_s.append(time.perf_counter() - start)
+                result.statuses.append(response.status_code)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(user() for _ in range(concurrency)))
+        result.wall_s = time.perf_counter() - start
+    return result
+
+
+def run_load(url: str, request: RequestFactory, *, concurrency: int, total: int,
+             timeout_s: float = 120.0, headers: dict[str, str] | None = None) -> LoadResult:
+    """Send `total` requests from `concurrency` concurrent users; returns when all ended."""
+    return asyncio.run(_run(url, request, concurrency, total, timeout_s, headers))
+
+
+def features_request(image: bytes, **fields: str) -> RequestFactory:
+    def send(client: httpx.AsyncClient):
+        return client.post("/features", files={"image": ("image.jpg", image)}, data=fields)
+
+    return send
