@@ -59,14 +59,48 @@ async def _run(url: str, request: RequestFactory, concurrency: int, total: int,
     return result
 
 
-def run_load(url: str, request: RequestFactory, *, concurrency: int, total: int,
-             timeout_s: float = 120.0, headers: dict[str, str] | None = None) -> LoadResult:
-    """Send `total` requests from `concurrency` concurrent users; returns when all ended."""
+def _run_sync(url, request, concurrency, total, timeout_s, headers) -> LoadResult:
     return asyncio.run(_run(url, request, concurrency, total, timeout_s, headers))
 
 
-def features_request(image: bytes, **fields: str) -> RequestFactory:
-    def send(client: httpx.AsyncClient):
-        return client.post("/features", files={"image": ("image.jpg", image)}, data=fields)
+def run_load(url: str, request: RequestFactory, *, concurrency: int, total: int,
+             timeout_s: float = 120.0, headers: dict[str, str] | None = None,
+             processes: int = 1) -> LoadResult:
+    """Send `total` requests from `concurrency` concurrent users; returns when all ended.
 
-    return send
+    With `processes` > 1 the users are spread over that many client processes, so that
+    parsing large responses in Python does not make the client the bottleneck.
+    """
+    if processes <= 1:
+        return _run_sync(url, request, concurrency, total, timeout_s, headers)
+    from concurrent.futures import ProcessPoolExecutor
+
+    shares = [(concurrency // processes + (i < concurrency % processes),
+               total // processes + (i < total % processes)) for i in range(processes)]
+    with ProcessPoolExecutor(processes) as pool:
+        parts = list(pool.map(_run_sync, *zip(*[(url, request, c, t, timeout_s, headers)
+                                                 for c, t in shares if c and t])))
+    merged = LoadResult(wall_s=max(p.wall_s for p in parts))
+    for part in parts:
+        merged.latencies_s += part.latencies_s
+        merged.statuses += part.statuses
+        merged.errors += part.errors
+    return merged
+
+
+@dataclass(frozen=True)
+class FeaturesRequest:
+    """POST /features with one image (a class, not a closure, so client processes get it)."""
+
+    image: bytes
+    fields: tuple[tuple[str, str], ...] = ()
+    params: tuple[tuple[str, str], ...] = ()
+
+    def __call__(self, client: httpx.AsyncClient):
+        return client.post("/features", files={"image": ("image.jpg", self.image)},
+                           data=dict(self.fields), params=dict(self.params))
+
+
+def features_request(image: bytes, params: dict[str, str] | None = None,
+                     **fields: str) -> FeaturesRequest:
+    return FeaturesRequest(image, tuple(fields.items()), tuple((params or {}).items()))

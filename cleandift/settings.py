@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(9001, ge=0, description="0 disables it.")
     worker_id: str | None = None
     workers: int = Field(1, ge=1, description="Workers started by `serve`.")
+    api_workers: int = Field(1, ge=1, description="API processes (uvicorn workers).")
     torch_threads: int | None = Field(
         None, ge=1, description="A worker's intra-op CPU threads; on CPU, one worker per core "
         "with 1 thread each beats one worker with all cores."

@@ -50,6 +50,11 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
+def app_from_env() -> FastAPI:
+    """Factory for `uvicorn --factory` with several API processes (settings from env)."""
+    return create_app(Settings())
+
+
 class BodyLimitMiddleware:
     """413 for bodies over the limit, by Content-Length or while streaming."""
 

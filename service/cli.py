@@ -18,11 +18,14 @@ ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads per worker (to
 
 
 def api(redis_url: RedisOpt = None, host: HostOpt = None, port: PortOpt = None,
-        api_key: KeyOpt = None) -> None:
+        api_key: KeyOpt = None,
+        processes: Annotated[int | None, typer.Option(help="API processes (default 1)")] = None,
+        ) -> None:
     """Run the HTTP API (FastAPI + uvicorn) in front of the Redis queue."""
     from .processes import run_api
 
-    run_api(settings_with(redis_url=redis_url, host=host, port=port, api_key=api_key))
+    run_api(settings_with(redis_url=redis_url, host=host, port=port, api_key=api_key,
+                          api_workers=processes))
 
 
 def worker(

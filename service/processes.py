@@ -16,12 +16,19 @@ log = logging.getLogger(__name__)
 
 
 def run_api(settings: Settings) -> None:
+    """uvicorn in this process, or `api_workers` processes sharing the port."""
     import uvicorn
 
     from .app import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                timeout_graceful_shutdown=int(settings.request_timeout_s), log_level="info")
+    common = {"host": settings.host, "port": settings.port, "log_level": "info",
+              "timeout_graceful_shutdown": int(settings.request_timeout_s)}
+    if settings.api_workers > 1:  # CPU-bound encoding scales with processes, not threads
+        os.environ.update(settings_env(settings))
+        uvicorn.run("service.app:app_from_env", factory=True, workers=settings.api_workers,
+                    **common)
+    else:
+        uvicorn.run(create_app(settings), **common)
 
 
 def build_worker(settings: Settings, extractor=None):
