@@ -47,7 +47,8 @@ class PromptEncoder:
                 self._cache.move_to_end(prompt)
                 return self._cache[prompt]
             embeds = self._empty() if prompt == "" else self._encode(prompt)
-            embeds = embeds.to(self._device, self._dtype)
+            with torch.inference_mode(False):  # a normal tensor: training reuses the cache
+                embeds = embeds.to(self._device, self._dtype).clone()
             self._cache[prompt] = embeds
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
@@ -69,7 +70,7 @@ class PromptEncoder:
         tmp.replace(target)
         return embeds
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def _encode(self, prompt: str) -> torch.Tensor:
         if self._encoder is None:
             self._encoder = self._load()

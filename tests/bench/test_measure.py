@@ -1,0 +1,52 @@
+"""The benchmark's measurements on the demo model: right shape of answer and FLOP ratios
+that follow from the method (no assertion on wall time)."""
+
+import math
+
+import pytest
+
+from bench import measure
+from bench.cpu import DESCRIPTIONS, bench_images, table
+from bench.load import features_request, run_load
+from tests.corpus import encode
+from tests.service.service_helpers import running_service
+
+
+@pytest.fixture(scope="module")
+def images():
+    return bench_images(4)
+
+
+def test_flop_ratios_follow_the_method(extractor, images):
+    dift = measure.clean_vs_dift(extractor, images, repeats=1)
+    # Our DIFT: 1 VAE + 8 UNet passes; DIFT's recipe: 8 VAE + 8 UNet; clean: 1 + 1.
+    assert dift["clean_vs_dift8_reference_flops"] == pytest.approx(8.0, rel=1e-3)
+    assert 1.0 < dift["clean_vs_dift8_flops"] < 8.0
+    trunc = measure.truncation(extractor, images, batch=1, repeats=1)
+    assert trunc["truncated_vs_full_us6_flops"] > 1.0
+    train = measure.train_once_vs_thrice(extractor, images, batch=1, repeats=1)
+    assert 1.0 < train["train_once_vs_thrice_flops"] < 3.0
+    for value in (*dift.values(), *trunc.values(), *train.values()):
+        assert math.isfinite(value) and value > 0
+
+
+def test_response_formats_and_raw_throughput(extractor, images):
+    formats = measure.response_formats(extractor, images[0], repeats=1)
+    assert formats["json_vs_safetensors_bytes"] == pytest.approx(4 / 3, rel=0.02)  # base64
+    raw = measure.raw_throughput(extractor, images, [1, 2], repeats=1)
+    assert set(raw) == {1, 2} and all(v > 0 for v in raw.values())
+
+
+def test_table_lists_every_figure():
+    figures = dict.fromkeys(DESCRIPTIONS, 1.0)
+    assert table(figures).count("\n") == len(DESCRIPTIONS) - 1
+
+
+def test_load_generator_counts_statuses_over_processes(settings, extractor, photo):
+    with running_service(settings, extractor) as (client, _):
+        url = str(client.base_url)
+        result = run_load(url, features_request(encode(photo, "JPEG")), concurrency=4,
+                          total=10, processes=2)
+        bad = run_load(url, features_request(b"not an image"), concurrency=2, total=4)
+    assert result.ok == 10 and len(result.latencies_s) == 10 and result.throughput() > 0
+    assert bad.statuses == [400] * 4 and bad.ok == 0
