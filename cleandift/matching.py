@@ -188,6 +188,13 @@ def mutual_matches(
     ]
 
 
+def similarity_map(source: torch.Tensor, target: torch.Tensor, point: list[float],
+                   source_size: tuple[int, int]) -> torch.Tensor:
+    """Cosine similarity [h, w] of one source point to every target feature cell."""
+    query = sample_points(source, torch.tensor([point], dtype=torch.float32), source_size)[0]
+    return F.cosine_similarity(target.float(), query[:, None, None], dim=0)
+
+
 def correspond(
     source: torch.Tensor,
     target: torch.Tensor,

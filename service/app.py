@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cleandift.settings import Settings
@@ -15,7 +16,7 @@ from .broker import Broker
 from .metrics import ApiMetrics
 from .problems import BodyTooLarge, install_handlers, problem_response
 from .protocol import Keys
-from .routes import router
+from .routes import STATIC_DIR, router
 
 DESCRIPTION = """CleanDIFT features (one clean forward pass of a distilled Stable Diffusion
 UNet, read at 11 decoder positions) and semantic correspondences. Errors are
@@ -45,6 +46,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.metrics = ApiMetrics()
     install_handlers(app)
     app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: counts all
     return app

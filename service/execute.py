@@ -14,7 +14,7 @@ import torch
 
 from cleandift.extractor import Extractor
 from cleandift.images import to_pixels
-from cleandift.matching import correspond
+from cleandift.matching import correspond, similarity_map
 
 from .batching import Batch
 from .protocol import Job, Result
@@ -71,6 +71,10 @@ def results(computed: Computed) -> list[tuple[Job, Result]]:
             matches = correspond(feats[0], feats[1], spec.sizes[0], spec.sizes[1], spec.points,
                                  max_matches=spec.max_matches)
             result.matches = [m.to_json() for m in matches]
+            if spec.heatmap and spec.points:
+                sim = similarity_map(feats[0], feats[1], spec.points[-1], spec.sizes[0])
+                result.heatmap = {"width": sim.shape[1], "height": sim.shape[0],
+                                  "values": [round(v, 4) for v in sim.flatten().tolist()]}
         else:
             for key in spec.layers:
                 tensor = computed.features[key][rows][0].to(DTYPES[spec.dtype]).cpu().contiguous()

@@ -49,6 +49,8 @@ class CorrespondParams(_Params):
     points: Any = Field(None, description="[[x, y], ...] in source pixels; mutual NN if absent.")
     layer: str | None = Field(None, description="Feature key; the model's correspondence layer.")
     max_matches: int | None = Field(None, ge=1, description="Mutual matches returned at most.")
+    heatmap: bool = Field(False, description="Also return the last point's cosine similarity "
+                          "over the target, at feature resolution.")
 
 
 class CorrespondBody(CorrespondParams):
@@ -93,7 +95,7 @@ def _coerce_form(fields: dict[str, str]) -> dict:
             out["points"] = json.loads(out["points"])
         except json.JSONDecodeError as exc:
             raise Problem(422, f"points is not valid JSON: {exc}") from exc
-    for name in ("size", "max_matches"):
+    for name in ("size", "max_matches", "heatmap"):
         if out.get(name) == "":
             out.pop(name)
     return out
@@ -182,5 +184,6 @@ async def correspond_job(request: Request, settings: Settings, model: dict) -> J
     spec = JobSpec(kind="correspond", size=size, layers=layer, sizes=[source.size, target.size],
                    prompt=params.prompt, mode=params.mode, points=points,
                    max_matches=params.max_matches or settings.max_matches,
+                   heatmap=params.heatmap,
                    deadline=time.time() + settings.request_timeout_s)
     return Job(spec=spec, images=images)

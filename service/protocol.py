@@ -69,6 +69,7 @@ class JobSpec:
     dtype: str = "float16"
     points: list[list[float]] | None = None
     max_matches: int = 100
+    heatmap: bool = False  # also return the last point's similarity over the target
     deadline: float = 0.0
     reply_to: str = ""
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -121,6 +122,7 @@ class Result:
     timings_ms: dict[str, float] = field(default_factory=dict)
     layers: dict[str, dict] = field(default_factory=dict)  # key -> {shape, dtype}
     matches: list[dict] | None = None
+    heatmap: dict | None = None  # {"width", "height", "values"} at feature resolution
     data: dict[str, bytes] = field(default_factory=dict)  # key -> raw bytes
 
     def to_fields(self) -> dict[str, bytes | str]:

@@ -79,6 +79,8 @@ def correspond_response(result: Result) -> JSONResponse:
         "matches": result.matches or [],
         "timings_ms": result.timings_ms,
     }
+    if result.heatmap is not None:
+        body["heatmap"] = result.heatmap
     return JSONResponse(body, headers=_version_headers(result))
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hmac
 import time
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel
 
 from cleandift.settings import Settings
@@ -19,6 +20,7 @@ from .problems import Problem
 from .protocol import Job, Result
 
 router = APIRouter()
+STATIC_DIR = Path(__file__).parent / "static"
 
 
 def get_settings(request: Request) -> Settings:
@@ -52,6 +54,7 @@ def require_api_key(request: Request, settings: SettingsDep) -> None:
 
 
 Protected = [Depends(require_api_key)]
+RETRY = {"Retry-After": "1"}  # 429 and 503: worth retrying after a second
 
 
 class FeatureMap(BaseModel):
@@ -75,20 +78,28 @@ class MatchOut(BaseModel):
     score: float
 
 
+class HeatmapOut(BaseModel):
+    width: int
+    height: int
+    values: list[float]  # row-major cosine similarities, height x width
+
+
 class CorrespondOut(BaseModel):
     model: str
     model_version: str
     matches: list[MatchOut]
     timings_ms: dict[str, float]
+    heatmap: HeatmapOut | None = None
 
 
 async def served_model(broker: Broker) -> dict:
     try:
         model = await broker.model_info()
     except Exception as exc:
-        raise Problem(503, f"the queue is unreachable: {exc}", kind="not-ready") from exc
+        raise Problem(503, f"the queue is unreachable: {exc}", kind="not-ready",
+                      headers=RETRY) from exc
     if model is None:
-        raise Problem(503, "no worker has loaded a model yet", kind="not-ready")
+        raise Problem(503, "no worker has loaded a model yet", kind="not-ready", headers=RETRY)
     return model
 
 
@@ -99,9 +110,10 @@ async def run(broker: Broker, job: Job) -> Result:
         result = await broker.submit(job)
     except QueueFull as exc:
         raise Problem(429, "the queue is full; retry later", kind="overloaded",
-                      headers={"Retry-After": "1"}) from exc
+                      headers=RETRY) from exc
     except QueueUnavailable as exc:
-        raise Problem(503, f"the queue is unreachable: {exc}", kind="not-ready") from exc
+        raise Problem(503, f"the queue is unreachable: {exc}", kind="not-ready",
+                      headers=RETRY) from exc
     except DeadlineExceeded as exc:
         raise Problem(504, "no worker answered before the deadline", kind="deadline") from exc
     if result.status != 200:
@@ -153,6 +165,12 @@ async def correspond(request: Request, settings: SettingsDep, broker: BrokerDep)
 async def models(broker: BrokerDep) -> dict:
     """The served model; during a reload, the version most recently loaded by a worker."""
     return await served_model(broker)
+
+
+@router.get("/", include_in_schema=False)
+async def page() -> FileResponse:
+    """The correspondence page (assets under /static, served by this service)."""
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
 
 @router.get("/healthz")
