@@ -10,18 +10,14 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .contract import InvalidSizeError, check_size  # noqa: F401  (re-exported)
 from .images import resize_rgb, to_pixels
 from .layers import LayerInfo, probe_layers, unet_features, validate_layers
 from .prompts import PromptEncoder
 
-SIZE_MULTIPLE = 64
 DIFT_TIMESTEP = 261
 DIFT_ENSEMBLE = 8
 MODES = ("clean", "dift")
-
-
-class InvalidSizeError(ValueError):
-    pass
 
 
 @dataclass
@@ -42,15 +38,6 @@ class ModelInfo:
         data = asdict(self)
         data.pop("extra")
         return data
-
-
-def check_size(size: int, *, lo: int = SIZE_MULTIPLE, hi: int | None = None) -> int:
-    if size % SIZE_MULTIPLE or size < lo or (hi is not None and size > hi):
-        bound = f" and at most {hi}" if hi is not None else ""
-        raise InvalidSizeError(
-            f"size must be a multiple of {SIZE_MULTIPLE}, at least {lo}{bound}; got {size}"
-        )
-    return size
 
 
 class Extractor:

@@ -10,7 +10,6 @@ import io
 import warnings
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO")
@@ -100,7 +99,9 @@ def resize_rgb(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(resized, dtype=np.uint8)
 
 
-def to_pixels(arrays: list[np.ndarray]) -> torch.Tensor:
+def to_pixels(arrays: list[np.ndarray]):
     """uint8 HWC arrays (same size) -> float tensor NCHW in [-1, 1]."""
+    import torch  # here, so that decoding (the API's part) needs no torch
+
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     return batch.float().div_(127.5).sub_(1.0)

@@ -7,52 +7,26 @@ upstream `forward` instead of a copy of it that would drift from diffusers.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-# Key -> (dotted module path in UNet2DConditionModel), in execution order.
-LAYER_MODULES: dict[str, str] = {
-    "mid": "mid_block",
-    "us1": "up_blocks.0.resnets.0",
-    "us2": "up_blocks.0.resnets.1",
-    "us3": "up_blocks.0",
-    "us4": "up_blocks.1.attentions.0",
-    "us5": "up_blocks.1.attentions.1",
-    "us6": "up_blocks.1",
-    "us7": "up_blocks.2.attentions.0",
-    "us8": "up_blocks.2.attentions.1",
-    "us9": "up_blocks.2",
-    "us10": "up_blocks.3.attentions.0",
-}
-LAYER_KEYS: tuple[str, ...] = tuple(LAYER_MODULES)
-CORRESPONDENCE_LAYER = "us6"
-
-
-class UnknownLayerError(ValueError):
-    """A requested feature key is not one of the 11 public keys."""
+from .contract import (  # noqa: F401  (re-exported: the public names of this module)
+    CORRESPONDENCE_LAYER,
+    LAYER_KEYS,
+    LAYER_MODULES,
+    UnknownLayerError,
+    validate_layers,
+)
 
 
 @dataclass(frozen=True)
 class LayerInfo:
     channels: int
     stride: int  # input pixels per feature cell, at the model's input size
-
-
-def validate_layers(layers: Iterable[str] | None, default: Iterable[str]) -> list[str]:
-    """Return the requested keys in execution order, without duplicates."""
-    wanted = list(default if layers is None else layers)
-    unknown = [k for k in wanted if k not in LAYER_MODULES]
-    if unknown:
-        raise UnknownLayerError(
-            f"unknown layer(s) {unknown}; valid keys are {list(LAYER_KEYS)}"
-        )
-    if not wanted:
-        raise UnknownLayerError("at least one layer must be requested")
-    return [k for k in LAYER_KEYS if k in set(wanted)]
 
 
 class _StopForward(Exception):

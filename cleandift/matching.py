@@ -8,41 +8,14 @@ points) and an [H, W] norm map (chunked over rows) are materialised.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from .contract import InvalidPointsError, validate_points  # noqa: F401  (re-exported)
+
 DEFAULT_BUDGET = 1 << 24  # elements held at once in any full-resolution intermediate
-
-
-class InvalidPointsError(ValueError):
-    pass
-
-
-def validate_points(points: object, size: tuple[int, int], max_points: int) -> list[list[float]]:
-    """A JSON-ish list of [x, y] inside an image of size (W, H) -> list of float pairs."""
-    width, height = size
-    if not isinstance(points, list | tuple):
-        raise InvalidPointsError("points must be a list of [x, y] pairs")
-    if len(points) > max_points:
-        raise InvalidPointsError(f"{len(points)} points given; at most {max_points} allowed")
-    out = []
-    for i, point in enumerate(points):
-        ok = isinstance(point, list | tuple) and len(point) == 2
-        ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) for v in point)
-        if not ok:
-            raise InvalidPointsError(f"point {i} is not an [x, y] pair of numbers: {point!r}")
-        x, y = float(point[0]), float(point[1])
-        if not (math.isfinite(x) and math.isfinite(y)):
-            raise InvalidPointsError(f"point {i} is not finite: {point!r}")
-        if not (-0.5 <= x <= width - 0.5 and -0.5 <= y <= height - 0.5):
-            raise InvalidPointsError(
-                f"point {i} ({x}, {y}) is outside the {width}x{height} source image"
-            )
-        out.append([x, y])
-    return out
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CLEANDIFT_", extra="ignore")
+    # Empty variables count as unset (compose and k8s often pass VAR="" for "default").
+    model_config = SettingsConfigDict(
+        env_prefix="CLEANDIFT_", extra="ignore", env_ignore_empty=True
+    )
 
     # Model
     model: str | None = Field(

@@ -17,10 +17,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from cleandift.extractor import InvalidSizeError, check_size
+from cleandift.contract import (
+    InvalidPointsError,
+    InvalidSizeError,
+    UnknownLayerError,
+    check_size,
+    validate_layers,
+    validate_points,
+)
 from cleandift.images import ImageError, decode_image, resize_rgb
-from cleandift.layers import UnknownLayerError, validate_layers
-from cleandift.matching import InvalidPointsError, validate_points
 from cleandift.settings import Settings
 
 from .problems import Problem, describe_validation

@@ -82,16 +82,16 @@ def watcher(settings: Settings, holder, metrics, client):
 
 
 def run_worker(settings: Settings) -> None:
-    from prometheus_client import start_http_server
+    from .worker_http import serve_worker_http
 
     if not settings.redis_url:
         raise SystemExit("the worker needs a Redis URL (CLEANDIFT_REDIS_URL or REDIS_URL)")
     worker = build_worker(settings)
     if settings.worker_metrics_port:
         try:
-            start_http_server(settings.worker_metrics_port, registry=worker.metrics.registry)
+            serve_worker_http(settings.worker_metrics_port, worker.metrics.render, worker.ready)
         except OSError as exc:  # metrics still reach the API through heartbeats
-            log.warning("worker metrics port %d unavailable: %s", settings.worker_metrics_port, exc)
+            log.warning("worker port %d unavailable: %s", settings.worker_metrics_port, exc)
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
     worker.run()

