@@ -18,6 +18,7 @@ class LoadResult:
     latencies_s: list[float] = field(default_factory=list)
     statuses: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # transport errors (no HTTP status)
+    retry_after: list[str | None] = field(default_factory=list)  # header of each 429/503
 
     @property
     def ok(self) -> int:
@@ -52,6 +53,8 @@ async def _run(url: str, request: RequestFactory, concurrency: int, total: int,
                     continue
                 result.latencies_s.append(time.perf_counter() - start)
                 result.statuses.append(response.status_code)
+                if response.status_code in (429, 503):
+                    result.retry_after.append(response.headers.get("retry-after"))
 
         start = time.perf_counter()
         await asyncio.gather(*(user() for _ in range(concurrency)))
@@ -85,6 +88,7 @@ def run_load(url: str, request: RequestFactory, *, concurrency: int, total: int,
         merged.latencies_s += part.latencies_s
         merged.statuses += part.statuses
         merged.errors += part.errors
+        merged.retry_after += part.retry_after
     return merged
 
 

@@ -7,6 +7,7 @@ upstream `forward` instead of a copy of it that would drift from diffusers.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -42,29 +43,41 @@ def _as_tensor(output: object) -> torch.Tensor:
     return output.sample  # type: ignore[attr-defined]
 
 
+_active = threading.local()  # this thread's capture: {module id: key}, found, last key
+
+
+def _read_out(module: nn.Module, _inputs: object, output: object) -> None:
+    """One hook on each key module, shared by every capture: it acts only for the capture
+    running in the calling thread, so concurrent forwards on one model never mix."""
+    state = getattr(_active, "capture", None)
+    key = state["targets"].get(id(module)) if state else None
+    if key is None:
+        return
+    state["found"][key] = _as_tensor(output)
+    if key == state["last"]:
+        raise _StopForward
+
+
+def _install(unet: nn.Module) -> None:
+    for path in LAYER_MODULES.values():
+        module = unet.get_submodule(path)
+        if _read_out not in module._forward_hooks.values():
+            module.register_forward_hook(_read_out)
+
+
 @contextmanager
 def capture(unet: nn.Module, keys: list[str]) -> Iterator[dict[str, torch.Tensor]]:
-    """Hooks that store each key's output and stop the forward after the last key."""
+    """Within the block, this thread's forwards of `unet` store each key's output and stop
+    after the last key. Outside it (other threads, backward recomputation) hooks do nothing."""
+    _install(unet)
     found: dict[str, torch.Tensor] = {}
-    last = keys[-1]
-    handles = []
-
-    def make_hook(key: str):
-        def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-            found[key] = _as_tensor(output)
-            if key == last:
-                raise _StopForward
-
-        return hook
-
+    targets = {id(unet.get_submodule(LAYER_MODULES[k])): k for k in keys}
+    previous = getattr(_active, "capture", None)
+    _active.capture = {"targets": targets, "found": found, "last": keys[-1]}
     try:
-        for key in keys:
-            module = unet.get_submodule(LAYER_MODULES[key])
-            handles.append(module.register_forward_hook(make_hook(key)))
         yield found
     finally:
-        for handle in handles:
-            handle.remove()
+        _active.capture = previous
 
 
 def unet_features(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -135,8 +135,10 @@ async def features(
     request: Request,
     settings: SettingsDep,
     broker: BrokerDep,
-    format: Annotated[str | None, Query(description="json, safetensors or npy")] = None,
-    dtype: Annotated[str | None, Query(description="float16 (default) or float32")] = None,
+    format: Annotated[Literal["json", "safetensors", "npy"] | None,
+                      Query(description="the answer's format; else the Accept header")] = None,
+    dtype: Annotated[Literal["float16", "float32"] | None,
+                     Query(description="float16 (default) or float32")] = None,
 ) -> Response:
     fmt = responses.negotiate(format, request.headers.get("accept"))
     model = await served_model(broker)

@@ -100,9 +100,32 @@ def test_blocks_after_the_last_key_never_run(extractor, last):
     assert ran == []
 
 
-def test_capture_removes_its_hooks(extractor):
+def test_capture_is_per_thread_and_installs_one_hook(extractor):
+    import threading
+
     unet = extractor.unet
-    before = len(unet.up_blocks[1]._forward_hooks)
+    latents, t, context = _inputs(unet, n=1)
+    with torch.inference_mode():
+        alone = {k: unet_features(unet, latents, t, context, [k])[k] for k in ("mid", "us9")}
+    results, errors = {}, []
+
+    def run(key):
+        try:
+            with torch.inference_mode():
+                for _ in range(5):
+                    results[key] = unet_features(unet, latents, t, context, [key])[key]
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in ("mid", "us9")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    for key, value in alone.items():
+        torch.testing.assert_close(results[key], value)
+    assert len(unet.up_blocks[1]._forward_hooks) == 1
     with capture(unet, ["us6"]):
-        assert len(unet.up_blocks[1]._forward_hooks) == before + 1
-    assert len(unet.up_blocks[1]._forward_hooks) == before
+        pass
+    assert len(unet.up_blocks[1]._forward_hooks) == 1

@@ -1,0 +1,90 @@
+"""Every kind of bad input gets its API.md status; the service stays ready and a good
+request afterwards returns the same features as before."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.corpus import (
+    animated_gif,
+    cmyk_jpeg,
+    encode,
+    palette_with_transparency,
+    png_bomb,
+    rotated_jpeg,
+    sixteen_bit_png,
+    textured_image,
+)
+from tests.service.service_helpers import running_service
+
+JPEG = encode(textured_image(64, 48, 4), "JPEG")
+PNG = encode(textured_image(64, 48, 4), "PNG")
+
+
+def features(client, data: bytes, content_type="image/jpeg", **fields):
+    return client.post("/features", files={"image": ("f", data, content_type)}, data=fields)
+
+
+def correspond(client, points):
+    return client.post("/correspond", files={"source": ("a", JPEG), "target": ("b", PNG)},
+                       data={"points": points})
+
+
+CASES = {
+    # name: (send, expected status)
+    "zero bytes": (lambda c: features(c, b""), 400),
+    "text": (lambda c: features(c, b"plain text, not an image\n" * 10), 400),
+    "truncated JPEG": (lambda c: features(c, JPEG[: len(JPEG) // 2]), 400),
+    "truncated PNG": (lambda c: features(c, PNG[: len(PNG) // 3]), 400),
+    "PNG bomb 60000x60000": (lambda c: features(c, png_bomb()), 413),
+    "1x1 image": (lambda c: features(c, encode(textured_image(1, 1), "PNG")), 200),
+    "16-bit PNG": (lambda c: features(c, sixteen_bit_png()), 200),
+    "CMYK JPEG": (lambda c: features(c, cmyk_jpeg()), 200),
+    "animated GIF": (lambda c: features(c, animated_gif()), 200),
+    "EXIF-rotated JPEG": (lambda c: features(c, rotated_jpeg()[0]), 200),
+    "palette with transparency": (lambda c: features(c, palette_with_transparency()), 200),
+    "wrong content type": (lambda c: c.post("/features", content=JPEG,
+                                            headers={"content-type": "image/jpeg"}), 415),
+    "body over the limit": (lambda c: c.post("/features", content=b"0" * (33 << 20),
+                                             headers={"content-type": "application/json"}), 413),
+    "malformed JSON": (lambda c: c.post("/features", content=b'{"image": "abc',
+                                        headers={"content-type": "application/json"}), 400),
+    "malformed base64": (lambda c: c.post("/features", json={"image": "@@not base64@@"}), 400),
+    "NaN point": (lambda c: correspond(c, "[[NaN, 3]]"), 422),
+    "point outside the image": (lambda c: correspond(c, "[[10, 480]]"), 422),
+    "too many points": (lambda c: correspond(c, json.dumps([[1, 1]] * 1001)), 422),
+    "malformed points": (lambda c: correspond(c, "[[1, 2], [3]]"), 422),
+    "unknown layer": (lambda c: features(c, JPEG, layers="us6,us11"), 422),
+    "bad size": (lambda c: features(c, JPEG, size="100"), 422),
+    "huge prompt": (lambda c: features(c, JPEG, prompt="x" * 100_000), 422),
+}
+
+
+@pytest.fixture
+def service_client(settings, extractor):
+    with running_service(settings, extractor) as (client, _):
+        yield client
+
+
+def test_bad_inputs_get_their_status_and_change_nothing(service_client, record):
+    client = service_client
+    before = features(client, JPEG, layers="us6").json()["features"]["us6"]["data"]
+    statuses = {}
+    for name, (send, expected) in CASES.items():
+        response = send(client)
+        statuses[name] = response.status_code
+        assert response.status_code == expected, (name, response.text[:300])
+        if expected != 200:
+            assert response.headers["content-type"].startswith("application/problem+json")
+            assert response.json()["status"] == expected
+        assert client.get("/readyz").status_code == 200, f"not ready after {name}"
+    after = features(client, JPEG, layers="us6").json()["features"]["us6"]["data"]
+    assert before == after
+    rotated = features(client, rotated_jpeg()[0]).json()["image"]
+    assert (rotated["width"], rotated["height"]) == rotated_jpeg()[1]
+    record(fault="bad input corpus (22 kinds)", sent=len(CASES),
+           succeeded=sum(s == 200 for s in statuses.values()),
+           refused=sum(s != 200 for s in statuses.values()), errors=0, lost=0,
+           notes="; ".join(f"{k}: {v}" for k, v in statuses.items()))
