@@ -184,3 +184,54 @@ def test_worker_metrics_reach_the_api_with_a_worker_label(settings, extractor, j
     assert metric(text, "cleandift_workers_alive") == 1
     assert metric(text, "cleandift_model_info", name="cleandift-demo", version="demo-seed0") == 1
     assert metric(text, "cleandift_request_seconds_count", route="/features") == 1
+
+
+def test_sigterm_finishes_and_acknowledges_what_the_worker_holds(settings, extractor, jpeg,
+                                                                 demo_dir):
+    env = {**os.environ, "CLEANDIFT_REDIS_URL": settings.redis_url,
+           "CLEANDIFT_QUEUE_PREFIX": settings.queue_prefix, "CLEANDIFT_MODEL": str(demo_dir),
+           "CLEANDIFT_DEVICE": "cpu", "CLEANDIFT_WORKER_ID": "leaver",
+           "CLEANDIFT_MAX_BATCH": "2", "CLEANDIFT_WORKER_METRICS_PORT": "0"}
+    leaver = subprocess.Popen([sys.executable, "-m", "cleandift.cli", "worker"], env=env)
+    keys = Keys(settings.queue_prefix)
+    try:
+        with ApiServer(settings) as api, httpx.Client(base_url=api.url, timeout=60) as client:
+            wait_ready(client, timeout=60)
+            r = redis_client(settings)
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                futures = [pool.submit(post, client, jpeg, size="512") for _ in range(8)]
+                deadline = time.monotonic() + 30
+                while not r.xpending_range(keys.jobs, keys.group, "-", "+", 10, "leaver"):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+                leaver.send_signal(signal.SIGTERM)
+                assert leaver.wait(timeout=60) == 0
+                assert r.xpending_range(keys.jobs, keys.group, "-", "+", 10, "leaver") == []
+                with WorkerThread(settings, extractor) as rescuer:
+                    assert [f.result().status_code for f in futures] == [200] * 8
+                    assert rescuer.worker.metrics.retried._value.get() == 0  # nothing left over
+    finally:
+        if leaver.poll() is None:
+            leaver.kill()
+
+
+def test_worker_http_port_serves_probes_and_metrics(settings, extractor, jpeg):
+    from service.redis_server import free_port
+    from service.worker_http import serve_worker_http
+
+    with running_service(settings, extractor) as (client, threads):
+        worker = threads[0].worker
+        port = free_port()
+        server = serve_worker_http(port, worker.metrics.render, worker.ready, host="127.0.0.1")
+        try:
+            assert post(client, jpeg).status_code == 200
+            base = f"http://127.0.0.1:{port}"
+            assert httpx.get(base + "/healthz").status_code == 200
+            ready = httpx.get(base + "/readyz")
+            assert ready.status_code == 200 and "demo-seed0" in ready.text
+            assert metric(httpx.get(base + "/metrics").text,
+                          "cleandift_images_processed_total") == 1
+            worker.stop()
+            assert httpx.get(base + "/readyz").status_code == 503
+        finally:
+            server.shutdown()
