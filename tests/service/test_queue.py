@@ -72,13 +72,25 @@ def test_two_workers_share_the_load(settings, extractor, jpeg):
     assert sum(done) == 12 and min(done) >= 1, done
 
 
+def worker_process(settings, demo_dir, worker_id: str) -> subprocess.Popen:
+    """A real `cleandift worker` process on this test's queue (batches of 2)."""
+    env = {**os.environ, "CLEANDIFT_REDIS_URL": settings.redis_url,
+           "CLEANDIFT_QUEUE_PREFIX": settings.queue_prefix, "CLEANDIFT_MODEL": str(demo_dir),
+           "CLEANDIFT_DEVICE": "cpu", "CLEANDIFT_WORKER_ID": worker_id,
+           "CLEANDIFT_MAX_BATCH": "2", "CLEANDIFT_WORKER_METRICS_PORT": "0"}
+    return subprocess.Popen([sys.executable, "-m", "cleandift.cli", "worker"], env=env)
+
+
+def wait_until_holding(r, keys: Keys, worker_id: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not r.xpending_range(keys.jobs, keys.group, "-", "+", 10, worker_id):
+        assert time.monotonic() < deadline, f"{worker_id} never held a job"
+        time.sleep(0.01)
+
+
 def test_jobs_of_a_killed_worker_are_rerun_by_another(settings, extractor, jpeg, demo_dir):
     quick = settings.model_copy(update={"visibility_timeout_s": 1.0, "max_batch": 2})
-    env = {**os.environ, "CLEANDIFT_REDIS_URL": quick.redis_url,
-           "CLEANDIFT_QUEUE_PREFIX": quick.queue_prefix, "CLEANDIFT_MODEL": str(demo_dir),
-           "CLEANDIFT_DEVICE": "cpu", "CLEANDIFT_WORKER_ID": "victim",
-           "CLEANDIFT_MAX_BATCH": "2", "CLEANDIFT_WORKER_METRICS_PORT": "0"}
-    victim = subprocess.Popen([sys.executable, "-m", "cleandift.cli", "worker"], env=env)
+    victim = worker_process(quick, demo_dir, "victim")
     keys = Keys(quick.queue_prefix)
     try:
         with ApiServer(quick) as api, httpx.Client(base_url=api.url, timeout=60) as client:
@@ -86,10 +98,7 @@ def test_jobs_of_a_killed_worker_are_rerun_by_another(settings, extractor, jpeg,
             r = redis_client(quick)
             with ThreadPoolExecutor(max_workers=12) as pool:
                 futures = [pool.submit(post, client, jpeg, size="512") for _ in range(12)]
-                deadline = time.monotonic() + 30
-                while not r.xpending_range(keys.jobs, keys.group, "-", "+", 10, "victim"):
-                    assert time.monotonic() < deadline, "the victim never held a job"
-                    time.sleep(0.01)
+                wait_until_holding(r, keys, "victim")
                 victim.send_signal(signal.SIGKILL)
                 victim.wait()
                 held = len(r.xpending_range(keys.jobs, keys.group, "-", "+", 100, "victim"))
@@ -188,11 +197,7 @@ def test_worker_metrics_reach_the_api_with_a_worker_label(settings, extractor, j
 
 def test_sigterm_finishes_and_acknowledges_what_the_worker_holds(settings, extractor, jpeg,
                                                                  demo_dir):
-    env = {**os.environ, "CLEANDIFT_REDIS_URL": settings.redis_url,
-           "CLEANDIFT_QUEUE_PREFIX": settings.queue_prefix, "CLEANDIFT_MODEL": str(demo_dir),
-           "CLEANDIFT_DEVICE": "cpu", "CLEANDIFT_WORKER_ID": "leaver",
-           "CLEANDIFT_MAX_BATCH": "2", "CLEANDIFT_WORKER_METRICS_PORT": "0"}
-    leaver = subprocess.Popen([sys.executable, "-m", "cleandift.cli", "worker"], env=env)
+    leaver = worker_process(settings, demo_dir, "leaver")
     keys = Keys(settings.queue_prefix)
     try:
         with ApiServer(settings) as api, httpx.Client(base_url=api.url, timeout=60) as client:
@@ -200,10 +205,7 @@ def test_sigterm_finishes_and_acknowledges_what_the_worker_holds(settings, extra
             r = redis_client(settings)
             with ThreadPoolExecutor(max_workers=8) as pool:
                 futures = [pool.submit(post, client, jpeg, size="512") for _ in range(8)]
-                deadline = time.monotonic() + 30
-                while not r.xpending_range(keys.jobs, keys.group, "-", "+", 10, "leaver"):
-                    assert time.monotonic() < deadline
-                    time.sleep(0.01)
+                wait_until_holding(r, keys, "leaver")
                 leaver.send_signal(signal.SIGTERM)
                 assert leaver.wait(timeout=60) == 0
                 assert r.xpending_range(keys.jobs, keys.group, "-", "+", 10, "leaver") == []
