@@ -86,6 +86,13 @@ class JobQueue:
                 pipe.publish(job.spec.reply_to, job.spec.id)
         pipe.execute()
 
+    def touch(self, entry_ids: list[str]) -> None:
+        """Reset the idle time of entries this worker still works on, so that only a dead
+        worker's jobs are ever reclaimed (JUSTID: the delivery count does not grow)."""
+        if entry_ids:
+            self.r.xclaim(self.keys.jobs, self.keys.group, self.consumer, 0, entry_ids,
+                          justid=True)
+
     def dead_letter(self, job: Job, reason: str) -> None:
         log.warning("dead-lettering job %s: %s", job.spec.id, reason)
         record = {"job": job.spec.id, "entry": job.entry_id, "reason": reason,

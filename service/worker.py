@@ -45,6 +45,8 @@ class Worker:
         self._core_done = threading.Event()
         self.started_at = time.time()
         self.last_heartbeat = 0.0  # monotonic time of the last heartbeat Redis accepted
+        self._held: set[str] = set()  # entries claimed and not yet answered
+        self._held_lock = threading.Lock()
 
     # -- lifecycle --------------------------------------------------------------------
     def run(self) -> None:
@@ -89,6 +91,8 @@ class Worker:
                 next_reclaim = time.monotonic() + self.settings.visibility_timeout_s / 4
             if not jobs:
                 jobs = self._safe(lambda: self.jobs.claim(self.settings.max_batch, 500), [])
+            with self._held_lock:
+                self._held.update(job.entry_id for job in jobs)
             for batch in collate_requests(self._live(jobs), self.settings.max_batch,
                                           self.settings.max_batch_pixels):
                 self._put(self._pre, execute.prepare(batch, pin))
@@ -152,6 +156,8 @@ class Worker:
         while True:
             try:
                 self.jobs.complete(answers)
+                with self._held_lock:
+                    self._held.difference_update(job.entry_id for job, _ in answers)
                 return
             except redis.RedisError as exc:  # keep the answers until Redis is back
                 if time.monotonic() > deadline:
@@ -205,18 +211,29 @@ class Worker:
         self._safe(lambda: self.jobs.publish_model(info.to_json()))
 
     def _heartbeat_loop(self) -> None:
+        """Keep held jobs fresh (more often than the visibility timeout) and heartbeat."""
+        period = min(self.settings.heartbeat_s, self.settings.visibility_timeout_s / 3)
+        next_beat = 0.0
         while not self._core_done.is_set():
-            info = self.model.current.info
-            beat = {
-                "id": self.jobs.consumer, "pid": os.getpid(), "host": socket.gethostname(),
-                "model": info.name, "version": info.version,
-                "device": str(self.model.current.device), "started_at": self.started_at,
-                "metrics": self.metrics.render().decode(),
-            }
-            if self._safe(lambda b=beat: self.jobs.heartbeat(b, self.settings.worker_ttl_s),
-                          False) is not False:
-                self.last_heartbeat = time.monotonic()
-            self._core_done.wait(self.settings.heartbeat_s)
+            with self._held_lock:
+                held = list(self._held)
+            self._safe(lambda ids=held: self.jobs.touch(ids))
+            if time.monotonic() >= next_beat:
+                self._beat()
+                next_beat = time.monotonic() + self.settings.heartbeat_s
+            self._core_done.wait(period)
+
+    def _beat(self) -> None:
+        info = self.model.current.info
+        beat = {
+            "id": self.jobs.consumer, "pid": os.getpid(), "host": socket.gethostname(),
+            "model": info.name, "version": info.version,
+            "device": str(self.model.current.device), "started_at": self.started_at,
+            "metrics": self.metrics.render().decode(),
+        }
+        if self._safe(lambda: self.jobs.heartbeat(beat, self.settings.worker_ttl_s),
+                      False) is not False:
+            self.last_heartbeat = time.monotonic()
 
     def ready(self) -> tuple[bool, str]:
         """For the worker's /readyz: serving, and Redis heard from recently."""

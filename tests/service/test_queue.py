@@ -237,3 +237,17 @@ def test_worker_http_port_serves_probes_and_metrics(settings, extractor, jpeg):
             assert httpx.get(base + "/readyz").status_code == 503
         finally:
             server.shutdown()
+
+
+def test_long_batches_are_never_taken_from_a_live_worker(settings, extractor, jpeg):
+    """Batches far longer than the visibility timeout: the worker keeps its jobs fresh, so
+    none is reclaimed, run twice or dead-lettered."""
+    slow = settings.model_copy(update={"visibility_timeout_s": 0.6, "max_deliveries": 1,
+                                       "max_batch": 4, "max_size": 1024})
+    with running_service(slow, extractor, workers=2) as (client, threads):
+        responses = parallel(8, lambda: post(client, jpeg, size="1024"))
+        retried = sum(t.worker.metrics.retried._value.get() for t in threads)
+        dead = sum(t.worker.metrics.dead._value.get() for t in threads)
+        images = sum(t.worker.metrics.images._value.get() for t in threads)
+    assert [r.status_code for r in responses] == [200] * 8
+    assert (retried, dead, images) == (0, 0, 8)
