@@ -190,7 +190,7 @@ def service_rows(model_dir: Path, size: int, device: str, quick: bool) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--arch", default="sd21", choices=sorted(ARCHITECTURES))
@@ -202,7 +202,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--phases", default="eager,channels_last,trainer,service,cuda_graphs,"
                         "compile", help="which phases to run, in this order")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     start = time.monotonic()
     arch = ARCHITECTURES[args.arch]
     device = torch.device(args.device)

@@ -50,3 +50,19 @@ def test_load_generator_counts_statuses_over_processes(settings, extractor, phot
         bad = run_load(url, features_request(b"not an image"), concurrency=2, total=4)
     assert result.ok == 10 and len(result.latencies_s) == 10 and result.throughput() > 0
     assert bad.statuses == [400] * 4 and bad.ok == 0
+
+
+def test_gpu_script_runs_its_phases_on_cpu(tmp_path, cache_dir):
+    """bench/gpu.py end to end on the demo architecture (the GPU run uses SD2.1)."""
+    import json
+
+    from bench.gpu import main
+
+    out = tmp_path / "gpu.json"
+    main(["--json", str(out), "--arch", "demo", "--device", "cpu", "--workdir",
+          str(tmp_path / "models"), "--batches", "1,2", "--train-batch", "1", "--quick",
+          "--phases", "eager,trainer"])
+    report = json.loads(out.read_text())
+    assert [r["batch"] for r in report["extractor"]] == [1, 2]
+    assert report["train_once_vs_thrice"] > 0 and "errors" not in report
+    assert report["flops_per_image_tflop"] > 0
