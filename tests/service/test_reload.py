@@ -7,6 +7,7 @@ import gc
 import threading
 import time
 import weakref
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -62,6 +63,23 @@ class Load:
             time.sleep(0.05)
 
 
+@contextmanager
+def watched_service(settings, reg: Path, demo_dir: Path, first_unet: Path, poll_s: float):
+    """v1 published, then the service serving REG/m and following it."""
+    publish(reg, first_unet, demo_dir)
+    watched = settings.model_copy(update={"model": str(reg / "m"), "reload_poll_s": poll_s})
+    with running_service(watched, load_extractor(reg / "m")) as (client, threads):
+        yield client, threads
+
+
+def serve_until(client: httpx.Client, image: bytes, version: str, timeout: float = 20) -> None:
+    """Send requests until one is answered by `version` (swaps happen between batches)."""
+    deadline = time.monotonic() + timeout
+    while client.post("/features", files={"image": ("x.png", image)}).json()[
+            "model_version"] != version:
+        assert time.monotonic() < deadline, f"never served {version}"
+
+
 def versions_in_order(seen):
     order = []
     for _, version in seen:
@@ -74,9 +92,7 @@ def test_new_versions_switch_once_and_broken_ones_are_refused(
     settings, extractor, demo_dir, unet_files, tmp_path, photo
 ):
     reg = tmp_path / "reg"
-    publish(reg, unet_files[0], demo_dir)
-    watched = settings.model_copy(update={"model": str(reg / "m"), "reload_poll_s": 0.2})
-    with running_service(watched, load_extractor(reg / "m")) as (client, threads):
+    with watched_service(settings, reg, demo_dir, unet_files[0], 0.2) as (client, _):
         load = Load(client, encode(photo, "PNG"))
         load.thread.start()
         load.wait_for("v1")
@@ -101,9 +117,7 @@ def test_old_weights_are_freed_and_promote_rolls_back(
     settings, extractor, demo_dir, unet_files, tmp_path, photo
 ):
     reg = tmp_path / "reg"
-    publish(reg, unet_files[0], demo_dir)
-    watched = settings.model_copy(update={"model": str(reg / "m"), "reload_poll_s": 0.1})
-    with running_service(watched, load_extractor(reg / "m")) as (client, threads):
+    with watched_service(settings, reg, demo_dir, unet_files[0], 0.1) as (client, threads):
         holder = threads[0].worker.model
         image = encode(photo, "PNG")
         old = []
@@ -119,28 +133,19 @@ def test_old_weights_are_freed_and_promote_rolls_back(
         assert all(ref() is None for ref in old), "replaced models must be freed"
         assert holder.current.info.version == "v5"
         registry.promote(reg, "m", "v2")
-        deadline = time.monotonic() + 20
-        while client.post("/features", files={"image": ("x.png", image)}).json()[
-                "model_version"] != "v2":
-            assert time.monotonic() < deadline
+        serve_until(client, image, "v2")
 
 
 def test_the_trainers_announcement_triggers_the_reload(
     settings, extractor, demo_dir, unet_files, tmp_path, photo, redis_url
 ):
     reg = tmp_path / "reg"
-    publish(reg, unet_files[0], demo_dir)
-    # Polling is too slow to matter here: only the Redis message can explain a quick swap.
-    watched = settings.model_copy(update={"model": str(reg / "m"), "reload_poll_s": 120})
     channel = registry.announce_channel(settings.queue_prefix)
-    with running_service(watched, load_extractor(reg / "m")) as (client, threads):
+    # Polling is too slow to matter here: only the Redis message can explain a quick swap.
+    with watched_service(settings, reg, demo_dir, unet_files[0], 120) as (client, _):
         time.sleep(0.3)  # let the watcher subscribe
         publish(reg, unet_files[1], demo_dir, redis_url=redis_url, channel=channel)
-        image = encode(photo, "PNG")
-        deadline = time.monotonic() + 20
-        while client.post("/features", files={"image": ("x.png", image)}).json()[
-                "model_version"] != "v2":
-            assert time.monotonic() < deadline
+        serve_until(client, encode(photo, "PNG"), "v2")
 
 
 def test_publish_command_checks_the_file_against_its_base(demo_dir, unet_files, tmp_path,
