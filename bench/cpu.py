@@ -41,7 +41,7 @@ DESCRIPTIONS = {
 def bench_images(n: int, size: tuple[int, int] = (320, 240)):
     import numpy as np
 
-    from trainer.synthetic import synthetic_image  # photo-like content, no dataset needed
+    from cleandift.trainer.synthetic import synthetic_image  # photo-like content, no dataset needed
 
     rng = np.random.default_rng(0)
     return [synthetic_image(max(size), rng)[0].resize(size) for _ in range(n)]
@@ -76,7 +76,7 @@ def run_bench(model: str | None, quick: bool) -> dict[str, float]:
     ex = load_extractor(model, device="cpu", cache_dir=settings.cache_dir)
     images = bench_images(16)
     raw = measure.raw_throughput(ex, images, [1, 2, 4, 8] if quick else [1, 2, 4, 8, 16], repeats)
-    best_batch = max(raw, key=raw.get)
+    best_batch = max(raw, key=lambda b: raw[b])
     steps = [
         ("clean vs DIFT", lambda: measure.clean_vs_dift(ex, images, repeats)),
         ("truncation", lambda: measure.truncation(ex, images, 4, repeats)),

@@ -14,7 +14,9 @@ import io
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -96,16 +98,16 @@ def extractor_rows(ex, variant: str, batches, size, repeats, flops_per_image, pe
 
 
 def trainer_rows(ex, batch: int, size: int, repeats: int) -> dict:
-    from trainer.distill import Student, distill_loss
+    from cleandift.trainer.distill import Student, distill_loss
 
     cuda = ex.device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     teacher = copy.deepcopy(ex.unet).to(dtype)
     with torch.no_grad():
         pixels = torch.randn(batch, 3, size, size, device=ex.device, dtype=ex.dtype)
-        x0 = (ex.vae.encode(pixels).latent_dist.mean * 0.18215).to(dtype)
+        x0 = (ex.vae.encode(pixels).latent_dist.mean * ex.vae.config.scaling_factor).to(dtype)
     context = ex.prompts("").to(dtype).expand(batch, -1, -1)
-    out = {}
+    out: dict[str, Any] = {}
     for thrice in (False, True):
         student = Student(copy.deepcopy(ex.unet).float().requires_grad_(True),
                           {k: v.channels for k, v in ex.info.layers.items()}).to(ex.device)
@@ -129,7 +131,7 @@ def trainer_rows(ex, batch: int, size: int, repeats: int) -> dict:
         except torch.cuda.OutOfMemoryError:  # the reference's 3x batch may not fit
             optimizer.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
-            student.unet.enable_gradient_checkpointing()
+            student.unet.enable_gradient_checkpointing()  # type: ignore[operator]
             out[f"train_grad_checkpointing_{key}"] = True
             torch.cuda.reset_peak_memory_stats(ex.device)
             seconds = timed(step, ex.device, repeats)
@@ -164,7 +166,7 @@ def service_rows(model_dir: Path, size: int, device: str, quick: bool) -> dict:
     processes enough that the load generator is not what is measured."""
     import numpy as np
 
-    from trainer.synthetic import synthetic_image
+    from cleandift.trainer.synthetic import synthetic_image
 
     image = synthetic_image(size, np.random.default_rng(0))[0]
     buf = io.BytesIO()
@@ -234,13 +236,17 @@ def main(argv: list[str] | None = None) -> None:
     save("setup")
 
     def extractor_phase(variant: str) -> None:
+        if variant == "channels_last":
+            channels_last(ex.vae, ex.unet)
+        if variant == "compile":
+            compile_blocks(ex.unet)
+            compile_blocks(ex.vae)
         report["extractor"] += extractor_rows(ex, variant, batches, arch.input_size, repeats,
                                               flops, peak)
 
-    phases = [
+    phases: list[tuple[str, Callable[[], object]]] = [
         ("eager (SDPA)", lambda: extractor_phase("eager")),
-        ("channels_last", lambda: (channels_last(ex.vae, ex.unet),
-                                   extractor_phase("channels_last"))),
+        ("channels_last", lambda: extractor_phase("channels_last")),
         ("trainer", lambda: report.update(trainer_rows(ex, args.train_batch, arch.input_size,
                                                        2 if args.quick else 3))),
         ("service", lambda: report.update(service_rows(model_dir, arch.input_size, args.device,
@@ -248,8 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     if device.type == "cuda":
         phases.append(("cuda_graphs", lambda: extractor_phase("cuda_graphs")))
-        phases.append(("compile", lambda: (compile_blocks(ex.unet), compile_blocks(ex.vae),
-                                           extractor_phase("compile"))))
+        phases.append(("compile", lambda: extractor_phase("compile")))
     wanted = args.phases.split(",")
     phases = [p for p in phases if p[0].split(" ")[0] in wanted]
     for name, run in phases:

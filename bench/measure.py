@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import functools
 import json
 import statistics
 import time
@@ -12,15 +13,19 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.numpy import load as load_safetensors
 from torch.utils.flop_counter import FlopCounterMode
 
-from cleandift.extractor import DIFT_TIMESTEP, Extractor
-from cleandift.layers import LAYER_KEYS, unet_features
-from service.execute import little_endian_bytes
-from service.protocol import Result
-from service.responses import features_response
-from trainer.distill import Student, distill_loss
+from cleandift.extractor import Extractor
+from cleandift.layers import unet_features
+from cleandift.method import DIFT_TIMESTEP, LAYER_KEYS
+from cleandift.service.api.responses import features_response
+from cleandift.service.messages import LayerMeta, Result, ResultMeta
+from cleandift.service.worker.stages import little_endian_bytes
+from cleandift.trainer.distill import Student, distill_loss
+
+Images = list[Image.Image]
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -38,7 +43,8 @@ def paired_ratio(fast: Callable[[], object], slow: Callable[[], object], repeats
     """median time of `slow` / median time of `fast`, timed alternately so that drift in
     the machine's load hits both alike."""
     fast(), slow()  # warm-up
-    a, b = [], []
+    a: list[float] = []
+    b: list[float] = []
     for _ in range(repeats):
         for fn, times in ((fast, a), (slow, b)):
             start = time.perf_counter()
@@ -53,17 +59,19 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def raw_throughput(ex: Extractor, images, batch_sizes, repeats: int) -> dict[int, float]:
+def raw_throughput(ex: Extractor, images: Images, batch_sizes: list[int],
+                   repeats: int) -> dict[int, float]:
     """Images/s of the extractor alone (resize + forward + copy out), per batch size."""
-    return {b: b / median_time(lambda b=b: ex.extract(images[:b]), repeats) for b in batch_sizes}
+    return {b: b / median_time(functools.partial(ex.extract, images[:b]), repeats)
+            for b in batch_sizes}
 
 
-def clean_vs_dift(ex: Extractor, images, repeats: int) -> dict[str, float]:
+def clean_vs_dift(ex: Extractor, images: Images, repeats: int) -> dict[str, float]:
     """Throughputs each at its best batch size (a DIFT image is already 8 UNet samples)."""
-    clean = min(median_time(lambda b=b: ex.extract(images[:b], ["us6"]), repeats) / b
+    clean = min(median_time(functools.partial(ex.extract, images[:b], ["us6"]), repeats) / b
                 for b in (1, 2, 4))
-    dift = min(median_time(lambda b=b: ex.extract(images[:b], ["us6"], mode="dift",
-                                                  seeds=list(range(b))), repeats) / b
+    dift = min(median_time(functools.partial(ex.extract, images[:b], ["us6"], mode="dift",
+                                             seeds=list(range(b))), repeats) / b
                for b in (1, 2))
     pixels = ex.preprocess(images[:1])
     clean_flops = count_flops(lambda: ex.features(pixels, ["us6"]))
@@ -87,7 +95,7 @@ def truncation(ex: Extractor, images, batch: int, repeats: int) -> dict[str, flo
     """UNet time to read us6 with the early stop vs a full UNet pass."""
     with torch.inference_mode():
         latents = ex.vae.encode(ex.preprocess(images[:batch])).latent_dist.mean
-    t = torch.full((batch,), 261.0)
+    t = torch.full((batch,), ex.info.student_timestep)
     context = ex.prompts("").expand(batch, -1, -1)
 
     @torch.inference_mode()
@@ -107,20 +115,21 @@ def truncation(ex: Extractor, images, batch: int, repeats: int) -> dict[str, flo
 def response_formats(ex: Extractor, image, repeats: int) -> dict[str, float]:
     """All 11 layers of one image: JSON (base64) vs safetensors, size and encode+decode."""
     feats = ex.extract([image], list(LAYER_KEYS))[0]
-    result = Result(job_id="bench", model="m", model_version="v", timings_ms={"queue": 0.0})
+    result = Result(ResultMeta(job_id="bench", model="m", model_version="v",
+                               timings_ms={"queue": 0.0}))
     for key, value in feats.items():
         array = value.half().numpy()
-        result.layers[key] = {"shape": list(array.shape), "dtype": "float16"}
+        result.meta.layers[key] = LayerMeta(shape=list(array.shape), dtype="float16")
         result.data[key] = little_endian_bytes(array)
 
     def json_round_trip() -> int:
-        body = json.loads(features_response(result, "json", image.size, 256).body)
+        body = json.loads(bytes(features_response(result, "json", image.size, 256).body))
         for info in body["features"].values():
             np.frombuffer(base64.b64decode(info["data"]), "<f2").reshape(info["shape"])
         return 0
 
     def safetensors_round_trip() -> int:
-        load_safetensors(features_response(result, "safetensors", image.size, 256).body)
+        load_safetensors(bytes(features_response(result, "safetensors", image.size, 256).body))
         return 0
 
     json_bytes = len(features_response(result, "json", image.size, 256).body)
@@ -140,7 +149,8 @@ def train_once_vs_thrice(ex: Extractor, images, batch: int, repeats: int) -> dic
     optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-6,
                                  fused=True)
     with torch.no_grad():
-        x0 = ex.vae.encode(ex.preprocess(images[:batch])).latent_dist.mean * 0.18215
+        latents = ex.vae.encode(ex.preprocess(images[:batch])).latent_dist.mean
+        x0 = latents * ex.vae.config.scaling_factor
     context = ex.prompts("").expand(batch, -1, -1)
 
     def step(thrice: bool) -> None:

@@ -13,7 +13,12 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from service.redis_server import RedisServer, die_with_parent, free_port, start_redis_server
+from cleandift.service.processes.redis_server import (
+    RedisServer,
+    die_with_parent,
+    free_port,
+    start_redis_server,
+)
 
 
 @dataclass

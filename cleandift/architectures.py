@@ -7,7 +7,11 @@ weights, without any download.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+Config = dict[str, Any]
 
 _DOWN = ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
 _UP = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
@@ -28,14 +32,15 @@ class Architecture:
 
     name: str
     input_size: int
-    unet: dict
-    vae: dict
-    text: dict
+    unet: Config
+    vae: Config
+    text: Config
     scheduler_class: str
-    scheduler: dict = field(default_factory=dict)
+    scheduler: Config = field(default_factory=dict)
 
 
-def _unet(channels, heads, cross_dim, sample_size, linear_proj, groups=32, upcast=False):
+def _unet(channels: Sequence[int], heads: Sequence[int], cross_dim: int, sample_size: int,
+          linear_proj: bool, groups: int = 32, upcast: bool = False) -> Config:
     return {
         "sample_size": sample_size,
         "in_channels": 4,
@@ -52,7 +57,7 @@ def _unet(channels, heads, cross_dim, sample_size, linear_proj, groups=32, upcas
     }
 
 
-def _vae(channels, sample_size, groups=32):
+def _vae(channels: Sequence[int], sample_size: int, groups: int = 32) -> Config:
     return {
         "in_channels": 3,
         "out_channels": 3,
@@ -67,7 +72,8 @@ def _vae(channels, sample_size, groups=32):
     }
 
 
-def _text(hidden, layers, heads, vocab=49408, act="gelu"):
+def _text(hidden: int, layers: int, heads: int, vocab: int = 49408,
+          act: str = "gelu") -> Config:
     return {
         "vocab_size": vocab,
         "hidden_size": hidden,

@@ -7,15 +7,37 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .extractor import Extractor
+    from .settings import Settings
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"cleandift {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """CleanDIFT features and correspondences: core commands, the service and the trainer."""
 
 ModelOpt = Annotated[
     str | None,
@@ -27,46 +49,46 @@ DtypeOpt = Annotated[str | None, typer.Option(help="float16, bfloat16, float32; 
 SizeOpt = Annotated[int | None, typer.Option(help="model input side in px (multiple of 64)")]
 
 
-def settings_with(**overrides):
-    """Settings from the environment, with the CLI flags that were given on top."""
+def settings_with(**overrides: Any) -> Settings:
+    """Settings from the environment, with the CLI flags that were given on top; a bad
+    value ends the command with the setting's name and exit code 2."""
+    from pydantic import ValidationError
+
     from .settings import Settings
 
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        typer.echo(f"error: invalid settings: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
-def _load(model, unet, device, dtype):
+def _load(model: str | None, unet: Path | None, device: str | None,
+          dtype: str | None) -> tuple[Extractor, Settings]:
     from .loading import ModelLoadError, load_extractor
 
     settings = settings_with(model=model, unet=unet, device=device, dtype=dtype)
     typer.echo(f"loading {settings.model or 'the demo model'} …", err=True)
     try:
-        return load_extractor(
-            settings.model,
-            unet=settings.unet,
-            device=settings.device,
-            dtype=settings.dtype,
-            cache_dir=settings.cache_dir,
-        ), settings
+        return load_extractor(**settings.extractor_args()), settings  # type: ignore[arg-type]
     except ModelLoadError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
 
 
 @contextmanager
-def user_errors():
+def user_errors() -> Iterator[None]:
     """Bad arguments end the command with a message and exit code 2, not a traceback."""
-    from .extractor import InvalidSizeError
-    from .layers import UnknownLayerError
-    from .matching import InvalidPointsError
+    from .contract import RequestError
 
     try:
         yield
-    except (json.JSONDecodeError, InvalidSizeError, UnknownLayerError, InvalidPointsError) as exc:
+    except (json.JSONDecodeError, RequestError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
 
 
-def _read_image(path: Path, settings):
+def _read_image(path: Path, settings: Settings) -> Image.Image:
     from .images import ImageError, decode_image
 
     try:
@@ -99,7 +121,7 @@ def demo_model(
 def info(model: ModelOpt = None, unet: UnetOpt = None, device: DeviceOpt = None) -> None:
     """Print the model description (the body of GET /v1/models) as JSON."""
     extractor, _ = _load(model, unet, device, None)
-    typer.echo(json.dumps(extractor.info.to_json(), indent=2))
+    typer.echo(extractor.info.model_dump_json(indent=2))
 
 
 @app.command()
@@ -156,8 +178,8 @@ def correspond(
     device: DeviceOpt = None,
 ) -> None:
     """Match points from SOURCE to TARGET; prints the JSON of POST /correspond."""
+    from .contract import validate_points
     from .matching import correspond as run_match
-    from .matching import validate_points
 
     extractor, settings = _load(model, unet, device, None)
     src, tgt = _read_image(source, settings), _read_image(target, settings)
@@ -222,14 +244,17 @@ def main() -> None:
 
 
 def _register_optional_commands() -> None:
-    """Service and trainer commands live with their packages."""
-    for module in ("service.cli", "trainer.cli", "bench.cli"):
+    """Service, trainer and bench commands live with their packages; a command whose
+    extra is not installed (e.g. `serve` without fastapi) is simply absent."""
+    from importlib import import_module
+
+    for module in ("cleandift.service.cli", "cleandift.trainer.cli", "cleandift.bench.cli"):
         try:
-            __import__(module, fromlist=["register"]).register(app)
+            import_module(module).register(app)
         except ModuleNotFoundError as exc:
-            if exc.name not in (module, module.split(".")[0]):
+            if exc.name is None or exc.name.startswith("cleandift"):
                 raise
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,5 +1,9 @@
 """The request-level rules shared by the core, the CLI and the API: feature keys, input
-sizes and points. Pure Python, no torch, so the API process stays slim.
+sizes, points, and the description of a served model. Pure Python, no torch, so the API
+process stays slim.
+
+Every rule violation is a `RequestError`: the API maps that one class to 422 and the CLI
+to exit code 2, so no caller re-wraps errors one by one.
 """
 
 from __future__ import annotations
@@ -7,35 +11,47 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-# Key -> (dotted module path in UNet2DConditionModel), in execution order.
-LAYER_MODULES: dict[str, str] = {
-    "mid": "mid_block",
-    "us1": "up_blocks.0.resnets.0",
-    "us2": "up_blocks.0.resnets.1",
-    "us3": "up_blocks.0",
-    "us4": "up_blocks.1.attentions.0",
-    "us5": "up_blocks.1.attentions.1",
-    "us6": "up_blocks.1",
-    "us7": "up_blocks.2.attentions.0",
-    "us8": "up_blocks.2.attentions.1",
-    "us9": "up_blocks.2",
-    "us10": "up_blocks.3.attentions.0",
-}
-LAYER_KEYS: tuple[str, ...] = tuple(LAYER_MODULES)
-CORRESPONDENCE_LAYER = "us6"
-SIZE_MULTIPLE = 64
+from pydantic import BaseModel, ConfigDict
+
+from .method import CORRESPONDENCE_LAYER, LAYER_KEYS, LAYER_MODULES, SIZE_MULTIPLE, STUDENT_TIMESTEP
 
 
-class UnknownLayerError(ValueError):
+class RequestError(ValueError):
+    """A request parameter breaks a rule of the contract (HTTP 422, CLI exit 2)."""
+
+
+class UnknownLayerError(RequestError):
     """A requested feature key is not one of the 11 public keys."""
 
 
-class InvalidSizeError(ValueError):
+class InvalidSizeError(RequestError):
     pass
 
 
-class InvalidPointsError(ValueError):
+class InvalidPointsError(RequestError):
     pass
+
+
+class LayerInfo(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    channels: int
+    stride: int  # input pixels per feature cell, at the model's input size
+
+
+class ModelInfo(BaseModel):
+    """What clients see of the served model (GET /v1/models); it also travels in Redis."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    version: str
+    base: str
+    input_size: int
+    default_layers: list[str]
+    correspondence_layer: str = CORRESPONDENCE_LAYER
+    layers: dict[str, LayerInfo]
+    student_timestep: float = STUDENT_TIMESTEP
 
 
 def validate_layers(layers: Iterable[str] | None, default: Iterable[str]) -> list[str]:
@@ -73,7 +89,10 @@ def validate_points(points: object, size: tuple[int, int], max_points: int) -> l
         ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) for v in point)
         if not ok:
             raise InvalidPointsError(f"point {i} is not an [x, y] pair of numbers: {point!r}")
-        x, y = float(point[0]), float(point[1])
+        try:
+            x, y = float(point[0]), float(point[1])
+        except OverflowError as exc:  # a 400-digit integer
+            raise InvalidPointsError(f"point {i} is out of range: {point!r}") from exc
         if not (math.isfinite(x) and math.isfinite(y)):
             raise InvalidPointsError(f"point {i} is not finite: {point!r}")
         if not (-0.5 <= x <= width - 0.5 and -0.5 <= y <= height - 0.5):

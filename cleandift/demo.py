@@ -12,17 +12,17 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .architectures import ARCHITECTURES, Architecture
 from .hf import quiet_progress_bars
-from .layers import CORRESPONDENCE_LAYER
+from .method import CORRESPONDENCE_LAYER, STUDENT_TIMESTEP
 from .prompts import EMPTY_PROMPT_FILE, PromptEncoder
 
 log = logging.getLogger(__name__)
 METADATA_FILE = "cleandift.json"
-DEFAULT_STUDENT_TIMESTEP = 261.0
 
 
 def _byte_vocab() -> dict[str, int]:
@@ -60,7 +60,7 @@ def _write_tokenizer(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
-def _model_index(arch: Architecture) -> dict:
+def _model_index(arch: Architecture) -> dict[str, Any]:
     return {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": "0.30.0",
@@ -90,9 +90,11 @@ def write_model(arch: Architecture, out_dir: Path, *, seed: int = 0,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=False)
     torch.manual_seed(seed)
+    modules: list[tuple[Any, str, dict[str, Any]]] = [
+        (UNet2DConditionModel, "unet", arch.unet), (AutoencoderKL, "vae", arch.vae)]
     with torch.device(device):
-        UNet2DConditionModel(**arch.unet).half().save_pretrained(out_dir / "unet")
-        AutoencoderKL(**arch.vae).half().save_pretrained(out_dir / "vae")
+        for cls, folder, config in modules:
+            cls(**config).half().save_pretrained(out_dir / folder)
     vocab = _byte_vocab()
     text_config = CLIPTextConfig(
         **arch.text,
@@ -101,8 +103,8 @@ def write_model(arch: Architecture, out_dir: Path, *, seed: int = 0,
         pad_token_id=vocab["<|endoftext|>"],
     )
     with torch.device(device):
-        text_encoder = CLIPTextModel(text_config).eval()
-    text_encoder.half().save_pretrained(out_dir / "text_encoder")
+        text_encoder: Any = CLIPTextModel(text_config)
+    text_encoder.eval().half().save_pretrained(out_dir / "text_encoder")
     _write_tokenizer(out_dir / "tokenizer")
     scheduler_cls = getattr(diffusers, arch.scheduler_class)
     scheduler_cls(**arch.scheduler).save_pretrained(out_dir / "scheduler")
@@ -110,7 +112,7 @@ def write_model(arch: Architecture, out_dir: Path, *, seed: int = 0,
     metadata = {
         "name": arch.name,
         "input_size": arch.input_size,
-        "student_timestep": DEFAULT_STUDENT_TIMESTEP,
+        "student_timestep": STUDENT_TIMESTEP,
         "default_layers": [CORRESPONDENCE_LAYER],
         "correspondence_layer": CORRESPONDENCE_LAYER,
         "version": f"demo-seed{seed}",
@@ -118,9 +120,10 @@ def write_model(arch: Architecture, out_dir: Path, *, seed: int = 0,
     }
     (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
 
-    def load_text():
+    def load_text() -> tuple[Any, torch.nn.Module]:
         tokenizer = CLIPTokenizer.from_pretrained(out_dir / "tokenizer")
-        return tokenizer, CLIPTextModel.from_pretrained(out_dir / "text_encoder").float()
+        encoder: Any = CLIPTextModel.from_pretrained(out_dir / "text_encoder")
+        return tokenizer, encoder.float()
 
     encoder = PromptEncoder(
         load_text,

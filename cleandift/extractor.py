@@ -4,64 +4,47 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from PIL import Image
 from torch import nn
 
-from .contract import InvalidSizeError, check_size  # noqa: F401  (re-exported)
+from .contract import ModelInfo, check_size, validate_layers
 from .images import resize_rgb, to_pixels
-from .layers import LayerInfo, probe_layers, unet_features, validate_layers
+from .layers import probe_layers, unet_features
+from .method import CORRESPONDENCE_LAYER, DIFT_ENSEMBLE, DIFT_TIMESTEP, MODES, STUDENT_TIMESTEP
 from .prompts import PromptEncoder
-
-DIFT_TIMESTEP = 261
-DIFT_ENSEMBLE = 8
-MODES = ("clean", "dift")
-
-
-@dataclass
-class ModelInfo:
-    """What clients see of the served model (GET /v1/models)."""
-
-    name: str
-    version: str
-    base: str
-    input_size: int
-    default_layers: list[str]
-    correspondence_layer: str
-    layers: dict[str, LayerInfo]
-    student_timestep: float = 261.0
-    extra: dict = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        data = asdict(self)
-        data.pop("extra")
-        return data
 
 
 class Extractor:
-    """One loaded model: VAE encoder, UNet (student or base) and the text conditioning."""
+    """One loaded model: VAE encoder, UNet (student or base) and the text conditioning.
+
+    The diffusers modules are typed `Any`: diffusers ships no type information for their
+    configs and outputs, and we read both.
+    """
 
     def __init__(
         self,
         *,
-        vae: nn.Module,
-        unet: nn.Module,
-        noise_scheduler: object,
+        vae: Any,
+        unet: Any,
+        noise_scheduler: Any,
         prompts: PromptEncoder,
         info: ModelInfo,
         device: torch.device,
         dtype: torch.dtype,
         load_base_unet: Callable[[], nn.Module] | None = None,
     ) -> None:
-        self.vae, self.unet, self.noise_scheduler = vae, unet, noise_scheduler
+        self.vae: Any = vae
+        self.unet: Any = unet
+        self.noise_scheduler: Any = noise_scheduler
         self.prompts, self.info = prompts, info
         self.device, self.dtype = device, dtype
         self._load_base_unet = load_base_unet
         self._base_unet: nn.Module | None = None if load_base_unet else unet
         self._lock = threading.Lock()
-        self.latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.latent_factor: int = 2 ** (len(vae.config.block_out_channels) - 1)
 
     # -- stages -----------------------------------------------------------------------
     def preprocess(self, images: Sequence[Image.Image], size: int | None = None) -> torch.Tensor:
@@ -103,7 +86,7 @@ class Extractor:
         layers: Sequence[str] | None = None,
         size: int | None = None,
         prompt: str = "",
-        **kwargs,
+        **kwargs: Any,
     ) -> list[dict[str, torch.Tensor]]:
         """All images in one batch -> one {key: [C, h, w]} dict per image, on the CPU."""
         batch = self.features(self.preprocess(images, size), layers, prompt, **kwargs)
@@ -118,17 +101,19 @@ class Extractor:
                 self._base_unet = self._load_base_unet()
             return self._base_unet
 
-    def _dift(self, posterior, scale, keys, context, t, ensemble, seeds):
+    def _dift(self, posterior: Any, scale: float, keys: list[str], context: torch.Tensor,
+              t: int, ensemble: int, seeds: Sequence[int] | None) -> dict[str, torch.Tensor]:
         """DIFT: average the features of `ensemble` noisy copies at timestep t.
 
         Each image is encoded once; members resample the latent posterior and the noise,
         which is the distribution of the reference's `ensemble` separate encodes.
         """
         n = posterior.mean.shape[0]
-        seeds = list(seeds) if seeds is not None else [None] * n
+        per_image: list[int | None] = list(seeds) if seeds is not None else [None] * n
         latents, noise = [], []
         for i in range(n):
-            gen = torch.Generator().manual_seed(seeds[i]) if seeds[i] is not None else None
+            seed = per_image[i]
+            gen = torch.Generator().manual_seed(seed) if seed is not None else None
             shape = (ensemble, *posterior.mean.shape[1:])
             eps_z = torch.randn(shape, generator=gen).to(self.device, self.dtype)
             latents.append((posterior.mean[i] + posterior.std[i] * eps_z) * scale)
@@ -137,7 +122,7 @@ class Extractor:
         ts = torch.full((len(latents_b),), t, device=self.device, dtype=torch.long)
         noisy = self.noise_scheduler.add_noise(latents_b, noise_b, ts)
         feats = unet_features(self.base_unet(), noisy, ts, context, keys)
-        return {k: v.unflatten(0, (n, ensemble)).mean(1) for k, v in feats.items()}
+        return {k: v.reshape(n, ensemble, *v.shape[1:]).mean(1) for k, v in feats.items()}
 
     def _t(self, t: float, n: int) -> torch.Tensor:
         return torch.full((n,), float(t), device=self.device, dtype=torch.float32)
@@ -148,14 +133,14 @@ def model_info(
     name: str,
     version: str,
     base: str,
-    unet_config: dict,
+    unet_config: dict[str, Any],
     latent_factor: int,
     input_size: int,
-    metadata: dict,
+    metadata: dict[str, Any],
 ) -> ModelInfo:
     """ModelInfo from the UNet config (layer shapes probed on the meta device)."""
     layers = probe_layers(dict(unet_config), input_size, latent_factor)
-    corr = metadata.get("correspondence_layer", "us6")
+    corr = str(metadata.get("correspondence_layer", CORRESPONDENCE_LAYER))
     return ModelInfo(
         name=name,
         version=version,
@@ -164,5 +149,5 @@ def model_info(
         default_layers=list(metadata.get("default_layers", [corr])),
         correspondence_layer=corr,
         layers=layers,
-        student_timestep=float(metadata.get("student_timestep", 261.0)),
+        student_timestep=float(metadata.get("student_timestep", STUDENT_TIMESTEP)),
     )

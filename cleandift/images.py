@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO")
 
@@ -69,8 +73,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image.load()
-        image = ImageOps.exif_transpose(image)
-        return to_rgb(image)
+        return to_rgb(ImageOps.exif_transpose(image))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise UndecodableImageError(f"the image data is corrupt or truncated: {exc}") from exc
 
@@ -99,7 +102,7 @@ def resize_rgb(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(resized, dtype=np.uint8)
 
 
-def to_pixels(arrays: list[np.ndarray]):
+def to_pixels(arrays: list[np.ndarray]) -> torch.Tensor:
     """uint8 HWC arrays (same size) -> float tensor NCHW in [-1, 1]."""
     import torch  # here, so that decoding (the API's part) needs no torch
 

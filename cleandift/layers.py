@@ -11,50 +11,46 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from .contract import (  # noqa: F401  (re-exported: the public names of this module)
-    CORRESPONDENCE_LAYER,
-    LAYER_KEYS,
-    LAYER_MODULES,
-    UnknownLayerError,
-    validate_layers,
-)
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    channels: int
-    stride: int  # input pixels per feature cell, at the model's input size
+from .contract import LayerInfo, validate_layers
+from .method import LAYER_KEYS, LAYER_MODULES
 
 
 class _StopForward(Exception):
     """Raised from the hook of the last requested key to end the UNet forward there."""
 
 
-def _as_tensor(output: object) -> torch.Tensor:
+def _as_tensor(output: Any) -> torch.Tensor:
     # Attention modules return an output object (or a tuple with return_dict=False).
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, tuple):
-        return output[0]
-    return output.sample  # type: ignore[attr-defined]
+    tensor = output if isinstance(output, torch.Tensor) else (
+        output[0] if isinstance(output, tuple) else output.sample)
+    assert isinstance(tensor, torch.Tensor)
+    return tensor
 
 
-_active = threading.local()  # this thread's capture: {module id: key}, found, last key
+@dataclass
+class _Capture:
+    targets: dict[int, str]  # id(module) -> key
+    found: dict[str, torch.Tensor]
+    last: str
+
+
+_active = threading.local()  # .capture: this thread's _Capture, or None
 
 
 def _read_out(module: nn.Module, _inputs: object, output: object) -> None:
     """One hook on each key module, shared by every capture: it acts only for the capture
     running in the calling thread, so concurrent forwards on one model never mix."""
-    state = getattr(_active, "capture", None)
-    key = state["targets"].get(id(module)) if state else None
-    if key is None:
+    state: _Capture | None = getattr(_active, "capture", None)
+    key = state.targets.get(id(module)) if state else None
+    if state is None or key is None:
         return
-    state["found"][key] = _as_tensor(output)
-    if key == state["last"]:
+    state.found[key] = _as_tensor(output)
+    if key == state.last:
         raise _StopForward
 
 
@@ -73,7 +69,7 @@ def capture(unet: nn.Module, keys: list[str]) -> Iterator[dict[str, torch.Tensor
     found: dict[str, torch.Tensor] = {}
     targets = {id(unet.get_submodule(LAYER_MODULES[k])): k for k in keys}
     previous = getattr(_active, "capture", None)
-    _active.capture = {"targets": targets, "found": found, "last": keys[-1]}
+    _active.capture = _Capture(targets, found, keys[-1])
     try:
         yield found
     finally:
@@ -96,12 +92,14 @@ def unet_features(
     return {k: found[k] for k in keys}
 
 
-def probe_layers(unet_config: dict, size: int, vae_scale_factor: int) -> dict[str, LayerInfo]:
+def probe_layers(
+    unet_config: dict[str, Any], size: int, vae_scale_factor: int
+) -> dict[str, LayerInfo]:
     """Channels and stride of every key, from a forward on the meta device (no memory)."""
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(unet_config)
+        unet: Any = UNet2DConditionModel.from_config(unet_config)  # type: ignore[no-untyped-call]
         side = size // vae_scale_factor
         latents = torch.empty(1, unet.config.in_channels, side, side)
         context = torch.empty(1, 1, unet.config.cross_attention_dim)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -18,10 +20,11 @@ from safetensors.torch import load_file
 
 from . import registry
 from .demo import METADATA_FILE, ensure_model
+from .dtypes import torch_dtype
 from .extractor import Extractor, model_info
 from .hf import quiet_progress_bars
 from .prompts import EMPTY_PROMPT_FILE, PromptEncoder
-from .settings import get_settings
+from .settings import default_cache_dir
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -37,18 +40,15 @@ class ResolvedSpec:
     source: str  # diffusers folder or hub id
     is_hub: bool
     unet_file: Path | None = None
-    metadata: dict = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
     name: str = ""
     version: str = "base"
 
 
-def resolve_spec(spec: str | Path | None, cache_dir: Path | None = None) -> ResolvedSpec:
+def resolve_spec(spec: str | Path | None, cache_dir: Path, demo_seed: int = 0) -> ResolvedSpec:
     """Classify a spec; registry versions are checksum-verified here."""
-    settings = get_settings()
-    cache_dir = Path(cache_dir or settings.cache_dir)
     if spec is None or str(spec) == "demo":
-        folder = ensure_model("demo", cache_dir, seed=settings.demo_seed)
-        return _folder_spec(folder)
+        return _folder_spec(ensure_model("demo", cache_dir, seed=demo_seed))
     path = Path(spec).expanduser()
     if path.is_dir() and registry.is_registry_path(path):
         try:
@@ -56,7 +56,7 @@ def resolve_spec(spec: str | Path | None, cache_dir: Path | None = None) -> Reso
             manifest = registry.read_manifest(version_dir, verify=True)
         except registry.RegistryError as exc:
             raise ModelLoadError(str(exc)) from exc
-        base = resolve_spec(manifest["base"], cache_dir)
+        base = resolve_spec(manifest["base"], cache_dir, demo_seed)
         base.unet_file = version_dir / registry.UNET_FILE
         base.metadata = {**base.metadata, **manifest, "registry_dir": str(version_dir)}
         base.name, base.version = manifest["name"], manifest["version"]
@@ -84,7 +84,7 @@ def _folder_spec(folder: Path) -> ResolvedSpec:
     )
 
 
-def _from_pretrained(cls, spec: ResolvedSpec, subfolder: str, **kwargs):
+def _from_pretrained(cls: Any, spec: ResolvedSpec, subfolder: str, **kwargs: Any) -> Any:
     try:
         return cls.from_pretrained(spec.source, subfolder=subfolder, **kwargs)
     except Exception as exc:  # diffusers/hub raise many types; all mean "cannot load"
@@ -125,18 +125,14 @@ def load_unet_state(unet: torch.nn.Module, path: Path) -> dict[str, str]:
     return metadata
 
 
-def pick_device_dtype(device: str | torch.device | None, dtype: str | torch.dtype | None):
+def pick_device_dtype(
+    device: str | torch.device | None, dtype: str | torch.dtype | None
+) -> tuple[torch.device, torch.dtype]:
     """fp16 on CUDA, fp32 on CPU unless asked otherwise (bf16 is opt-in)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
         return dev, torch.float16 if dev.type == "cuda" else torch.float32
-    if isinstance(dtype, str):
-        names = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
-                 "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
-        if dtype not in names:
-            raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
-        dtype = names[dtype]
-    return dev, dtype
+    return dev, torch_dtype(dtype)
 
 
 def load_extractor(
@@ -146,12 +142,14 @@ def load_extractor(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     cache_dir: str | Path | None = None,
+    demo_seed: int = 0,
 ) -> Extractor:
     """Load a model spec (and optionally a flat UNet file on top) into an Extractor."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     quiet_progress_bars()
-    resolved = resolve_spec(spec, Path(cache_dir) if cache_dir else None)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    resolved = resolve_spec(spec, cache, demo_seed)
     dev, dt = pick_device_dtype(device, dtype)
     unet_file = Path(unet) if unet is not None else resolved.unet_file
     student = _from_pretrained(UNet2DConditionModel, resolved, "unet", torch_dtype=dt)
@@ -179,7 +177,7 @@ def load_extractor(
         vae=vae.to(dev).eval().requires_grad_(False),
         unet=student.to(dev).eval().requires_grad_(False),
         noise_scheduler=scheduler,
-        prompts=_prompt_encoder(resolved, dev, dt, cache_dir),
+        prompts=_prompt_encoder(resolved, dev, dt, cache),
         info=info,
         device=dev,
         dtype=dt,
@@ -187,18 +185,23 @@ def load_extractor(
     )
 
 
-def _base_loader(resolved: ResolvedSpec, dev: torch.device, dt: torch.dtype):
-    def load():
+def _base_loader(
+    resolved: ResolvedSpec, dev: torch.device, dt: torch.dtype
+) -> Callable[[], torch.nn.Module]:
+    def load() -> torch.nn.Module:
         from diffusers import UNet2DConditionModel
 
-        unet = _from_pretrained(UNet2DConditionModel, resolved, "unet", torch_dtype=dt)
+        unet: torch.nn.Module = _from_pretrained(UNet2DConditionModel, resolved, "unet",
+                                                 torch_dtype=dt)
         return unet.to(dev).eval().requires_grad_(False)
 
     return load
 
 
-def _prompt_encoder(resolved: ResolvedSpec, dev, dt, cache_dir) -> PromptEncoder:
-    def load_text():
+def _prompt_encoder(
+    resolved: ResolvedSpec, dev: torch.device, dt: torch.dtype, cache_dir: Path
+) -> PromptEncoder:
+    def load_text() -> tuple[Any, torch.nn.Module]:
         from transformers import CLIPTextModel, CLIPTokenizer
 
         tokenizer = _from_pretrained(CLIPTokenizer, resolved, "tokenizer")
@@ -206,7 +209,7 @@ def _prompt_encoder(resolved: ResolvedSpec, dev, dt, cache_dir) -> PromptEncoder
         return tokenizer, encoder.to(dev).eval().requires_grad_(False)
 
     key = hashlib.sha256(resolved.source.encode()).hexdigest()[:16]
-    cache = Path(cache_dir or get_settings().cache_dir) / "prompts" / f"{key}.safetensors"
+    cache = cache_dir / "prompts" / f"{key}.safetensors"
     files = [cache]
     if not resolved.is_hub:
         files.insert(0, Path(resolved.source) / EMPTY_PROMPT_FILE)

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .contract import InvalidPointsError, validate_points  # noqa: F401  (re-exported)
-
 DEFAULT_BUDGET = 1 << 24  # elements held at once in any full-resolution intermediate
 
 
@@ -24,7 +22,7 @@ class Match:
     target: tuple[float, float]
     score: float
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, object]:
         return {"source": list(self.source), "target": list(self.target), "score": self.score}
 
 
@@ -48,7 +46,8 @@ def sample_points(feat: torch.Tensor, points: torch.Tensor, size: tuple[int, int
     return out[0, :, 0].T  # [P, C]
 
 
-def _axis_weights(n_in: int, n_out: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _axis_weights(n_in: int, n_out: int, device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Indices and weights of 1-D bilinear upsampling n_in -> n_out (align_corners=False)."""
     src = ((torch.arange(n_out, device=device, dtype=torch.float64) + 0.5) * n_in / n_out - 0.5)
     src = src.clamp(min=0)
@@ -153,8 +152,8 @@ def mutual_matches(
     mutual = torch.nonzero(ba[ab] == torch.arange(len(a), device=a.device)).flatten()
     order = mutual[score_ab[mutual].argsort(descending=True, stable=True)][:max_matches]
     ab, score_ab = ab.cpu(), score_ab.cpu()
-    src_xy = _cell_centres(*source.shape[1:], source_size)
-    tgt_xy = _cell_centres(*target.shape[1:], target_size)
+    src_xy = _cell_centres(source.shape[1], source.shape[2], source_size)
+    tgt_xy = _cell_centres(target.shape[1], target.shape[2], target_size)
     return [
         Match(tuple(src_xy[i].tolist()), tuple(tgt_xy[ab[i]].tolist()), float(score_ab[i]))
         for i in order.cpu().tolist()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 
-def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
+def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> int:
     """torch.compile the forward of every ResNet and transformer block.
 
     Compiling `forward` (not the module) leaves `__call__` and its hooks eager, so the
@@ -22,10 +24,10 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
             setattr(torch._dynamo.config, name,
                     max(getattr(torch._dynamo.config, name), 2 * len(blocks)))
     for module in blocks:
-        module.forward = torch.compile(module.forward, **compile_kwargs)
+        module.forward = torch.compile(module.forward, **compile_kwargs)  # type: ignore[method-assign]
     return len(blocks)
 
 
 def channels_last(*models: nn.Module) -> None:
     for model in models:
-        model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]

@@ -15,7 +15,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 EMPTY_PROMPT_FILE = "empty_prompt_embeds.safetensors"
-MAX_PROMPT_CHARS = 1000
 
 TextEncoderLoader = Callable[[], tuple[object, torch.nn.Module]]
 
@@ -83,4 +82,5 @@ class PromptEncoder:
             return_tensors="pt",
         ).input_ids
         device = next(encoder.parameters()).device
-        return encoder(ids.to(device))[0].float().cpu()
+        embeds: torch.Tensor = encoder(ids.to(device))[0].float().cpu()
+        return embeds

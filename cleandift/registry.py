@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
@@ -65,11 +66,11 @@ def resolve(path: Path) -> Path:
     return path / version
 
 
-def read_manifest(version_dir: Path, *, verify: bool = True) -> dict:
+def read_manifest(version_dir: Path, *, verify: bool = True) -> dict[str, Any]:
     """The manifest of a version, after checking every file's sha256 when `verify`."""
     version_dir = Path(version_dir)
     try:
-        manifest = json.loads((version_dir / MANIFEST).read_text())
+        manifest: dict[str, Any] = json.loads((version_dir / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise RegistryError(f"unreadable manifest in {version_dir}: {exc}") from exc
     if verify:
@@ -107,7 +108,7 @@ def publish(
     registry: Path,
     name: str,
     files: dict[str, Path],
-    manifest: dict,
+    manifest: dict[str, Any],
     *,
     make_latest: bool = True,
 ) -> tuple[str, Path]:

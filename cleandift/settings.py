@@ -1,18 +1,31 @@
-"""The one configuration object: every tunable, from `CLEANDIFT_*` env vars or CLI flags."""
+"""The one configuration object: every tunable, from `CLEANDIFT_*` env vars or CLI flags.
+
+Values are checked when the object is built (types, ranges, and the rules that tie fields
+together), so a bad deployment fails at start-up with the variable's name, not later.
+The core library never reads it: processes build one and pass the values they need.
+"""
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .dtypes import canonical_dtype
+
+DEVICE_PATTERN = r"^(cpu|mps|cuda(:\d+)?)$"
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "cleandift"
 
 
 class Settings(BaseSettings):
     # Empty variables count as unset (compose and k8s often pass VAR="" for "default").
     model_config = SettingsConfigDict(
-        env_prefix="CLEANDIFT_", extra="ignore", env_ignore_empty=True
+        env_prefix="CLEANDIFT_", extra="ignore", env_ignore_empty=True, validate_default=True
     )
 
     # Model
@@ -21,20 +34,26 @@ class Settings(BaseSettings):
         "the built-in demo model when unset."
     )
     unet: Path | None = Field(None, description="Flat UNet safetensors (e.g. CleanDIFT's).")
-    device: str | None = Field(None, description="cuda, cuda:1, cpu; auto when unset.")
-    dtype: str | None = Field(None, description="float16, bfloat16, float32; auto when unset.")
-    cache_dir: Path = Field(Path.home() / ".cache" / "cleandift")
-    demo_seed: int = 0
+    device: str | None = Field(None, pattern=DEVICE_PATTERN,
+                               description="cpu, cuda, cuda:1, mps; auto when unset.")
+    dtype: Literal["float16", "bfloat16", "float32"] | None = Field(
+        None, description="float16, bfloat16, float32 (fp16/bf16/fp32 accepted); auto when "
+        "unset: float16 on CUDA, float32 elsewhere.")
+    cache_dir: Path = Field(default_factory=default_cache_dir,
+                            description="Demo models and cached prompt embeddings.")
+    demo_seed: int = Field(0, ge=0, description="Weights seed of the built-in demo model.")
 
     # Queue (Redis Streams)
     redis_url: str | None = Field(
-        None, validation_alias=AliasChoices("CLEANDIFT_REDIS_URL", "REDIS_URL")
+        None, validation_alias=AliasChoices("CLEANDIFT_REDIS_URL", "REDIS_URL"),
+        description="The queue; `serve` starts a private redis-server when unset.",
     )
     redis_server: str | None = Field(None, description="redis-server binary for `serve`.")
-    queue_prefix: str = "cleandift"
+    queue_prefix: str = Field("cleandift", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     max_queue: int = Field(256, ge=1, description="Jobs waiting or running before 429.")
-    max_batch: int = Field(16, ge=1)
-    max_batch_pixels: int = Field(16 * 768 * 768, ge=64 * 64)
+    max_batch: int = Field(16, ge=1, description="Images per forward pass at most.")
+    max_batch_pixels: int = Field(16 * 768 * 768, ge=64 * 64,
+                                  description="Input pixels per forward pass at most.")
     request_timeout_s: float = Field(60.0, gt=0, description="Deadline of one request.")
     visibility_timeout_s: float = Field(30.0, gt=0, description="Reclaim pending jobs after.")
     max_deliveries: int = Field(3, ge=1)
@@ -55,8 +74,8 @@ class Settings(BaseSettings):
 
     # Processes
     host: str = "127.0.0.1"
-    port: int = 8000
-    worker_metrics_port: int = Field(9001, ge=0, description="0 disables it.")
+    port: int = Field(8000, ge=0, le=65535)
+    worker_metrics_port: int = Field(9001, ge=0, le=65535, description="0 disables it.")
     worker_id: str | None = None
     workers: int = Field(1, ge=1, description="Workers started by `serve`.")
     api_workers: int = Field(1, ge=1, description="API processes (uvicorn workers).")
@@ -66,8 +85,24 @@ class Settings(BaseSettings):
     )
     reload_poll_s: float = Field(5.0, gt=0, description="Registry LATEST check period.")
 
+    def extractor_args(self) -> dict[str, object]:
+        """The keyword arguments of `load_extractor` that these settings choose."""
+        return {"spec": self.model, "unet": self.unet, "device": self.device,
+                "dtype": self.dtype, "cache_dir": self.cache_dir, "demo_seed": self.demo_seed}
 
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    """Settings of this process, read once (tests build their own Settings instead)."""
-    return Settings()
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, value: object) -> object:
+        return canonical_dtype(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size ({self.min_size}) is above max_size ({self.max_size})")
+        if self.heartbeat_s >= self.worker_ttl_s:
+            raise ValueError(f"heartbeat_s ({self.heartbeat_s}) must be below worker_ttl_s "
+                             f"({self.worker_ttl_s}): workers would flap between dead and alive")
+        if self.result_ttl_s < self.request_timeout_s:
+            raise ValueError(f"result_ttl_s ({self.result_ttl_s}) must be at least "
+                             f"request_timeout_s ({self.request_timeout_s})")
+        return self

@@ -8,6 +8,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -16,9 +17,9 @@ from tqdm import tqdm
 from .extractor import Extractor
 from .images import to_rgb
 from .matching import match_points
+from .method import DIFT_PROMPT
 
 ALPHAS = (0.05, 0.10, 0.15)
-DIFT_PROMPT = "a photo of a {category}"
 
 
 @dataclass(frozen=True)
@@ -78,11 +79,11 @@ class Tally:
                     self.kp[kind, alpha].extend(values)
                     self.img[kind, alpha].append(sum(values) / len(values))
 
-    def report(self) -> dict:
-        def pct(values):
+    def report(self) -> dict[str, Any]:
+        def pct(values: list[bool] | list[float]) -> float | None:
             return round(100.0 * sum(values) / len(values), 2) if values else None
 
-        report: dict = {
+        report: dict[str, Any] = {
             f"pck_{kind}": {
                 f"{alpha:.2f}": {"per_keypoint": pct(self.kp[kind, alpha]),
                                  "per_image": pct(self.img[kind, alpha])}
@@ -97,11 +98,12 @@ class Tally:
 
 def evaluate(extractor: Extractor, pairs: list[Pair], *, mode: str = "clean",
              layer: str | None = None, size: int | None = None,
-             prompt: str | None = None) -> dict:
+             prompt: str | None = None) -> dict[str, Any]:
     """Features of each image once per category (cached), matched per the DIFT protocol."""
     layer = layer or extractor.info.correspondence_layer
     template = prompt if prompt is not None else (DIFT_PROMPT if mode == "dift" else "")
-    overall, per_category = Tally(), defaultdict(Tally)
+    overall: Tally = Tally()
+    per_category: dict[str, Tally] = defaultdict(Tally)
     cache: dict[Path, tuple[torch.Tensor, tuple[int, int]]] = {}
     current = None
     for pair in tqdm(pairs, desc="spair", unit="pair"):
@@ -123,7 +125,9 @@ def evaluate(extractor: Extractor, pairs: list[Pair], *, mode: str = "clean",
     }
 
 
-def _features(extractor, path, cache, layer, size, mode, prompt):
+def _features(extractor: Extractor, path: Path,
+              cache: dict[Path, tuple[torch.Tensor, tuple[int, int]]], layer: str,
+              size: int | None, mode: str, prompt: str) -> tuple[torch.Tensor, tuple[int, int]]:
     if path not in cache:
         with Image.open(path) as image:
             rgb = to_rgb(image.convert("RGB") if image.mode == "P" else image)

@@ -22,7 +22,7 @@ def api(redis_url: RedisOpt = None, host: HostOpt = None, port: PortOpt = None,
         processes: Annotated[int | None, typer.Option(help="API processes (default 1)")] = None,
         ) -> None:
     """Run the HTTP API (FastAPI + uvicorn) in front of the Redis queue."""
-    from .processes import run_api
+    from .processes.launch import run_api
 
     run_api(settings_with(redis_url=redis_url, host=host, port=port, api_key=api_key,
                           api_workers=processes))
@@ -39,7 +39,7 @@ def worker(
     torch_threads: ThreadsOpt = None,
 ) -> None:
     """Run a worker: load the model, take batches from the queue, answer them."""
-    from .processes import run_worker
+    from .processes.launch import run_worker
 
     run_worker(settings_with(model=model, unet=unet, device=device, dtype=dtype,
                              redis_url=redis_url, max_batch=max_batch,
@@ -61,7 +61,7 @@ def serve(
     torch_threads: ThreadsOpt = None,
 ) -> None:
     """All in one: API + worker(s) (+ a private redis-server without REDIS_URL)."""
-    from .processes import run_serve
+    from .processes.launch import run_serve
 
     run_serve(settings_with(model=model, unet=unet, device=device, dtype=dtype,
                             redis_url=redis_url, host=host, port=port, max_batch=max_batch,

@@ -71,6 +71,10 @@ class WorkerMetrics:
         self.model_info = Gauge(f"{PREFIX}_worker_model_info", "Model a worker serves",
                                 ["name", "version"], registry=r)
 
+    def value(self, name: str, **labels: str) -> float:
+        """One sample of this worker's registry by its exposed name (0 when absent)."""
+        return self.registry.get_sample_value(name, labels) or 0.0
+
     def set_model(self, name: str, version: str) -> None:
         self.model_info.clear()
         self.model_info.labels(name=name, version=version).set(1)

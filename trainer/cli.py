@@ -2,53 +2,31 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+from collections.abc import Callable
+from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, get_type_hints
 
 import typer
 
 from cleandift.cli import settings_with
+from cleandift.method import STUDENT_TIMESTEP
+
+from .config import TrainConfig
 
 
-def train(
-    data: Annotated[str, typer.Option(help="image folder, or shards 'dir/{00000..00009}.tar'")],
-    registry: Annotated[Path, typer.Option(help="registry DIR to publish into")],
-    name: Annotated[str, typer.Option(help="model NAME in the registry")],
-    teacher: Annotated[str | None, typer.Option(help="base model spec; the demo model if unset")]
-    = None,
-    steps: int = 400,
-    batch_size: int = 8,
-    lr: float = 1e-5,
-    warmup: Annotated[int, typer.Option(help="linear warm-up steps")] = 2000,
-    size: Annotated[int | None, typer.Option(help="input side; the model's if unset")] = None,
-    precision: Annotated[str, typer.Option(help="bf16 or fp32 (bf16 on GPU only)")] = "bf16",
-    grad_checkpointing: bool = False,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the blocks")] = False,
-    save_every: Annotated[int, typer.Option(help="checkpoint every K steps (0: never)")] = 100,
-    resume: Annotated[bool, typer.Option("--resume", help="continue the latest checkpoint")]
-    = False,
-    seed: int = 0,
-    holdout: Annotated[int, typer.Option(help="held-out images for the fidelity metric")] = 8,
-    output_dir: Annotated[Path | None, typer.Option(help="checkpoints and log.jsonl")] = None,
-) -> None:
+def _train(**options: Any) -> None:
     """Distil a CleanDIFT student from TEACHER and publish it as a new registry version."""
     from cleandift import registry as reg
 
-    from .train import TrainConfig
     from .train import train as run
 
-    if precision not in ("bf16", "fp32"):
-        raise typer.BadParameter("precision must be bf16 or fp32")
     settings = settings_with()
-    cfg = TrainConfig(
-        data=data, registry=registry, name=name, teacher=teacher, steps=steps,
-        batch_size=batch_size, lr=lr, warmup=warmup, size=size, precision=precision,
-        grad_checkpointing=grad_checkpointing, compile=compile, save_every=save_every,
-        resume=resume, seed=seed, holdout=holdout, output_dir=output_dir,
-        cache_dir=settings.cache_dir, redis_url=settings.redis_url,
-        channel=reg.announce_channel(settings.queue_prefix),
-    )
+    cfg = TrainConfig(**options, cache_dir=settings.cache_dir, redis_url=settings.redis_url,
+                      channel=reg.announce_channel(settings.queue_prefix))
     published = run(cfg)
     if published:
         version, path = published
@@ -58,13 +36,40 @@ def train(
             "path": str(path)}, indent=2))
 
 
+def command_from_dataclass(fn: Callable[..., None], config: type) -> Callable[..., None]:
+    """`fn(**options)` with one typer option per CLI field of the dataclass `config`
+    (its type, default and help), so the options are written only in the dataclass."""
+    hints = get_type_hints(config)
+    params, annotations = [], {}
+    for f in fields(config):
+        if not f.metadata.get("cli", True):
+            continue
+        option = typer.Option(help=f.metadata.get("help", ""))
+        kind = Annotated.__class_getitem__((hints[f.name], option))  # type: ignore[attr-defined]
+        default = inspect.Parameter.empty if f.default is MISSING else f.default
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                                        default=default, annotation=kind))
+        annotations[f.name] = kind
+
+    @functools.wraps(fn)
+    def command(**options: Any) -> None:
+        fn(**options)
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = annotations
+    return command
+
+
+train = command_from_dataclass(_train, TrainConfig)
+
+
 def publish(
     registry: Annotated[Path, typer.Option(help="registry DIR")],
     name: Annotated[str, typer.Option(help="model NAME")],
     unet: Annotated[Path | None, typer.Option(help="flat UNet safetensors to publish")] = None,
     base: Annotated[str | None, typer.Option(help="base model spec the UNet belongs to")] = None,
     promote: Annotated[str | None, typer.Option(help="make this existing VERSION LATEST")] = None,
-    student_timestep: float = 261.0,
+    student_timestep: float = STUDENT_TIMESTEP,
 ) -> None:
     """Publish an existing UNet file (e.g. the official CleanDIFT weights), or roll back."""
     from cleandift import registry as reg
@@ -122,6 +127,6 @@ def demo_data(
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(train)
+    app.command("train")(train)
     app.command()(publish)
     app.command("demo-data")(demo_data)

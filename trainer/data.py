@@ -11,7 +11,6 @@ import glob
 import json
 import re
 import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,7 +150,8 @@ class BatchStream:
             return None
 
     def next_batch(self) -> tuple[torch.Tensor, list[str]]:
-        arrays, captions = [], []
+        arrays: list[np.ndarray] = []
+        captions: list[str] = []
         attempts = 0
         while len(arrays) < self.batch_size:
             attempts += 1
@@ -164,7 +164,3 @@ class BatchStream:
                 arrays.append(array)
                 captions.append(record.caption)
         return to_pixels(arrays), captions
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
-        while True:
-            yield self.next_batch()

@@ -11,19 +11,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cleandift.layers import LAYER_KEYS, unet_features
+from cleandift.layers import unet_features
+from cleandift.method import DIFT_TIMESTEP, LAYER_KEYS, STUDENT_TIMESTEP, TRAIN_TIMESTEPS
 
 from .heads import Heads
 
 TIMESTEPS_PER_IMAGE = 3
-TRAIN_TIMESTEPS = 1000
-FIDELITY_TIMESTEPS = (100, 261, 500, 800)
+FIDELITY_TIMESTEPS = (100, DIFT_TIMESTEP, 500, 800)
 
 
 class Student(nn.Module):
     """Everything that trains: the UNet copy, the 11 heads and the student timestep."""
 
-    def __init__(self, unet: nn.Module, channels: dict[str, int], timestep: float = 261.0) -> None:
+    def __init__(self, unet: nn.Module, channels: dict[str, int],
+                 timestep: float = STUDENT_TIMESTEP) -> None:
         super().__init__()
         self.unet = unet
         self.heads = Heads(channels)

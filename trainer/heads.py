@@ -38,6 +38,8 @@ def _zero(linear: nn.Linear) -> nn.Linear:
 class FourierFeatures(nn.Module):
     """Random Fourier features of a scalar; the frequencies are a saved buffer."""
 
+    weight: torch.Tensor
+
     def __init__(self, out_features: int = COND_DIM, std: float = 1.0) -> None:
         super().__init__()
         self.register_buffer("weight", torch.randn(out_features // 2, 1) * std)

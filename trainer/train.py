@@ -10,17 +10,19 @@ import json
 import logging
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from cleandift.extractor import Extractor
 from cleandift.loading import load_extractor
 from cleandift.optimize import compile_blocks
-from cleandift.registry import announce_channel
 
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
 from .data import BatchStream, load_records
 from .distill import (
     FIDELITY_TIMESTEPS,
@@ -36,40 +38,11 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainConfig:
-    data: str
-    registry: Path
-    name: str
-    teacher: str | None = None  # the demo model when unset
-    steps: int = 400
-    batch_size: int = 8
-    lr: float = 1e-5
-    warmup: int = 2000
-    size: int | None = None
-    precision: str = "bf16"  # bf16 | fp32 (bf16 applies on GPU only)
-    grad_checkpointing: bool = False
-    compile: bool = False
-    save_every: int = 100
-    resume: bool = False
-    seed: int = 0
-    holdout: int = 8
-    output_dir: Path | None = None
-    cache_dir: Path | None = None
-    redis_url: str | None = None
-    channel: str = announce_channel("cleandift")
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def run_dir(self) -> Path:
-        return self.output_dir or Path(self.registry) / self.name / ".runs"
-
-
-@dataclass
 class Setup:
     """Everything the loop touches, built once."""
 
-    accelerator: object
-    extractor: object  # teacher side: VAE, frozen UNet, scheduler, prompts
+    accelerator: Any  # accelerate.Accelerator (imported lazily)
+    extractor: Extractor  # teacher side: VAE, frozen UNet, scheduler, prompts
     student: torch.nn.Module
     optimizer: torch.optim.Optimizer
     stream: BatchStream
@@ -176,7 +149,7 @@ def train(cfg: TrainConfig) -> tuple[str, Path] | None:
     bar = tqdm(range(state.step, cfg.steps), initial=state.step, total=cfg.steps,
                desc="distill", unit="step", disable=not main)
     started = time.perf_counter()
-    with open(cfg.run_dir / "log.jsonl", "a") if main else nullcontext() as log_file:
+    with open(cfg.run_dir / "log.jsonl", "a") if main else nullcontext(None) as log_file:
         for step in bar:
             pixels, captions = setup.stream.next_batch()
             lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
@@ -184,7 +157,7 @@ def train(cfg: TrainConfig) -> tuple[str, Path] | None:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", skipped=setup.stream.skipped)
             state = TrainState(step + 1, setup.stream.cursor, setup.stream.skipped,
                                state.fidelity_before)
-            if not main:
+            if log_file is None:  # not the main process
                 continue
             record = {"step": state.step, "loss": loss, "lr": lr, "cos": per_key,
                       "skipped": state.skipped,
@@ -215,7 +188,7 @@ def publish(cfg: TrainConfig, setup: Setup, state: TrainState) -> tuple[str, Pat
         "fidelity": {"before": before.get("per_timestep"), "after": after["per_timestep"]},
         "data": {"source": cfg.data, "skipped": state.skipped},
         "training": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()
-                     if k not in ("redis_url", "extra")},
+                     if k != "redis_url"},
     }
     return publish_weights(cfg.registry, cfg.name, student.unet.state_dict(), manifest,
                            heads_state=heads, redis_url=cfg.redis_url, channel=cfg.channel)

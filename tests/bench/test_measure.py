@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from bench import measure
-from bench.cpu import DESCRIPTIONS, bench_images, table
-from bench.load import features_request, run_load
+from cleandift.bench import measure
+from cleandift.bench.cpu import DESCRIPTIONS, bench_images, table
+from cleandift.bench.load import features_request, run_load
 from tests.corpus import encode
 from tests.service.service_helpers import running_service
 
@@ -42,6 +42,7 @@ def test_table_lists_every_figure():
     assert table(figures).count("\n") == len(DESCRIPTIONS) - 1
 
 
+@pytest.mark.integration
 def test_load_generator_counts_statuses_over_processes(settings, extractor, photo):
     with running_service(settings, extractor) as (client, _):
         url = str(client.base_url)
@@ -56,7 +57,7 @@ def test_gpu_script_runs_its_phases_on_cpu(tmp_path, cache_dir):
     """bench/gpu.py end to end on the demo architecture (the GPU run uses SD2.1)."""
     import json
 
-    from bench.gpu import main
+    from cleandift.bench.gpu import main
 
     out = tmp_path / "gpu.json"
     main(["--json", str(out), "--arch", "demo", "--device", "cpu", "--workdir",

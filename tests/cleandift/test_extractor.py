@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cleandift.extractor import InvalidSizeError, check_size
+from cleandift.contract import InvalidSizeError, check_size
 from cleandift.layers import unet_features
 
 

@@ -2,15 +2,9 @@ import pytest
 import torch
 
 from cleandift.architectures import SD15, SD21
-from cleandift.layers import (
-    LAYER_KEYS,
-    LAYER_MODULES,
-    UnknownLayerError,
-    capture,
-    probe_layers,
-    unet_features,
-    validate_layers,
-)
+from cleandift.contract import UnknownLayerError, validate_layers
+from cleandift.layers import capture, probe_layers, unet_features
+from cleandift.method import LAYER_KEYS, LAYER_MODULES
 
 # METHOD.md: channels and spatial side at s = 768 (SD2.1); sides scale with s.
 METHOD_TABLE = {

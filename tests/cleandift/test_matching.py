@@ -4,13 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cleandift.matching import (
-    InvalidPointsError,
-    match_points,
-    mutual_matches,
-    upsampled_inv_norm,
-    validate_points,
-)
+from cleandift.contract import InvalidPointsError, validate_points
+from cleandift.matching import match_points, mutual_matches, upsampled_inv_norm
 
 
 def reference_match(src, tgt, points, src_size, tgt_size):

@@ -17,8 +17,8 @@ import yaml
 from typer.testing import CliRunner
 
 from cleandift.cli import _register_optional_commands, app
+from cleandift.service.queue.keys import Keys
 from cleandift.settings import Settings
-from service.protocol import Keys
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILES = ["docker-compose.yml", "docker-compose.cpu.yml"]

@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import redis
 
-from bench.load import LoadResult, features_request, run_load
-from service.protocol import Keys
+from cleandift.bench.load import LoadResult, features_request, run_load
+from cleandift.service.queue.keys import Keys
 from tests.corpus import encode, textured_image
 
 IMAGE = encode(textured_image(320, 240, 3), "JPEG")

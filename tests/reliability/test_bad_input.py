@@ -19,6 +19,9 @@ from tests.corpus import (
 )
 from tests.service.service_helpers import running_service
 
+pytestmark = pytest.mark.integration
+
+
 JPEG = encode(textured_image(64, 48, 4), "JPEG")
 PNG = encode(textured_image(64, 48, 4), "PNG")
 

@@ -9,14 +9,17 @@ import sys
 import time
 
 import httpx
+import pytest
 import torch
 from safetensors.torch import save_file
 
-from bench.stack import service_stack
 from cleandift import registry
-from service.redis_server import free_port, start_redis_server
+from cleandift.bench.stack import service_stack
+from cleandift.service.processes.redis_server import free_port, start_redis_server
+from cleandift.trainer.publish import publish_weights
 from tests.reliability.helpers import IMAGE, Background, pending_by_consumer, status, wait_for
-from trainer.publish import publish_weights
+
+pytestmark = pytest.mark.integration
 
 
 def test_sigkilled_worker_loses_no_request(demo_dir, record):
@@ -102,7 +105,8 @@ def test_corrupt_version_is_refused_while_serving(demo_dir, extractor, tmp_path,
 PUBLISHER = """
 import sys
 from pathlib import Path
-from trainer.publish import publish_weights
+
+from cleandift.trainer.publish import publish_weights
 publish_weights(Path(sys.argv[1]), "m", Path(sys.argv[2]), {"base": "demo"})
 """
 

@@ -11,6 +11,9 @@ from hypothesis import HealthCheck, given, settings
 
 from tests.service.service_helpers import running_service
 
+pytestmark = pytest.mark.integration
+
+
 schemathesis = pytest.importorskip("schemathesis")
 EXAMPLES_PER_OPERATION = 25
 

@@ -4,11 +4,14 @@ resident memory of the API and the worker stays flat over a bounded soak."""
 from __future__ import annotations
 
 import httpx
+import pytest
 
-from bench.load import features_request, run_load
-from bench.stack import service_stack
+from cleandift.bench.load import features_request, run_load
+from cleandift.bench.stack import service_stack
 from tests.reliability.helpers import IMAGE, rss_mib
 from tests.service.service_helpers import metric, wait_metric
+
+pytestmark = pytest.mark.integration
 
 
 def test_overload_sheds_with_429_and_loses_nothing(demo_dir, record):

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from cleandift.service.processes.redis_server import start_redis_server
 from cleandift.settings import Settings
-from service.redis_server import start_redis_server
 from tests.service.service_helpers import running_service
 
 

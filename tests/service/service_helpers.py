@@ -13,10 +13,10 @@ import torch
 import uvicorn
 
 from cleandift.images import decode_image, resize_rgb, to_pixels
+from cleandift.service.api.app import create_app
+from cleandift.service.processes.launch import build_worker
+from cleandift.service.processes.redis_server import free_port
 from cleandift.settings import Settings
-from service.app import create_app
-from service.processes import build_worker
-from service.redis_server import free_port
 
 
 class ApiServer:

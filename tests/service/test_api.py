@@ -14,6 +14,8 @@ from safetensors.numpy import load as load_safetensors
 from tests.corpus import bad_images, encode, png_bomb
 from tests.service.service_helpers import expected_features, running_service
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def jpeg(photo) -> bytes:

@@ -1,12 +1,12 @@
 import numpy as np
 
-from service.batching import collate_requests
-from service.protocol import Job, JobSpec
+from cleandift.service.messages import Job, JobSpec
+from cleandift.service.worker.batching import collate_requests
 
 
 def job(size=256, prompt="", mode="clean", layers=("us6",), images=1, t=0.0):
-    spec = JobSpec(kind="features" if images == 1 else "correspond", size=size,
-                   layers=list(layers), sizes=[(10, 10)] * images, prompt=prompt, mode=mode,
+    spec = JobSpec(kind="features" if images == 1 else "correspond", input_size=size,
+                   layers=list(layers), image_sizes=[(10, 10)] * images, prompt=prompt, mode=mode,
                    enqueued_at=t)
     return Job(spec=spec, images=[np.zeros((size, size, 3), np.uint8)] * images)
 
@@ -24,7 +24,7 @@ def test_incompatible_jobs_are_split_oldest_first():
     jobs = [job(size=512, t=2), job(size=256, t=1), job(prompt="a cat", t=3),
             job(mode="dift", t=4), job(size=512, t=5)]
     batches = collate_requests(jobs, max_batch=8, max_pixels=10**9)
-    keys = [(b.size, b.prompt, b.mode, len(b.jobs)) for b in batches]
+    keys = [(b.input_size, b.prompt, b.mode, len(b.jobs)) for b in batches]
     assert keys == [(256, "", "clean", 1), (512, "", "clean", 2), (256, "a cat", "clean", 1),
                     (256, "", "dift", 1)]
 

@@ -12,6 +12,8 @@ from cleandift.client import AsyncClient, BadImage, Client, InvalidParameters, N
 from tests.corpus import encode
 from tests.service.service_helpers import ApiServer, expected_features, running_service
 
+pytestmark = pytest.mark.integration
+
 
 def test_sync_client_features_correspond_models(settings, extractor, photo, photo2):
     with running_service(settings, extractor) as (http, _), Client(str(http.base_url)) as client:

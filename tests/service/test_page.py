@@ -13,10 +13,10 @@ from tests.service.service_helpers import running_service
 
 CHROMIUM = os.environ.get("CLEANDIFT_CHROMIUM") or shutil.which("chromium")
 SHOTS = Path(os.environ.get("CLEANDIFT_SCREENSHOTS", "/tmp"))
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(
     CHROMIUM is None and not os.environ.get("CI"),
     reason="Chromium is not installed (CI installs it from Debian)",
-)
+)]
 
 
 @pytest.fixture

@@ -1,12 +1,13 @@
 import numpy as np
 
-from service.protocol import Job, JobSpec, Keys, Result
+from cleandift.service.messages import Job, JobSpec, LayerMeta, Result, ResultMeta
+from cleandift.service.queue.keys import Keys
 
 
 def test_job_round_trip_keeps_pixels_and_spec():
     images = [np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)] * 2
-    spec = JobSpec(kind="correspond", size=64, layers=["us6"], sizes=[(30, 20), (40, 50)],
-                   points=[[1.5, 2.0]], deadline=123.0)
+    spec = JobSpec(kind="correspond", input_size=64, layers=["us6"],
+                   image_sizes=[(30, 20), (40, 50)], points=[[1.5, 2.0]], deadline=123.0)
     fields = Job(spec, images).to_fields()
     back = Job.from_fields("1-0", {k.encode(): v.encode() if isinstance(v, str) else v
                                    for k, v in fields.items()})
@@ -16,13 +17,14 @@ def test_job_round_trip_keeps_pixels_and_spec():
 
 def test_result_round_trip_keeps_raw_bytes():
     array = np.arange(24, dtype="<f2").reshape(2, 3, 4)
-    result = Result(job_id="j", model="m", model_version="v", timings_ms={"queue": 1.0},
-                    layers={"us6": {"shape": [2, 3, 4], "dtype": "float16"}},
+    result = Result(ResultMeta(job_id="j", model="m", model_version="v",
+                               timings_ms={"queue": 1.0},
+                               layers={"us6": LayerMeta(shape=[2, 3, 4], dtype="float16")}),
                     data={"us6": array.tobytes()})
     fields = result.to_fields()
     back = Result.from_fields({k.encode(): v.encode() if isinstance(v, str) else v
                                for k, v in fields.items()})
-    assert np.array_equal(back.array("us6"), array) and back.model_version == "v"
+    assert np.array_equal(back.array("us6"), array) and back.meta.model_version == "v"
 
 
 def test_keys_share_one_prefix():

@@ -14,8 +14,8 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
-from service.jobqueue import JobQueue
-from service.protocol import Keys
+from cleandift.service.queue.consumer import JobConsumer
+from cleandift.service.queue.keys import Keys
 from tests.corpus import encode
 from tests.service.service_helpers import (
     ApiServer,
@@ -26,6 +26,8 @@ from tests.service.service_helpers import (
     wait_metric,
     wait_ready,
 )
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +71,7 @@ def test_two_workers_share_the_load(settings, extractor, jpeg):
     with running_service(slow, extractor, workers=2) as (client, threads):
         responses = parallel(12, lambda: post(client, jpeg, size="512"))
         assert all(r.status_code == 200 for r in responses)
-        done = [t.worker.metrics.images._value.get() for t in threads]
+        done = [t.worker.metrics.value("cleandift_images_processed_total") for t in threads]
     assert sum(done) == 12 and min(done) >= 1, done
 
 
@@ -116,7 +118,7 @@ def test_jobs_of_a_killed_worker_are_rerun_by_another(settings, extractor, jpeg,
         held = len(r.xpending_range(keys.jobs, keys.group, "-", "+", 100, "victim"))
         with WorkerThread(quick, extractor, name="rescuer") as rescuer:
             statuses = [f.result().status_code for f in futures]
-            retried = rescuer.worker.metrics.retried._value.get()
+            retried = rescuer.worker.metrics.value("cleandift_deliveries_retried_total")
     assert held >= 1
     assert statuses == [200] * 12
     assert retried >= held
@@ -126,8 +128,8 @@ def test_jobs_past_max_deliveries_are_dead_lettered(settings, extractor, jpeg):
     strict = settings.model_copy(update={"visibility_timeout_s": 0.3, "max_deliveries": 1})
     publish_model_then_stop(strict, extractor)
     keys = Keys(strict.queue_prefix)
-    ghost = JobQueue(redis_client(strict), keys, "ghost", visibility_timeout_s=0.3,
-                     max_deliveries=1, result_ttl_s=60, stream_maxlen=1000)
+    ghost = JobConsumer(redis_client(strict), keys, "ghost", visibility_timeout_s=0.3,
+                        max_deliveries=1, result_ttl_s=60, stream_maxlen=1000)
     with ApiServer(strict) as api, httpx.Client(base_url=api.url, timeout=60) as client:
         with ThreadPoolExecutor(max_workers=1) as pool:
             future = pool.submit(post, client, jpeg)
@@ -141,7 +143,7 @@ def test_jobs_past_max_deliveries_are_dead_lettered(settings, extractor, jpeg):
                 response = future.result()
                 # The client is answered before the intake thread counts the dead letter.
                 deadline = time.monotonic() + 5
-                while (dead := rescuer.worker.metrics.dead._value.get()) < 1:
+                while (dead := rescuer.worker.metrics.value("cleandift_dead_lettered_total")) < 1:
                     assert time.monotonic() < deadline, "dead letter never counted"
                     time.sleep(0.02)
     assert response.status_code == 500 and "deliveries" in response.json()["detail"]
@@ -175,10 +177,10 @@ def test_deadline_gives_504_and_the_job_never_reaches_the_model(settings, extrac
         assert response.headers["content-type"] == "application/problem+json"
         with WorkerThread(hurried, extractor) as late:
             deadline = time.monotonic() + 10
-            while late.worker.metrics.expired._value.get() < 1:
+            while late.worker.metrics.value("cleandift_jobs_expired_total") < 1:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
-            assert late.worker.metrics.images._value.get() == 0
+            assert late.worker.metrics.value("cleandift_images_processed_total") == 0
 
 
 def test_readiness_follows_workers_and_redis(settings, extractor):
@@ -216,12 +218,13 @@ def test_sigterm_finishes_and_acknowledges_what_the_worker_holds(settings, extra
         assert r.xpending_range(keys.jobs, keys.group, "-", "+", 10, "leaver") == []
         with WorkerThread(settings, extractor) as rescuer:
             assert [f.result().status_code for f in futures] == [200] * 8
-            assert rescuer.worker.metrics.retried._value.get() == 0  # nothing left over
+            # nothing left over
+            assert rescuer.worker.metrics.value("cleandift_deliveries_retried_total") == 0
 
 
 def test_worker_http_port_serves_probes_and_metrics(settings, extractor, jpeg):
-    from service.redis_server import free_port
-    from service.worker_http import serve_worker_http
+    from cleandift.service.processes.redis_server import free_port
+    from cleandift.service.worker.probes import serve_worker_http
 
     with running_service(settings, extractor) as (client, threads):
         worker = threads[0].worker
@@ -248,8 +251,8 @@ def test_long_batches_are_never_taken_from_a_live_worker(settings, extractor, jp
                                        "max_batch": 4, "max_size": 1024})
     with running_service(slow, extractor, workers=2) as (client, threads):
         responses = parallel(8, lambda: post(client, jpeg, size="1024"))
-        retried = sum(t.worker.metrics.retried._value.get() for t in threads)
-        dead = sum(t.worker.metrics.dead._value.get() for t in threads)
-        images = sum(t.worker.metrics.images._value.get() for t in threads)
+        retried = sum(t.worker.metrics.value("cleandift_deliveries_retried_total") for t in threads)
+        dead = sum(t.worker.metrics.value("cleandift_dead_lettered_total") for t in threads)
+        images = sum(t.worker.metrics.value("cleandift_images_processed_total") for t in threads)
     assert [r.status_code for r in responses] == [200] * 8
     assert (retried, dead, images) == (0, 0, 8)

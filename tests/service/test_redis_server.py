@@ -1,7 +1,13 @@
 import pytest
 import redis
 
-from service.redis_server import RedisServerError, find_redis_server, start_redis_server
+from cleandift.service.processes.redis_server import (
+    RedisServerError,
+    find_redis_server,
+    start_redis_server,
+)
+
+pytestmark = pytest.mark.integration
 
 
 def test_starts_a_private_server_and_cleans_up():

@@ -16,10 +16,12 @@ import torch
 from safetensors.torch import save_file
 
 from cleandift import load_extractor, registry
+from cleandift.trainer.cli import publish_existing
+from cleandift.trainer.publish import publish_weights
 from tests.corpus import encode
 from tests.service.service_helpers import metric, running_service, wait_metric
-from trainer.cli import publish_existing
-from trainer.publish import publish_weights
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ import tarfile
 import pytest
 from PIL import Image
 
+from cleandift.trainer.data import BatchStream, expand_braces, load_records
 from tests.corpus import encode, textured_image
-from trainer.data import BatchStream, expand_braces, load_records
 
 
 def test_expand_braces():

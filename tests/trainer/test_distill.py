@@ -2,7 +2,7 @@ import copy
 
 import torch
 
-from trainer.distill import Student, freeze_unused, stratified_timesteps
+from cleandift.trainer.distill import Student, freeze_unused, stratified_timesteps
 
 
 def test_timesteps_fall_in_their_strata():

@@ -2,8 +2,8 @@ import copy
 
 import torch
 
-from trainer.distill import Student, alignment, stratified_timesteps, teacher_features
-from trainer.heads import Heads
+from cleandift.trainer.distill import Student, alignment, stratified_timesteps, teacher_features
+from cleandift.trainer.heads import Heads
 
 
 def test_heads_are_the_identity_at_init():

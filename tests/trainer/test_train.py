@@ -13,8 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from cleandift import ModelLoadError, load_extractor
-from trainer.synthetic import write_images
-from trainer.train import TrainConfig, train
+from cleandift.trainer.synthetic import write_images
+from cleandift.trainer.train import TrainConfig, train
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

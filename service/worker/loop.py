@@ -13,34 +13,52 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
-
-import redis
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
 from cleandift.settings import Settings
 
-from . import execute
+from ..messages import Heartbeat, Job, Result
+from ..metrics import WorkerMetrics
+from ..queue.errors import QueueUnavailable
+from . import stages
 from .batching import collate_requests
-from .jobqueue import JobQueue, ensure_group
-from .metrics import WorkerMetrics
-from .model_holder import ModelHolder
-from .protocol import Job
+from .holder import ModelHolder
 from .reload import RegistryWatcher
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2
+CLAIM_BLOCK_MS = 500
+BACKOFF_S = 1.0
+ANSWER_RETRY_S = 0.5
+T = TypeVar("T")
+Answer = tuple[Job, Result]
+
+
+class Consumer(Protocol):
+    """What the worker needs of its queue (JobConsumer; an in-memory fake in unit tests)."""
+
+    consumer: str
+
+    def claim(self, count: int, block_ms: int) -> list[Job]: ...
+    def reclaim(self, count: int) -> tuple[list[Job], int]: ...
+    def complete(self, answers: Sequence[Answer]) -> None: ...
+    def touch(self, entry_ids: Sequence[str]) -> None: ...
+    def heartbeat(self, beat: Heartbeat, ttl_s: float) -> None: ...
+    def leave(self) -> None: ...
+    def publish_model(self, info_json: str) -> None: ...
 
 
 class Worker:
     def __init__(
-        self, settings: Settings, model: ModelHolder, jobs: JobQueue, metrics: WorkerMetrics,
+        self, settings: Settings, model: ModelHolder, jobs: Consumer, metrics: WorkerMetrics,
         watcher: RegistryWatcher | None = None,
     ) -> None:
         self.settings, self.model, self.jobs, self.metrics = settings, model, jobs, metrics
         self.watcher = watcher
         self.stopping = threading.Event()
-        self._pre: queue.Queue = queue.Queue(maxsize=1)
-        self._post: queue.Queue = queue.Queue(maxsize=2)
+        self._pre: queue.Queue[stages.Prepared] = queue.Queue(maxsize=1)
+        self._post: queue.Queue[stages.Computed] = queue.Queue(maxsize=2)
         self._intake_done = threading.Event()
         self._core_done = threading.Event()
         self.started_at = time.time()
@@ -69,10 +87,10 @@ class Worker:
             self._core_done.set()
             for thread in threads[:2]:
                 thread.join()
-            self._safe(self.jobs.leave)
+            self._safe(self.jobs.leave, None)
         log.info("worker %s stopped", self.jobs.consumer)
 
-    def stop(self, *_args) -> None:
+    def stop(self, *_args: object) -> None:
         log.info("worker %s stopping: finishing claimed jobs", self.jobs.consumer)
         self.stopping.set()
 
@@ -80,22 +98,23 @@ class Worker:
     def _intake(self) -> None:
         pin = self.model.current.device.type == "cuda"
         next_reclaim = 0.0
+        max_batch = self.settings.max_batch
         while not self.stopping.is_set():
             jobs: list[Job] = []
             if time.monotonic() >= next_reclaim:
-                reclaimed, dead = self._safe(lambda: self.jobs.reclaim(self.settings.max_batch),
-                                             ([], 0))
+                nothing: tuple[list[Job], int] = ([], 0)
+                reclaimed, dead = self._safe(lambda: self.jobs.reclaim(max_batch), nothing)
                 self.metrics.retried.inc(len(reclaimed))
                 self.metrics.dead.inc(dead)
                 jobs.extend(reclaimed)
                 next_reclaim = time.monotonic() + self.settings.visibility_timeout_s / 4
             if not jobs:
-                jobs = self._safe(lambda: self.jobs.claim(self.settings.max_batch, 500), [])
+                jobs = self._safe(lambda: self.jobs.claim(max_batch, CLAIM_BLOCK_MS), [])
             with self._held_lock:
                 self._held.update(job.entry_id for job in jobs)
-            for batch in collate_requests(self._live(jobs), self.settings.max_batch,
+            for batch in collate_requests(self._live(jobs), max_batch,
                                           self.settings.max_batch_pixels):
-                self._put(self._pre, execute.prepare(batch, pin))
+                self._put(self._pre, stages.prepare(batch, pin))
 
     def _core(self) -> None:
         while True:
@@ -109,12 +128,12 @@ class Worker:
                 continue
             self._forward(prepared)  # a method, so no stale reference to a model outlives it
 
-    def _forward(self, prepared: execute.Prepared) -> None:
+    def _forward(self, prepared: stages.Prepared) -> None:
         try:
-            computed = execute.forward(prepared, self.model.current)
+            computed = stages.forward(prepared, self.model.current)
         except Exception as exc:  # a model fault answers the batch, never loses it
             log.exception("forward failed")
-            self._answer(execute.failed(prepared.batch.jobs, 500, f"worker error: {exc}"))
+            self._answer(stages.failed(prepared.batch.jobs, 500, f"worker error: {exc}"))
             return
         self.metrics.batch_size.observe(len(prepared.batch.images))
         self.metrics.inference.observe(computed.inference_s)
@@ -132,12 +151,12 @@ class Worker:
             self._answer(self._results(computed))
             del computed
 
-    def _results(self, computed: execute.Computed):
+    def _results(self, computed: stages.Computed) -> list[Answer]:
         try:
-            return execute.results(computed)
+            return stages.results(computed)
         except Exception as exc:
             log.exception("post-processing failed")
-            return execute.failed(computed.prepared.batch.jobs, 500, f"worker error: {exc}")
+            return stages.failed(computed.prepared.batch.jobs, 500, f"worker error: {exc}")
 
     # -- helpers ----------------------------------------------------------------------
     def _live(self, jobs: list[Job]) -> list[Job]:
@@ -146,12 +165,12 @@ class Worker:
         expired = [j for j in jobs if j.spec.deadline and j.spec.deadline < now]
         if expired:
             self.metrics.expired.inc(len(expired))
-            self._answer(execute.failed(expired, 504, "the deadline passed before a worker ran it"))
+            self._answer(stages.failed(expired, 504, "the deadline passed before a worker ran it"))
         return [j for j in jobs if j not in expired]
 
-    def _answer(self, answers) -> None:
+    def _answer(self, answers: list[Answer]) -> None:
         for job, result in answers:
-            self.metrics.jobs.labels(kind=job.spec.kind, status=str(result.status)).inc()
+            self.metrics.jobs.labels(kind=job.spec.kind, status=str(result.meta.status)).inc()
         deadline = time.monotonic() + self.settings.request_timeout_s
         while True:
             try:
@@ -159,14 +178,14 @@ class Worker:
                 with self._held_lock:
                     self._held.difference_update(job.entry_id for job, _ in answers)
                 return
-            except redis.RedisError as exc:  # keep the answers until Redis is back
+            except QueueUnavailable as exc:  # keep the answers until Redis is back
                 if time.monotonic() > deadline:
                     log.error("dropping %d answers: Redis unreachable (%s)", len(answers), exc)
                     return
                 log.warning("storing results failed (%s); retrying", exc)
-                time.sleep(0.5)
+                time.sleep(ANSWER_RETRY_S)
 
-    def _put(self, q: queue.Queue, item) -> None:
+    def _put(self, q: queue.Queue[Any], item: object) -> None:
         """Hand over to the next stage; if that stage is gone the jobs stay pending in
         Redis and are reclaimed by another worker."""
         while True:
@@ -177,23 +196,18 @@ class Worker:
                 if self._core_done.is_set():
                     return
 
-    def _safe(self, call: Callable, default=None):
-        """Run a Redis call; on connection loss log, back off and return `default`."""
+    def _safe(self, call: Callable[[], T], default: T) -> T:
+        """Run a queue call; while Redis is unreachable, log, back off, return `default`."""
         try:
             return call()
-        except redis.ResponseError as exc:
-            if "NOGROUP" in str(exc):  # Redis restarted empty: recreate the group
-                ensure_group(self.jobs.r, self.jobs.keys)
-                self._publish_model()
-            else:
-                log.error("redis error: %s", exc)
-        except redis.RedisError as exc:
+        except QueueUnavailable as exc:
             log.warning("redis unavailable: %s", exc)
-            time.sleep(1.0)
-        return default
+            time.sleep(BACKOFF_S)
+            return default
 
-    def _guard(self, target: Callable, done: threading.Event | None) -> Callable:
-        def run():
+    def _guard(self, target: Callable[[], None], done: threading.Event | None
+               ) -> Callable[[], None]:
+        def run() -> None:
             try:
                 target()
             except Exception:
@@ -208,7 +222,7 @@ class Worker:
     def _publish_model(self) -> None:
         info = self.model.current.info
         self.metrics.set_model(info.name, info.version)
-        self._safe(lambda: self.jobs.publish_model(info.to_json()))
+        self._safe(lambda: self.jobs.publish_model(info.model_dump_json()), None)
 
     def _heartbeat_loop(self) -> None:
         """Keep held jobs fresh (more often than the visibility timeout) and heartbeat."""
@@ -217,22 +231,24 @@ class Worker:
         while not self._core_done.is_set():
             with self._held_lock:
                 held = list(self._held)
-            self._safe(lambda ids=held: self.jobs.touch(ids))
+            self._safe(lambda ids=held: self.jobs.touch(ids), None)  # type: ignore[misc]
             if time.monotonic() >= next_beat:
                 self._beat()
                 next_beat = time.monotonic() + self.settings.heartbeat_s
             self._core_done.wait(period)
 
     def _beat(self) -> None:
-        info = self.model.current.info
-        beat = {
-            "id": self.jobs.consumer, "pid": os.getpid(), "host": socket.gethostname(),
-            "model": info.name, "version": info.version,
-            "device": str(self.model.current.device), "started_at": self.started_at,
-            "metrics": self.metrics.render().decode(),
-        }
-        if self._safe(lambda: self.jobs.heartbeat(beat, self.settings.worker_ttl_s),
-                      False) is not False:
+        current = self.model.current
+        beat = Heartbeat(
+            id=self.jobs.consumer, pid=os.getpid(), host=socket.gethostname(),
+            model=current.info.name, version=current.info.version, device=str(current.device),
+            started_at=self.started_at, metrics=self.metrics.render().decode(),
+        )
+        def send() -> bool:
+            self.jobs.heartbeat(beat, self.settings.worker_ttl_s)
+            return True
+
+        if self._safe(send, False):
             self.last_heartbeat = time.monotonic()
 
     def ready(self) -> tuple[bool, str]:

@@ -12,14 +12,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cleandift.dtypes import torch_dtype
 from cleandift.extractor import Extractor
 from cleandift.images import to_pixels
 from cleandift.matching import correspond, similarity_map
 
+from ..messages import Heatmap, Job, LayerMeta, Result, ResultMeta, failure
 from .batching import Batch
-from .protocol import Job, Result
-
-DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -64,21 +63,25 @@ def results(computed: Computed) -> list[tuple[Job, Result]]:
             "queue": round((computed.prepared.started - spec.enqueued_at) * 1000, 3),
             "inference": round(computed.inference_s * 1000, 3),
         }
-        result = Result(job_id=spec.id, model=info.name, model_version=info.version,
-                        timings_ms=timings)
+        meta = ResultMeta(job_id=spec.id, model=info.name, model_version=info.version,
+                          timings_ms=timings)
+        result = Result(meta)
         if spec.kind == "correspond":
             feats = computed.features[spec.layers[0]][rows]
-            matches = correspond(feats[0], feats[1], spec.sizes[0], spec.sizes[1], spec.points,
+            points = [list(p) for p in spec.points] if spec.points is not None else None
+            src_size, tgt_size = spec.image_sizes[0], spec.image_sizes[1]
+            matches = correspond(feats[0], feats[1], src_size, tgt_size, points,
                                  max_matches=spec.max_matches)
-            result.matches = [m.to_json() for m in matches]
-            if spec.heatmap and spec.points:
-                sim = similarity_map(feats[0], feats[1], spec.points[-1], spec.sizes[0])
-                result.heatmap = {"width": sim.shape[1], "height": sim.shape[0],
-                                  "values": [round(v, 4) for v in sim.flatten().tolist()]}
+            meta.matches = [m.to_json() for m in matches]
+            if spec.heatmap and points:
+                sim = similarity_map(feats[0], feats[1], points[-1], src_size)
+                meta.heatmap = Heatmap(width=sim.shape[1], height=sim.shape[0],
+                                       values=[round(v, 4) for v in sim.flatten().tolist()])
         else:
+            out_dtype = torch_dtype(spec.dtype)
             for key in spec.layers:
-                tensor = computed.features[key][rows][0].to(DTYPES[spec.dtype]).cpu().contiguous()
-                result.layers[key] = {"shape": list(tensor.shape), "dtype": spec.dtype}
+                tensor = computed.features[key][rows][0].to(out_dtype).cpu().contiguous()
+                meta.layers[key] = LayerMeta(shape=list(tensor.shape), dtype=spec.dtype)
                 result.data[key] = little_endian_bytes(tensor.numpy())
         out.append((job, result))
     return out
@@ -89,4 +92,4 @@ def little_endian_bytes(array: np.ndarray) -> bytes:
 
 
 def failed(jobs: list[Job], status: int, message: str) -> list[tuple[Job, Result]]:
-    return [(job, Result(job_id=job.spec.id, status=status, error=message)) for job in jobs]
+    return [(job, failure(job.spec.id, status, message)) for job in jobs]

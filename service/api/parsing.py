@@ -12,15 +12,15 @@ import json
 import time
 from typing import Any, Literal
 
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from cleandift.contract import (
-    InvalidPointsError,
-    InvalidSizeError,
-    UnknownLayerError,
+    ModelInfo,
+    RequestError,
     check_size,
     validate_layers,
     validate_points,
@@ -28,8 +28,8 @@ from cleandift.contract import (
 from cleandift.images import ImageError, decode_image, resize_rgb
 from cleandift.settings import Settings
 
+from ..messages import Job, JobSpec
 from .problems import Problem, describe_validation
-from .protocol import Job, JobSpec
 
 
 class _Params(BaseModel):
@@ -68,7 +68,8 @@ async def read_payload(request: Request, files: tuple[str, ...]) -> tuple[dict, 
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         form = await request.form(max_files=len(files), max_fields=32)
-        fields, blobs = {}, {}
+        fields: dict[str, str] = {}
+        blobs: dict[str, bytes] = {}
         for name, value in form.multi_items():
             if isinstance(value, UploadFile):
                 if name not in files:
@@ -124,7 +125,7 @@ def validate(model: type[BaseModel], fields: dict) -> Any:
         raise Problem(422, describe_validation(exc.errors())) from exc
 
 
-async def decode(name: str, blobs: dict[str, bytes], settings: Settings):
+async def decode(name: str, blobs: dict[str, bytes], settings: Settings) -> Image.Image:
     if name not in blobs:
         raise Problem(422, f"{name}: an image file is required")
     try:
@@ -136,59 +137,46 @@ async def decode(name: str, blobs: dict[str, bytes], settings: Settings):
         raise Problem(exc.status, f"{name}: {exc}") from exc
 
 
-def common_checks(params: _Params, model: dict, settings: Settings) -> int:
-    """Size and prompt checks shared by both routes; returns the input size."""
+def input_size(params: _Params, model: ModelInfo, settings: Settings) -> int:
+    """Size and prompt checks shared by both routes; returns the model input side."""
     if len(params.prompt) > settings.max_prompt_chars:
-        raise Problem(422, f"prompt has {len(params.prompt)} characters; the limit is "
+        raise RequestError(f"prompt has {len(params.prompt)} characters; the limit is "
                            f"{settings.max_prompt_chars}")
-    try:
-        return check_size(params.size or model["input_size"], lo=settings.min_size,
-                          hi=settings.max_size)
-    except InvalidSizeError as exc:
-        raise Problem(422, str(exc)) from exc
+    return check_size(params.size or model.input_size, lo=settings.min_size, hi=settings.max_size)
 
 
-def checked_layers(layers: list[str] | None, default: list[str]) -> list[str]:
-    try:
-        return validate_layers(layers, default)
-    except UnknownLayerError as exc:
-        raise Problem(422, str(exc)) from exc
-
-
-async def features_job(request: Request, settings: Settings, model: dict) -> Job:
+async def features_job(request: Request, settings: Settings, model: ModelInfo,
+                       query_dtype: str | None = None) -> Job:
     fields, blobs = await read_payload(request, ("image",))
-    if "dtype" in request.query_params:
-        fields.setdefault("dtype", request.query_params["dtype"])
+    if query_dtype is not None:
+        fields.setdefault("dtype", query_dtype)
     params = validate(FeaturesParams, fields)
-    size = common_checks(params, model, settings)
-    layers = checked_layers(params.layers, model["default_layers"])
+    size = input_size(params, model, settings)
+    layers = validate_layers(params.layers, model.default_layers)
     image = await decode("image", blobs, settings)
     pixels = await run_in_threadpool(resize_rgb, image, size)
-    spec = JobSpec(kind="features", size=size, layers=layers, sizes=[image.size],
+    spec = JobSpec(kind="features", input_size=size, layers=layers, image_sizes=[image.size],
                    prompt=params.prompt, mode=params.mode, dtype=params.dtype,
                    deadline=time.time() + settings.request_timeout_s)
     return Job(spec=spec, images=[pixels])
 
 
-async def correspond_job(request: Request, settings: Settings, model: dict) -> Job:
+async def correspond_job(request: Request, settings: Settings, model: ModelInfo) -> Job:
     fields, blobs = await read_payload(request, ("source", "target"))
     params = validate(CorrespondParams, fields)
-    size = common_checks(params, model, settings)
-    layer = checked_layers([params.layer or model["correspondence_layer"]], [])
+    size = input_size(params, model, settings)
+    layer = validate_layers([params.layer or model.correspondence_layer], [])
     if params.max_matches is not None and params.max_matches > settings.max_matches:
-        raise Problem(422, f"max_matches is at most {settings.max_matches}")
+        raise RequestError(f"max_matches is at most {settings.max_matches}")
     source = await decode("source", blobs, settings)
     target = await decode("target", blobs, settings)
     points = None
     if params.points is not None:
-        try:
-            points = validate_points(params.points, source.size, settings.max_points)
-        except InvalidPointsError as exc:
-            raise Problem(422, str(exc)) from exc
+        points = validate_points(params.points, source.size, settings.max_points)
     images = [await run_in_threadpool(resize_rgb, im, size) for im in (source, target)]
-    spec = JobSpec(kind="correspond", size=size, layers=layer, sizes=[source.size, target.size],
-                   prompt=params.prompt, mode=params.mode, points=points,
+    spec = JobSpec(kind="correspond", input_size=size, layers=layer,
+                   image_sizes=[source.size, target.size], prompt=params.prompt,
+                   mode=params.mode, points=points,
                    max_matches=params.max_matches or settings.max_matches,
-                   heatmap=params.heatmap,
-                   deadline=time.time() + settings.request_timeout_s)
+                   heatmap=params.heatmap, deadline=time.time() + settings.request_timeout_s)
     return Job(spec=spec, images=images)

@@ -21,10 +21,10 @@ from PIL import Image
 
 from cleandift import registry
 from cleandift.extractor import Extractor
-from cleandift.layers import LAYER_KEYS
+from cleandift.method import LAYER_KEYS
 
-from .metrics import WorkerMetrics
-from .model_holder import ModelHolder
+from ..metrics import WorkerMetrics
+from .holder import ModelHolder
 
 log = logging.getLogger(__name__)
 

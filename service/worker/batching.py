@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cleandift.extractor import DIFT_ENSEMBLE
-from cleandift.layers import validate_layers
+from cleandift.contract import validate_layers
+from cleandift.method import DIFT_ENSEMBLE
 
-from .protocol import Job
+from ..messages import Job
 
 
 @dataclass
@@ -20,8 +20,8 @@ class Batch:
     layers: list[str]
 
     @property
-    def size(self) -> int:
-        return self.jobs[0].spec.size
+    def input_size(self) -> int:
+        return self.jobs[0].spec.input_size
 
     @property
     def prompt(self) -> str:

@@ -9,8 +9,20 @@ import socket
 import subprocess
 import sys
 import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from cleandift.settings import Settings
+
+if TYPE_CHECKING:
+    import redis
+
+    from cleandift.extractor import Extractor
+
+    from ..metrics import WorkerMetrics
+    from ..worker.holder import ModelHolder
+    from ..worker.loop import Worker
+    from ..worker.reload import RegistryWatcher
 
 log = logging.getLogger(__name__)
 
@@ -19,70 +31,71 @@ def run_api(settings: Settings) -> None:
     """uvicorn in this process, or `api_workers` processes sharing the port."""
     import uvicorn
 
-    from .app import create_app
+    from ..api.app import create_app
 
-    common = {"host": settings.host, "port": settings.port, "log_level": "info",
-              "timeout_graceful_shutdown": int(settings.request_timeout_s)}
+    common: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_level": "info",
+                              "timeout_graceful_shutdown": int(settings.request_timeout_s)}
     if settings.api_workers > 1:  # CPU-bound encoding scales with processes, not threads
         os.environ.update(settings_env(settings))
-        uvicorn.run("service.app:app_from_env", factory=True, workers=settings.api_workers,
-                    **common)
+        uvicorn.run("cleandift.service.api.app:app_from_env", factory=True,
+                    workers=settings.api_workers, **common)
     else:
         uvicorn.run(create_app(settings), **common)
 
 
-def build_worker(settings: Settings, extractor=None):
+def build_worker(settings: Settings, extractor: Extractor | None = None) -> Worker:
     """Wire a Worker (without running it), loading the model unless one is given."""
     import redis
     import torch
 
     from cleandift.loading import load_extractor
 
-    from .jobqueue import JobQueue
-    from .metrics import WorkerMetrics
-    from .model_holder import ModelHolder
-    from .protocol import Keys
-    from .worker import Worker
+    from ..metrics import WorkerMetrics
+    from ..queue.consumer import JobConsumer
+    from ..queue.keys import Keys
+    from ..worker.holder import ModelHolder
+    from ..worker.loop import Worker
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     if extractor is None:
-        extractor = load_extractor(settings.model, unet=settings.unet, device=settings.device,
-                                   dtype=settings.dtype, cache_dir=settings.cache_dir)
+        extractor = load_extractor(**settings.extractor_args())  # type: ignore[arg-type]
     log.info("loaded %s %s on %s", extractor.info.name, extractor.info.version, extractor.device)
+    assert settings.redis_url, "the worker needs a Redis URL"
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2,
                                   socket_timeout=30, health_check_interval=10)
     consumer = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    jobs = JobQueue(client, Keys(settings.queue_prefix), consumer,
-                    visibility_timeout_s=settings.visibility_timeout_s,
-                    max_deliveries=settings.max_deliveries, result_ttl_s=settings.result_ttl_s,
-                    stream_maxlen=settings.stream_maxlen)
+    jobs = JobConsumer(client, Keys(settings.queue_prefix), consumer,
+                       visibility_timeout_s=settings.visibility_timeout_s,
+                       max_deliveries=settings.max_deliveries, result_ttl_s=settings.result_ttl_s,
+                       stream_maxlen=settings.stream_maxlen)
     holder, metrics = ModelHolder(extractor), WorkerMetrics()
     return Worker(settings, holder, jobs, metrics, watcher(settings, holder, metrics, client))
 
 
-def watcher(settings: Settings, holder, metrics, client):
+def watcher(settings: Settings, holder: ModelHolder, metrics: WorkerMetrics,
+            client: redis.Redis) -> RegistryWatcher | None:
     """A registry watcher when the worker serves DIR/NAME (following LATEST)."""
     from cleandift.loading import load_extractor
 
-    from .protocol import Keys
-    from .reload import RegistryWatcher, watched_model_dir
+    from ..queue.keys import Keys
+    from ..worker.reload import RegistryWatcher, watched_model_dir
 
     model_dir = watched_model_dir(settings.model)
     if model_dir is None or settings.unet is not None:
         return None
     device, dtype = holder.current.device, holder.current.dtype  # not the model: it must die
 
-    def load(version_dir):
+    def load(version_dir: Path) -> Extractor:
         return load_extractor(version_dir, device=device, dtype=dtype,
-                              cache_dir=settings.cache_dir)
+                              cache_dir=settings.cache_dir, demo_seed=settings.demo_seed)
 
     return RegistryWatcher(model_dir, holder, load, metrics, poll_s=settings.reload_poll_s,
                            client=client, channel=Keys(settings.queue_prefix).registry_channel)
 
 
 def run_worker(settings: Settings) -> None:
-    from .worker_http import serve_worker_http
+    from ..worker.probes import serve_worker_http
 
     if not settings.redis_url:
         raise SystemExit("the worker needs a Redis URL (CLEANDIFT_REDIS_URL or REDIS_URL)")
@@ -106,7 +119,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def _exit(*_args) -> None:
+def _exit(*_args: object) -> None:
     raise SystemExit(0)
 
 

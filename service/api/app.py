@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
@@ -12,10 +13,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cleandift.settings import Settings
 
-from .broker import Broker
-from .metrics import ApiMetrics
+from ..metrics import ApiMetrics
+from ..queue.keys import Keys
+from ..queue.producer import JobProducer
 from .problems import BodyTooLarge, install_handlers, problem_response
-from .protocol import Keys
 from .routes import STATIC_DIR, router
 
 DESCRIPTION = """CleanDIFT features (one clean forward pass of a distilled Stable Diffusion
@@ -26,19 +27,21 @@ UNet, read at 11 decoder positions) and semantic correspondences. Errors are
 def create_app(settings: Settings) -> FastAPI:
     if not settings.redis_url:
         raise ValueError("the API needs a Redis URL (CLEANDIFT_REDIS_URL or REDIS_URL)")
+    redis_url = settings.redis_url
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2,
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = aioredis.Redis.from_url(redis_url, socket_connect_timeout=2,
                                          socket_timeout=10, health_check_interval=10)
-        broker = Broker(client, Keys(settings.queue_prefix), max_queue=settings.max_queue,
-                        stream_maxlen=settings.stream_maxlen, worker_ttl_s=settings.worker_ttl_s)
-        await broker.start()
-        app.state.broker = broker
+        producer = JobProducer(client, Keys(settings.queue_prefix),
+                               max_queue=settings.max_queue, stream_maxlen=settings.stream_maxlen,
+                               worker_ttl_s=settings.worker_ttl_s)
+        await producer.start()
+        app.state.producer = producer
         try:
             yield
         finally:
-            await broker.stop()
+            await producer.stop()
 
     app = FastAPI(title="CleanDIFT feature service", version="0.1.0",
                   description=DESCRIPTION, lifespan=lifespan)

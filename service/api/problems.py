@@ -1,0 +1,119 @@
+"""RFC 9457 problem+json for every error the API returns, each error family mapped once.
+
+- `Problem`: raised by API code with its status.
+- `RequestError` (the contract's rules: layers, sizes, points): 422.
+- `ImageError` (undecodable, empty, too many pixels): its own status (400 or 413).
+- Queue errors: full 429, unavailable 503, deadline 504 (429 and 503 with Retry-After).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cleandift.contract import RequestError
+from cleandift.images import ImageError
+
+from ..queue.errors import DeadlineExceeded, QueueFull, QueueUnavailable
+
+log = logging.getLogger(__name__)
+MEDIA_TYPE = "application/problem+json"
+TYPE_BASE = "https://cleandift.dev/problems/"
+RETRY = {"Retry-After": "1"}  # 429 and 503: worth retrying after a second
+
+PROBLEM_SCHEMA = {
+    "type": "object",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+    },
+}
+
+
+class Problem(Exception):
+    """Raise anywhere in a request to answer with this status and detail."""
+
+    def __init__(self, status: int, detail: str, *, kind: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.headers = status, detail, headers or {}
+        self.kind = kind or _slug(status)
+
+
+class BodyTooLarge(Exception):
+    """Raised while reading a streamed body that passes the configured limit."""
+
+
+def _slug(status: int) -> str:
+    return HTTPStatus(status).phrase.lower().replace(" ", "-")
+
+
+def problem_response(status: int, detail: str, kind: str | None = None,
+                     headers: Mapping[str, str] | None = None) -> JSONResponse:
+    body = {"type": TYPE_BASE + (kind or _slug(status)), "title": HTTPStatus(status).phrase,
+            "status": status, "detail": detail}
+    return JSONResponse(body, status_code=status, headers=headers, media_type=MEDIA_TYPE)
+
+
+def as_problem(exc: Exception) -> Problem:
+    """The one mapping from the errors of the layers below to HTTP problems."""
+    if isinstance(exc, Problem):
+        return exc
+    if isinstance(exc, RequestError):
+        return Problem(422, str(exc))
+    if isinstance(exc, ImageError):
+        return Problem(exc.status, str(exc))
+    if isinstance(exc, QueueFull):
+        return Problem(429, "the queue is full; retry later", kind="overloaded", headers=RETRY)
+    if isinstance(exc, QueueUnavailable):
+        return Problem(503, "the queue is unreachable", kind="not-ready", headers=RETRY)
+    if isinstance(exc, DeadlineExceeded):
+        return Problem(504, "no worker answered before the deadline", kind="deadline")
+    if isinstance(exc, BodyTooLarge):
+        return Problem(413, "the request body is over the size limit", kind="payload-too-large")
+    raise TypeError(f"no problem mapping for {type(exc).__name__}")
+
+
+MAPPED: tuple[type[Exception], ...] = (Problem, RequestError, ImageError, QueueFull,
+                                       QueueUnavailable, DeadlineExceeded, BodyTooLarge)
+
+
+def install_handlers(app: FastAPI) -> None:
+    async def _mapped(_request: Request, exc: Exception) -> JSONResponse:
+        problem = as_problem(exc)
+        return problem_response(problem.status, problem.detail, problem.kind, problem.headers)
+
+    handler: Callable[[Request, Any], Awaitable[JSONResponse]] = _mapped
+    for error in MAPPED:
+        app.add_exception_handler(error, handler)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return problem_response(exc.status_code, str(exc.detail), headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return problem_response(422, describe_validation(exc.errors()))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return problem_response(500, f"internal error: {type(exc).__name__}")
+
+
+def describe_validation(errors: Any) -> str:
+    parts = []
+    for error in errors:
+        where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "query"))
+        parts.append(f"{where or 'request'}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"

@@ -1,0 +1,137 @@
+"""HTTP routes: thin glue between parsing, the queue producer and response encoding.
+
+Errors are raised, not handled, here: request-rule errors, queue errors and problems are
+each mapped to their status once, in problems.py.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse, Response
+
+from cleandift.contract import ModelInfo
+
+from ..messages import Job, Result
+from ..queue.errors import QueueUnavailable
+from ..queue.producer import JobProducer
+from . import openapi, parsing, responses
+from .deps import MetricsDep, ProducerDep, Protected, SettingsDep
+from .problems import RETRY, Problem
+from .schemas import CorrespondOut, FeaturesOut, HealthOut, ReadyOut
+
+router = APIRouter()
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+async def served_model(producer: JobProducer) -> ModelInfo:
+    model = await producer.model_info()
+    if model is None:
+        raise Problem(503, "no worker has loaded a model yet", kind="not-ready", headers=RETRY)
+    return model
+
+
+async def run(producer: JobProducer, job: Job) -> Result:
+    """Submit; an error answer of the worker becomes a problem with its status."""
+    start = time.perf_counter()
+    result = await producer.submit(job)
+    if result.meta.status != 200:
+        raise Problem(result.meta.status, result.meta.error)
+    result.meta.timings_ms["total"] = round((time.perf_counter() - start) * 1000, 3)
+    return result
+
+
+@router.post(
+    "/features",
+    dependencies=Protected,
+    response_model=FeaturesOut,
+    responses={200: {"content": openapi.BINARY_FEATURES},
+               **openapi.errors(400, 401, 413, 415, 422, 429, 503, 504)},
+    openapi_extra=openapi.FEATURES_BODY,
+    summary="Per-layer feature maps of one image",
+)
+async def features(
+    request: Request,
+    settings: SettingsDep,
+    producer: ProducerDep,
+    format: Annotated[Literal["json", "safetensors", "npy"] | None,
+                      Query(description="the answer's format; else the Accept header")] = None,
+    dtype: Annotated[Literal["float16", "float32"] | None,
+                     Query(description="float16 (default) or float32")] = None,
+) -> Response:
+    fmt = responses.negotiate(format, request.headers.get("accept"))
+    model = await served_model(producer)
+    job = await parsing.features_job(request, settings, model, dtype)
+    if fmt == "npy" and len(job.spec.layers) != 1:
+        raise Problem(422, f"npy holds exactly one layer; {len(job.spec.layers)} were asked")
+    result = await run(producer, job)
+    return responses.features_response(result, fmt, job.spec.image_sizes[0],
+                                       job.spec.input_size)
+
+
+@router.post(
+    "/correspond",
+    dependencies=Protected,
+    response_model=CorrespondOut,
+    responses=openapi.errors(400, 401, 413, 415, 422, 429, 503, 504),
+    openapi_extra=openapi.CORRESPOND_BODY,
+    summary="Matches from a source image to a target image",
+)
+async def correspond(request: Request, settings: SettingsDep, producer: ProducerDep) -> Response:
+    model = await served_model(producer)
+    job = await parsing.correspond_job(request, settings, model)
+    return responses.correspond_response(await run(producer, job))
+
+
+@router.get("/v1/models", dependencies=Protected, response_model=ModelInfo,
+            responses=openapi.errors(401, 503))
+async def models(producer: ProducerDep) -> ModelInfo:
+    """The served model; during a reload, the version most recently loaded by a worker."""
+    return await served_model(producer)
+
+
+@router.get("/", include_in_schema=False)
+async def page() -> FileResponse:
+    """The correspondence page (assets under /static, served by this service)."""
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+
+@router.get("/healthz", response_model=HealthOut)
+async def healthz() -> HealthOut:
+    return HealthOut(status="ok")
+
+
+@router.get("/readyz", response_model=ReadyOut, responses=openapi.errors(503))
+async def readyz(producer: ProducerDep) -> ReadyOut:
+    if not await producer.ping():
+        raise Problem(503, "the queue (Redis) is unreachable", kind="not-ready")
+    workers = await producer.live_workers()
+    if not workers:
+        raise Problem(503, "no worker has sent a heartbeat recently", kind="not-ready")
+    model = await producer.model_info()
+    if model is None:
+        raise Problem(503, "no model is loaded", kind="not-ready")
+    return ReadyOut(status="ready", workers=len(workers), model=model.name,
+                    model_version=model.version)
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(producer: ProducerDep, api_metrics: MetricsDep) -> Response:
+    try:
+        depth, pending = await producer.queue_state()
+        api_metrics.queue_depth.set(depth)
+        api_metrics.queue_pending.set(pending)
+        api_metrics.workers_alive.set(len(await producer.live_workers()))
+        beats = await producer.heartbeats()
+        api_metrics.worker_snapshots = {beat.id: beat.metrics for beat in beats}
+        model = await producer.model_info()
+        api_metrics.model_info.clear()
+        if model:
+            api_metrics.model_info.labels(name=model.name, version=model.version).set(1)
+    except QueueUnavailable:  # metrics stay available while Redis is down
+        api_metrics.workers_alive.set(0)
+    return Response(api_metrics.render(), media_type="text/plain; version=0.0.4")
+

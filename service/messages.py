@@ -1,0 +1,214 @@
+"""What travels through Redis between the API and the workers, typed and versioned.
+
+Jobs (API -> worker) carry a validated `JobSpec` and the model-sized pixels (uint8,
+s x s x 3); results (worker -> API) carry raw little-endian feature bytes. Nothing is
+pickled and no float travels as JSON text. No torch here: the API imports this module.
+
+Versions: every job and result names its format version (`v`). Readers accept the
+previous and the current version, so API and worker pods can roll in any order; a job of
+a version this worker cannot read is answered with an error, never dropped. Fields a
+reader does not know are ignored (an older reader keeps working on newer messages of a
+version it reads).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from cleandift.contract import ModelInfo
+
+PROTOCOL_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+
+Kind = Literal["features", "correspond"]
+Mode = Literal["clean", "dift"]
+OutputDtype = Literal["float16", "float32"]
+Fields = dict[bytes, bytes]
+
+
+class UnreadableJob(ValueError):
+    """A stream entry this worker cannot run; `envelope` holds what is needed to answer.
+
+    A format version from the future is a rollout in progress (503: retry later, a newer
+    worker will read it); a malformed entry is a bug (500)."""
+
+    def __init__(self, message: str, envelope: dict[str, Any], status: int = 500) -> None:
+        super().__init__(message)
+        self.envelope, self.status = envelope, status
+
+
+class JobSpec(BaseModel):
+    """Everything a worker needs to run one request, except the pixels."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    kind: Kind
+    input_size: int = Field(gt=0, description="Model input side in px (images are s x s).")
+    layers: list[str]
+    image_sizes: list[tuple[int, int]] = Field(description="Original (width, height) of "
+                                               "each image, for pixel coordinates.")
+    prompt: str = ""
+    mode: Mode = "clean"
+    dtype: OutputDtype = "float16"
+    points: list[tuple[float, float]] | None = None
+    max_matches: int = 100
+    heatmap: bool = False  # also return the last point's similarity over the target
+    deadline: float = 0.0
+    reply_to: str = ""
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    enqueued_at: float = Field(default_factory=time.time)
+
+    def group_key(self) -> tuple[int, str, str]:
+        """Jobs with the same key can share one forward pass."""
+        return (self.input_size, self.prompt, self.mode)
+
+
+def _spec_from_v1(raw: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 named the input side `size` and the original sizes `sizes`."""
+    raw = dict(raw)
+    raw["input_size"] = raw.pop("size")
+    raw["image_sizes"] = raw.pop("sizes")
+    return raw
+
+
+@dataclass
+class Job:
+    spec: JobSpec
+    images: list[np.ndarray]  # uint8 [s, s, 3]
+    entry_id: str = ""  # the stream entry, set once read
+    deliveries: int = 1
+
+    def to_fields(self, version: int = PROTOCOL_VERSION) -> dict[str, bytes | str]:
+        spec = self.spec.model_dump(mode="json")
+        if version == 1:
+            spec["size"], spec["sizes"] = spec.pop("input_size"), spec.pop("image_sizes")
+        fields: dict[str, bytes | str] = {"v": str(version), "spec": json.dumps(spec)}
+        for i, image in enumerate(self.images):
+            fields[f"img{i}"] = np.ascontiguousarray(image, dtype=np.uint8).tobytes()
+        return fields
+
+    @classmethod
+    def from_fields(cls, entry_id: str, fields: Fields,
+                    readable: tuple[int, ...] = READABLE_VERSIONS) -> Job:
+        """Raises UnreadableJob (with what is needed to answer) for any bad entry."""
+        envelope = _envelope(fields)
+        version = _version(fields)
+        if version not in readable:
+            raise UnreadableJob(f"job format v{version} is not readable by this worker "
+                                f"(it reads v{min(readable)}-v{max(readable)})", envelope,
+                                status=503)
+        try:
+            raw = json.loads(fields[b"spec"])
+            spec = JobSpec.model_validate(_spec_from_v1(raw) if version == 1 else raw)
+            shape = (spec.input_size, spec.input_size, 3)
+            images = [np.frombuffer(fields[f"img{i}".encode()], dtype=np.uint8).reshape(shape)
+                      for i in range(len(spec.image_sizes))]
+        except (KeyError, ValueError, TypeError) as exc:
+            raise UnreadableJob(f"malformed job: {exc}", envelope) from exc
+        return cls(spec=spec, images=images, entry_id=entry_id)
+
+    @property
+    def pixels(self) -> int:
+        return len(self.images) * self.spec.input_size * self.spec.input_size
+
+
+def _version(fields: Fields) -> int:
+    """The format version of an entry; version 1 had no `v` field."""
+    try:
+        return int(fields.get(b"v", b"1"))
+    except ValueError:
+        return -1
+
+
+def _envelope(fields: Fields) -> dict[str, Any]:
+    """The job id and reply channel of an entry, read leniently to answer even bad jobs."""
+    try:
+        raw = json.loads(fields.get(b"spec", b"{}"))
+        return {"id": str(raw.get("id", "")), "reply_to": str(raw.get("reply_to", ""))}
+    except (ValueError, AttributeError):
+        return {"id": "", "reply_to": ""}
+
+
+class LayerMeta(BaseModel):
+    shape: list[int]
+    dtype: str
+
+
+class Heatmap(BaseModel):
+    width: int
+    height: int
+    values: list[float]  # row-major cosine similarities, height x width
+
+
+class ResultMeta(BaseModel):
+    """A job's outcome without its bytes: status 200 with features or matches, or an error."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    job_id: str
+    status: int = 200
+    error: str = ""
+    model: str = ""
+    model_version: str = ""
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+    layers: dict[str, LayerMeta] = Field(default_factory=dict)
+    matches: list[dict[str, Any]] | None = None
+    heatmap: Heatmap | None = None
+
+
+@dataclass
+class Result:
+    meta: ResultMeta
+    data: dict[str, bytes] = field(default_factory=dict)  # key -> raw bytes
+
+    def to_fields(self, version: int = PROTOCOL_VERSION) -> dict[str, bytes | str]:
+        fields: dict[str, bytes | str] = {"v": str(version),
+                                          "meta": self.meta.model_dump_json()}
+        fields.update({f"layer:{k}": v for k, v in self.data.items()})
+        return fields
+
+    @classmethod
+    def from_fields(cls, fields: Fields) -> Result:
+        version = _version(fields)
+        if version not in READABLE_VERSIONS:
+            raise ValueError(f"result format v{version} is not readable by this API")
+        meta = ResultMeta.model_validate_json(fields[b"meta"])
+        data = {k.decode()[len("layer:"):]: v for k, v in fields.items()
+                if k.startswith(b"layer:")}
+        return cls(meta=meta, data=data)
+
+    def array(self, key: str) -> np.ndarray:
+        info = self.meta.layers[key]
+        dtype = np.dtype(info.dtype).newbyteorder("<")
+        return np.frombuffer(self.data[key], dtype=dtype).reshape(info.shape)
+
+
+def failure(job_id: str, status: int, message: str) -> Result:
+    return Result(ResultMeta(job_id=job_id, status=status, error=message))
+
+
+class Heartbeat(BaseModel):
+    """A worker's periodic sign of life, with what it serves."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    pid: int
+    host: str
+    model: str
+    version: str
+    device: str
+    started_at: float
+    protocols: list[int] = Field(default_factory=lambda: list(READABLE_VERSIONS))
+    metrics: str = ""  # the worker's Prometheus text
+
+
+__all__ = ["Heartbeat", "Job", "JobSpec", "ModelInfo", "Result", "ResultMeta",
+           "UnreadableJob", "failure"]

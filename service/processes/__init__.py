@@ -1,0 +1,1 @@
+"""Process entry points (`api`, `worker`, `serve`) and the private redis-server."""

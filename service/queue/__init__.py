@@ -1,0 +1,1 @@
+"""The Redis Streams queue: `JobProducer` is the API's side, `JobConsumer` the worker's."""

@@ -1,0 +1,19 @@
+"""What can go wrong between the API and the queue; routes map each to one status."""
+
+from __future__ import annotations
+
+
+class QueueError(Exception):
+    pass
+
+
+class QueueUnavailable(QueueError):
+    """Redis cannot be reached (or answered with an error): 503."""
+
+
+class QueueFull(QueueError):
+    """The stream already holds `max_queue` jobs: 429."""
+
+
+class DeadlineExceeded(QueueError):
+    """No worker answered before the job's deadline: 504."""

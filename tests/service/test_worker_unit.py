@@ -1,0 +1,197 @@
+"""The worker's failure paths, fast: the real Worker and the real demo model, fed by an
+in-memory queue (the Redis queue itself is tested against a real Redis in test_queue.py).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+
+from cleandift.service.messages import Heartbeat, Job, JobSpec, Result
+from cleandift.service.metrics import WorkerMetrics
+from cleandift.service.queue.errors import QueueUnavailable
+from cleandift.service.worker import stages
+from cleandift.service.worker.holder import ModelHolder
+from cleandift.service.worker.loop import Worker
+from cleandift.settings import Settings
+
+SIZE = 64
+
+
+class MemoryQueue:
+    """The worker's queue interface over a deque; records everything the worker does."""
+
+    consumer = "unit-worker"
+
+    def __init__(self, fail_completes: int = 0) -> None:
+        self.waiting: deque[Job] = deque()
+        self.answers: dict[str, Result] = {}
+        self.completes = 0
+        self.fail_completes = fail_completes
+        self.touched: set[str] = set()
+        self.beats: list[Heartbeat] = []
+        self.models: list[str] = []
+        self.lock = threading.Lock()
+
+    def claim(self, count: int, block_ms: int) -> list[Job]:
+        with self.lock:
+            jobs = [self.waiting.popleft() for _ in range(min(count, len(self.waiting)))]
+        if not jobs:
+            time.sleep(0.01)
+        return jobs
+
+    def reclaim(self, count: int) -> tuple[list[Job], int]:
+        return [], 0
+
+    def complete(self, answers: Sequence[tuple[Job, Result]]) -> None:
+        with self.lock:
+            self.completes += 1
+            if self.fail_completes > 0:
+                self.fail_completes -= 1
+                raise QueueUnavailable("Redis is restarting")
+            for job, result in answers:
+                assert job.spec.id not in self.answers, "a job was answered twice"
+                self.answers[job.spec.id] = result
+
+    def touch(self, entry_ids: Sequence[str]) -> None:
+        self.touched.update(entry_ids)
+
+    def heartbeat(self, beat: Heartbeat, ttl_s: float) -> None:
+        self.beats.append(beat)
+
+    def leave(self) -> None:
+        pass
+
+    def publish_model(self, info_json: str) -> None:
+        self.models.append(info_json)
+
+    def wait_answers(self, n: int, timeout: float = 30) -> dict[str, Result]:
+        deadline = time.monotonic() + timeout
+        while len(self.answers) < n:
+            assert time.monotonic() < deadline, f"{len(self.answers)} of {n} answered"
+            time.sleep(0.01)
+        return self.answers
+
+
+def job(i: int, *, deadline: float | None = None, kind: str = "features") -> Job:
+    images = 2 if kind == "correspond" else 1
+    spec = JobSpec(kind=kind, input_size=SIZE, layers=["us6"], image_sizes=[(SIZE, SIZE)] * images,
+                   deadline=time.time() + 60 if deadline is None else deadline,
+                   points=[(3.0, 4.0)] if kind == "correspond" else None)
+    pixels = np.full((SIZE, SIZE, 3), i, np.uint8)
+    return Job(spec=spec, images=[pixels] * images, entry_id=f"{i}-0")
+
+
+@contextmanager
+def running(queue: MemoryQueue, extractor, **overrides) -> Iterator[Worker]:
+    options = {"redis_url": "redis://memory", "heartbeat_s": 0.05, "worker_ttl_s": 1.0,
+               "max_batch": 4, **overrides}
+    settings = Settings(**options)
+    worker = Worker(settings, ModelHolder(extractor), queue, WorkerMetrics())
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "the worker did not stop"
+
+
+def test_jobs_are_answered_with_features_and_timings(extractor):
+    queue = MemoryQueue()
+    queue.waiting.extend(job(i) for i in range(5))
+    with running(queue, extractor) as worker:
+        answers = queue.wait_answers(5)
+    assert {r.meta.status for r in answers.values()} == {200}
+    first = next(iter(answers.values()))
+    assert first.array("us6").shape == (64, SIZE // 16, SIZE // 16)
+    assert set(first.meta.timings_ms) == {"queue", "inference"}
+    assert worker.metrics.value("cleandift_images_processed_total") == 5
+    assert queue.models and queue.beats, "model published and heartbeats sent"
+    assert worker._held == set()
+
+
+def test_a_failing_forward_answers_every_job_of_the_batch(extractor, monkeypatch):
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    monkeypatch.setattr(stages, "forward", broken)
+    queue = MemoryQueue()
+    queue.waiting.extend(job(i) for i in range(3))
+    with running(queue, extractor) as worker:
+        answers = queue.wait_answers(3)
+    assert {r.meta.status for r in answers.values()} == {500}
+    assert all("worker error" in r.meta.error for r in answers.values())
+    assert worker.metrics.value("cleandift_jobs_total", kind="features", status="500") == 3
+
+
+def test_a_failing_post_stage_answers_the_batch_and_the_worker_goes_on(extractor, monkeypatch):
+    real = stages.results
+    calls = []
+
+    def flaky(computed):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("encoding bug")
+        return real(computed)
+
+    monkeypatch.setattr(stages, "results", flaky)
+    queue = MemoryQueue()
+    queue.waiting.extend([job(0), job(1, kind="correspond")])
+    with running(queue, extractor, max_batch=1):
+        first = queue.wait_answers(1)
+        queue.waiting.append(job(2))
+        answers = queue.wait_answers(3)
+    assert next(iter(first.values())).meta.status == 500
+    assert sorted(r.meta.status for r in answers.values()) == [200, 200, 500]
+
+
+def test_expired_jobs_get_504_and_never_reach_the_model(extractor):
+    queue = MemoryQueue()
+    queue.waiting.extend([job(0, deadline=time.time() - 1), job(1, deadline=time.time() - 5)])
+    with running(queue, extractor) as worker:
+        answers = queue.wait_answers(2)
+    assert {r.meta.status for r in answers.values()} == {504}
+    assert worker.metrics.value("cleandift_jobs_expired_total") == 2
+    assert worker.metrics.value("cleandift_images_processed_total") == 0
+
+
+def test_answers_are_retried_until_redis_takes_them(extractor):
+    queue = MemoryQueue(fail_completes=2)
+    queue.waiting.extend(job(i) for i in range(2))
+    with running(queue, extractor) as worker:
+        answers = queue.wait_answers(2)
+    assert {r.meta.status for r in answers.values()} == {200}
+    assert queue.completes >= 3  # two refusals, then the answers went through, once each
+    assert worker._held == set()
+
+
+def test_held_jobs_are_kept_fresh_while_they_run(extractor, monkeypatch):
+    real = stages.forward
+
+    def slow(prepared, model):
+        time.sleep(0.3)  # several heartbeat periods
+        return real(prepared, model)
+
+    monkeypatch.setattr(stages, "forward", slow)
+    queue = MemoryQueue()
+    queue.waiting.append(job(7))
+    with running(queue, extractor):
+        queue.wait_answers(1)
+    assert "7-0" in queue.touched
+
+
+def test_stop_answers_what_was_claimed(extractor):
+    queue = MemoryQueue()
+    queue.waiting.extend(job(i) for i in range(3))
+    with running(queue, extractor) as worker:
+        while queue.waiting:  # all claimed
+            time.sleep(0.005)
+        worker.stop()
+    assert len(queue.answers) == 3

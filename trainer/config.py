@@ -1,0 +1,46 @@
+"""The trainer's configuration: every parameter, its default and its help, written once.
+
+`cleandift train` builds its options from these fields, so the CLI and the Python API
+(`train(TrainConfig(...))`) cannot disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from cleandift.registry import announce_channel
+
+
+def _opt(default: object, help: str) -> Any:  # noqa: A002  (typer's word)
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    data: str = field(metadata={"help": "image folder, or shards 'dir/{00000..00009}.tar'"})
+    registry: Path = field(metadata={"help": "registry DIR to publish into"})
+    name: str = field(metadata={"help": "model NAME in the registry"})
+    teacher: str | None = _opt(None, "base model spec; the demo model if unset")
+    steps: int = _opt(400, "optimiser steps")
+    batch_size: int = _opt(8, "images per step")
+    lr: float = _opt(1e-5, "peak learning rate (Adam)")
+    warmup: int = _opt(2000, "linear warm-up steps")
+    size: int | None = _opt(None, "input side; the model's if unset")
+    precision: Literal["bf16", "fp32"] = _opt("bf16", "bf16 or fp32 (bf16 on GPU only)")
+    grad_checkpointing: bool = _opt(False, "recompute activations in the backward pass")
+    compile: bool = _opt(False, "torch.compile the UNet blocks")
+    save_every: int = _opt(100, "checkpoint every K steps (0: never)")
+    resume: bool = _opt(False, "continue the latest checkpoint")
+    seed: int = _opt(0, "seed of the data order, timesteps and noise")
+    holdout: int = _opt(8, "held-out images for the fidelity metric")
+    output_dir: Path | None = _opt(None, "checkpoints and log.jsonl (default REGISTRY/NAME/.runs)")
+    # From the settings, not the command line:
+    cache_dir: Path | None = field(default=None, metadata={"cli": False})
+    redis_url: str | None = field(default=None, metadata={"cli": False})
+    channel: str = field(default=announce_channel("cleandift"), metadata={"cli": False})
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir or Path(self.registry) / self.name / ".runs"
