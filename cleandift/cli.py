@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 if TYPE_CHECKING:
-    from PIL import Image
+    import numpy as np
 
     from .extractor import Extractor
     from .settings import Settings
@@ -88,15 +88,24 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(2) from exc
 
 
-def _read_image(path: Path, settings: Settings) -> Image.Image:
-    from .images import ImageError, decode_image
+def _read_image(path: Path, size: int, settings: Settings) -> tuple[np.ndarray, tuple[int, int]]:
+    """The model's view of an image file (the same decoding as the API), and its size."""
+    from .images import ImageError, decode_for_model
 
     try:
         data = path.read_bytes()
-        return decode_image(data, max_bytes=len(data), max_pixels=settings.max_image_pixels)
+        return decode_for_model(data, size, max_bytes=len(data),
+                                max_pixels=settings.max_image_pixels)
     except (OSError, ImageError) as exc:
         typer.echo(f"error: {path}: {exc}", err=True)
         raise typer.Exit(2) from exc
+
+
+def _input_size(extractor: Extractor, size: int | None) -> int:
+    from .contract import check_size
+
+    with user_errors():
+        return check_size(size if size is not None else extractor.info.input_size)
 
 
 @app.command("demo-model")
@@ -142,22 +151,25 @@ def extract(
     from safetensors.torch import save_file
     from tqdm import tqdm
 
+    from .images import to_pixels
+
     extractor, settings = _load(model, unet, device, dtype)
+    side = _input_size(extractor, size)
     keys = layers.split(",") if layers else None
     tensors = {}
     for start in tqdm(range(0, len(images), batch_size), desc="extract", unit="batch"):
         paths = images[start : start + batch_size]
-        batch = [_read_image(p, settings) for p in paths]
+        batch = [_read_image(p, side, settings)[0] for p in paths]
         with user_errors():
-            results = extractor.extract(batch, keys, size, prompt, mode=mode)
-        for path, feats in zip(paths, results):
-            for key, value in feats.items():
+            results = extractor.features(to_pixels(batch), keys, prompt, mode=mode)
+        for i, path in enumerate(paths):
+            for key, value in results.items():
                 name = key if len(images) == 1 else f"{path.stem}/{key}"
-                tensors[name] = value.contiguous()
+                tensors[name] = value[i].float().cpu().contiguous()
     meta = {
         "model": extractor.info.name,
         "model_version": extractor.info.version,
-        "input_size": str(size or extractor.info.input_size),
+        "input_size": str(side),
     }
     save_file(tensors, str(out), metadata=meta)
     typer.echo(f"wrote {len(tensors)} tensors to {out}", err=True)
@@ -179,17 +191,19 @@ def correspond(
 ) -> None:
     """Match points from SOURCE to TARGET; prints the JSON of POST /correspond."""
     from .contract import validate_points
+    from .images import to_pixels
     from .matching import correspond as run_match
 
     extractor, settings = _load(model, unet, device, None)
-    src, tgt = _read_image(source, settings), _read_image(target, settings)
+    side = _input_size(extractor, size)
+    (src, src_size), (tgt, tgt_size) = (_read_image(p, side, settings) for p in (source, target))
     key = layer or extractor.info.correspondence_layer
     start = time.perf_counter()
     with user_errors():
-        pts = validate_points(json.loads(points), src.size, settings.max_points) if points else None
-        feats = extractor.features(extractor.preprocess([src, tgt], size), [key], prompt)[key]
+        pts = validate_points(json.loads(points), src_size, settings.max_points) if points else None
+        feats = extractor.features(to_pixels([src, tgt]), [key], prompt)[key]
     matches = run_match(
-        feats[0], feats[1], src.size, tgt.size, pts,
+        feats[0], feats[1], src_size, tgt_size, pts,
         max_matches=max_matches or settings.max_matches,
     )
     elapsed = (time.perf_counter() - start) * 1000

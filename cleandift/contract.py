@@ -15,6 +15,10 @@ from pydantic import BaseModel, ConfigDict
 
 from .method import CORRESPONDENCE_LAYER, LAYER_KEYS, LAYER_MODULES, SIZE_MULTIPLE, STUDENT_TIMESTEP
 
+# Feature patches (2 x 2 cells) refined per correspondence point at most: the bound on
+# matching cost per point, whatever the target's pixel count (see refine.py).
+MATCH_REFINE_PATCHES = 16
+
 
 class RequestError(ValueError):
     """A request parameter breaks a rule of the contract (HTTP 422, CLI exit 2)."""

@@ -35,11 +35,14 @@ class Extractor:
         device: torch.device,
         dtype: torch.dtype,
         load_base_unet: Callable[[], nn.Module] | None = None,
+        base_spec: str = "",
     ) -> None:
         self.vae: Any = vae
         self.unet: Any = unet
         self.noise_scheduler: Any = noise_scheduler
         self.prompts, self.info = prompts, info
+        self.base_spec = base_spec or info.base  # where the base model loads from (a path
+        # or hub id); info.base is its public name only, so answers never show local paths
         self.device, self.dtype = device, dtype
         self._load_base_unet = load_base_unet
         self._base_unet: nn.Module | None = None if load_base_unet else unet

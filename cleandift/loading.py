@@ -100,6 +100,12 @@ def _from_pretrained(cls: Any, spec: ResolvedSpec, subfolder: str, **kwargs: Any
         ) from exc
 
 
+def _weights(cls: Any, spec: ResolvedSpec, subfolder: str, dtype: torch.dtype) -> Any:
+    """Weights from safetensors files only: a folder that has only pickles (.bin, .ckpt)
+    is refused, never unpickled."""
+    return _from_pretrained(cls, spec, subfolder, torch_dtype=dtype, use_safetensors=True)
+
+
 def load_unet_state(unet: torch.nn.Module, path: Path) -> dict[str, str]:
     """Strictly load a flat diffusers-named safetensors state dict; returns its metadata."""
     try:
@@ -152,14 +158,14 @@ def load_extractor(
     resolved = resolve_spec(spec, cache, demo_seed)
     dev, dt = pick_device_dtype(device, dtype)
     unet_file = Path(unet) if unet is not None else resolved.unet_file
-    student = _from_pretrained(UNet2DConditionModel, resolved, "unet", torch_dtype=dt)
+    student = _weights(UNet2DConditionModel, resolved, "unet", dt)
     metadata = dict(resolved.metadata)
     version = resolved.version
     if unet_file is not None:  # checked whole before any weight is replaced
         metadata.update(load_unet_state(student, unet_file))
         if unet is not None:  # an explicit file; registry versions are named already
             version = "unet-" + registry.sha256_file(unet_file)[:12]
-    vae = _from_pretrained(AutoencoderKL, resolved, "vae", torch_dtype=dt)
+    vae = _weights(AutoencoderKL, resolved, "vae", dt)
     vae.decoder = None  # features need the encoder only
     scheduler = _from_pretrained(DDPMScheduler, resolved, "scheduler")
     latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -167,7 +173,7 @@ def load_extractor(
     info = model_info(
         name=resolved.name,
         version=version,
-        base=resolved.source,
+        base=resolved.source if resolved.is_hub else Path(resolved.source).name,
         unet_config=student.config,
         latent_factor=latent_factor,
         input_size=input_size,
@@ -182,6 +188,7 @@ def load_extractor(
         device=dev,
         dtype=dt,
         load_base_unet=_base_loader(resolved, dev, dt) if unet_file is not None else None,
+        base_spec=resolved.source,
     )
 
 
@@ -191,8 +198,7 @@ def _base_loader(
     def load() -> torch.nn.Module:
         from diffusers import UNet2DConditionModel
 
-        unet: torch.nn.Module = _from_pretrained(UNet2DConditionModel, resolved, "unet",
-                                                 torch_dtype=dt)
+        unet: torch.nn.Module = _weights(UNet2DConditionModel, resolved, "unet", dt)
         return unet.to(dev).eval().requires_grad_(False)
 
     return load
@@ -205,7 +211,7 @@ def _prompt_encoder(
         from transformers import CLIPTextModel, CLIPTokenizer
 
         tokenizer = _from_pretrained(CLIPTokenizer, resolved, "tokenizer")
-        encoder = _from_pretrained(CLIPTextModel, resolved, "text_encoder", torch_dtype=dt)
+        encoder = _weights(CLIPTextModel, resolved, "text_encoder", dt)
         return tokenizer, encoder.to(dev).eval().requires_grad_(False)
 
     key = hashlib.sha256(resolved.source.encode()).hexdigest()[:16]

@@ -1,19 +1,29 @@
 """Semantic correspondence by cosine similarity of feature maps (the DIFT protocol).
 
-DIFT upsamples both maps to the original image sizes and takes an argmax of the cosine.
-We compute the same argmax without ever holding C x H x W at full resolution: the dot
-product commutes with bilinear upsampling, so only a [P, H, W] similarity (chunked over
-points) and an [H, W] norm map (chunked over rows) are materialised.
+DIFT upsamples both maps to the original image sizes and takes the argmax of the cosine.
+We return the same argmax without holding anything at full resolution, at a cost that
+depends on the points and the feature grid, not on the target's pixel count (refine.py):
+a 1000-point query on a 50-megapixel target costs about what it costs on a small one.
+Every function works on the features' device (the GPU in a worker) and checks an
+optional deadline between chunks, so a long request can be abandoned cleanly.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-DEFAULT_BUDGET = 1 << 24  # elements held at once in any full-resolution intermediate
+from .contract import MATCH_REFINE_PATCHES as MAX_REFINE
+from .refine import Refinement, Target, argmax_upsampled
+
+DEFAULT_BUDGET = 1 << 24  # elements held at once in any intermediate
+
+
+class DeadlinePassed(Exception):
+    """The caller's deadline passed between two chunks of matching work."""
 
 
 @dataclass(frozen=True)
@@ -24,6 +34,11 @@ class Match:
 
     def to_json(self) -> dict[str, object]:
         return {"source": list(self.source), "target": list(self.target), "score": self.score}
+
+
+def _check(deadline: float | None) -> None:
+    if deadline is not None and time.time() > deadline:
+        raise DeadlinePassed
 
 
 def sample_points(feat: torch.Tensor, points: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -46,44 +61,6 @@ def sample_points(feat: torch.Tensor, points: torch.Tensor, size: tuple[int, int
     return out[0, :, 0].T  # [P, C]
 
 
-def _axis_weights(n_in: int, n_out: int, device: torch.device
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Indices and weights of 1-D bilinear upsampling n_in -> n_out (align_corners=False)."""
-    src = ((torch.arange(n_out, device=device, dtype=torch.float64) + 0.5) * n_in / n_out - 0.5)
-    src = src.clamp(min=0)
-    i0 = src.floor().long().clamp(max=n_in - 1)
-    return i0, (i0 + 1).clamp(max=n_in - 1), (src - i0).float()
-
-
-def upsampled_inv_norm(feat: torch.Tensor, size: tuple[int, int], budget: int) -> torch.Tensor:
-    """1 / ||upsample(feat)|| at every pixel, [H, W], at O(H W) cost whatever C is.
-
-    An upsampled vector mixes the four cell corners a, b, c, d around it, so its squared
-    norm is a quadratic form in the corner weights over ten low-resolution inner-product
-    maps (four norms, six cross terms) computed once at C x h x w cost.
-    """
-    width, height = size
-    h, w = feat.shape[1:]
-    padded = F.pad(feat.float()[None], (0, 1, 0, 1), mode="replicate")[0]
-    corners = [padded[:, :h, :w], padded[:, :h, 1:], padded[:, 1:, :w], padded[:, 1:, 1:]]
-    pairs = [(i, j) for i in range(4) for j in range(i, 4)]
-    maps = torch.stack([(corners[i] * corners[j]).sum(0) for i, j in pairs])  # [10, h, w]
-    y0, _, ty = _axis_weights(h, height, feat.device)
-    x0, _, tx = _axis_weights(w, width, feat.device)
-    rows = max(1, budget // (len(pairs) * width))
-    out = torch.empty(height, width, device=feat.device)
-    for start in range(0, height, rows):
-        sl = slice(start, start + rows)
-        vy = ty[sl][:, None]
-        weights = [(1 - vy) * (1 - tx), (1 - vy) * tx, vy * (1 - tx), vy * tx]  # [r, W] each
-        local = maps[:, y0[sl]][:, :, x0]  # [10, r, W]
-        total = torch.zeros_like(local[0])
-        for k, (i, j) in enumerate(pairs):
-            total += (1 if i == j else 2) * weights[i] * weights[j] * local[k]
-        out[sl] = total.clamp_min_(1e-24).rsqrt_()
-    return out
-
-
 def match_points(
     source: torch.Tensor,
     target: torch.Tensor,
@@ -91,26 +68,25 @@ def match_points(
     source_size: tuple[int, int],
     target_size: tuple[int, int],
     *,
+    refine: int = MAX_REFINE,
     budget: int = DEFAULT_BUDGET,
+    deadline: float | None = None,
+    stats: Refinement | None = None,
 ) -> list[Match]:
     """For each source point (x, y), the target pixel of highest cosine similarity."""
     pts = torch.as_tensor(points, dtype=torch.float32).reshape(-1, 2)
     if len(pts) == 0:
         return []
-    width, height = target_size
-    query = sample_points(source, pts, source_size)  # [P, C]
-    query = query / query.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    inv_norm = upsampled_inv_norm(target, target_size, budget)
-    tgt = target.float()
-    per_chunk = max(1, budget // (height * width))
+    stats = stats if stats is not None else Refinement()
+    query = F.normalize(sample_points(source, pts, source_size), dim=1)
+    prepared = Target(target, target_size)
+    width = target_size[0]
+    per_chunk = max(1, budget // (16 * max(prepared.patch_cost, prepared.h * prepared.w)))
     matches: list[Match] = []
     for start in range(0, len(pts), per_chunk):
-        q = query[start : start + per_chunk]
-        dots = torch.einsum("pc,chw->phw", q, tgt)[:, None]
-        sim = F.interpolate(dots, size=(height, width), mode="bilinear", align_corners=False)
-        sim = sim[:, 0] * inv_norm
-        score, flat = sim.flatten(1).max(dim=1)
-        for p, s, f in zip(pts[start : start + per_chunk].tolist(), score.tolist(), flat.tolist()):
+        _check(deadline)
+        score, flat = argmax_upsampled(prepared, query[start:start + per_chunk], refine, stats)
+        for p, s, f in zip(pts[start:start + per_chunk].tolist(), score.tolist(), flat.tolist()):
             matches.append(Match((p[0], p[1]), (float(f % width), float(f // width)), s))
     return matches
 
@@ -124,11 +100,13 @@ def _cell_centres(h: int, w: int, size: tuple[int, int]) -> torch.Tensor:
     return torch.stack([grid_x.flatten(), grid_y.flatten()], dim=1)
 
 
-def _best(a: torch.Tensor, b: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _best(a: torch.Tensor, b: torch.Tensor, budget: int, deadline: float | None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """For each row of a [N, C], the index and cosine of its nearest row of b [M, C]."""
     step = max(1, budget // max(1, len(b)))
     values, indices = [], []
     for start in range(0, len(a), step):
+        _check(deadline)
         v, i = (a[start : start + step] @ b.T).max(dim=1)
         values.append(v)
         indices.append(i)
@@ -143,12 +121,13 @@ def mutual_matches(
     *,
     max_matches: int,
     budget: int = DEFAULT_BUDGET,
+    deadline: float | None = None,
 ) -> list[Match]:
     """Mutual nearest neighbours between feature cells, best cosine first."""
     a = F.normalize(source.float().flatten(1).T, dim=1)  # [N, C]
     b = F.normalize(target.float().flatten(1).T, dim=1)  # [M, C]
-    score_ab, ab = _best(a, b, budget)
-    _, ba = _best(b, a, budget)
+    score_ab, ab = _best(a, b, budget, deadline)
+    _, ba = _best(b, a, budget, deadline)
     mutual = torch.nonzero(ba[ab] == torch.arange(len(a), device=a.device)).flatten()
     order = mutual[score_ab[mutual].argsort(descending=True, stable=True)][:max_matches]
     ab, score_ab = ab.cpu(), score_ab.cpu()
@@ -175,8 +154,14 @@ def correspond(
     points: list[list[float]] | None,
     *,
     max_matches: int,
+    deadline: float | None = None,
 ) -> list[Match]:
     """Matches for given source points, or mutual nearest neighbours when there are none."""
     if points is None:
-        return mutual_matches(source, target, source_size, target_size, max_matches=max_matches)
-    return match_points(source, target, points, source_size, target_size)
+        return mutual_matches(source, target, source_size, target_size,
+                              max_matches=max_matches, deadline=deadline)
+    return match_points(source, target, points, source_size, target_size, deadline=deadline)
+
+
+__all__ = ["MAX_REFINE", "DeadlinePassed", "Match", "Refinement", "correspond", "match_points",
+           "mutual_matches", "sample_points", "similarity_map"]

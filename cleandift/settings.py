@@ -60,6 +60,12 @@ class Settings(BaseSettings):
     result_ttl_s: int = Field(120, ge=1)
     heartbeat_s: float = Field(2.0, gt=0)
     worker_ttl_s: float = Field(10.0, gt=0, description="A worker silent this long is dead.")
+    no_worker_grace_s: float = Field(
+        5.0, gt=0, description="Waiting requests get 503 once no worker has been alive "
+        "this long (new requests get it at once).")
+    forward_timeout_s: float = Field(
+        300.0, gt=0, description="A forward pass running longer is hung: the worker stops "
+        "holding its jobs (others take them) and reports not ready and not alive.")
     stream_maxlen: int = Field(10_000, ge=100, description="Approximate trim of the streams.")
 
     # Requests
@@ -70,6 +76,10 @@ class Settings(BaseSettings):
     max_points: int = Field(1000, ge=1)
     max_matches: int = Field(200, ge=1)
     max_prompt_chars: int = Field(1000, ge=0)
+    decode_memory_bytes: int = Field(
+        512 * 1024 * 1024, ge=1024 * 1024,
+        description="Memory an API process may hold in images being decoded at once; "
+        "uploads beyond it wait for room.")
     api_key: str | None = None
 
     # Processes
@@ -79,6 +89,8 @@ class Settings(BaseSettings):
     worker_id: str | None = None
     workers: int = Field(1, ge=1, description="Workers started by `serve`.")
     api_workers: int = Field(1, ge=1, description="API processes (uvicorn workers).")
+    post_threads: int = Field(2, ge=1, description="A worker's threads encoding results "
+                              "and matching, beside the forward thread.")
     torch_threads: int | None = Field(
         None, ge=1, description="A worker's intra-op CPU threads; on CPU, one worker per core "
         "with 1 thread each beats one worker with all cores."

@@ -61,7 +61,7 @@ def serve(
     torch_threads: ThreadsOpt = None,
 ) -> None:
     """All in one: API + worker(s) (+ a private redis-server without REDIS_URL)."""
-    from .processes.launch import run_serve
+    from .processes.serve import run_serve
 
     run_serve(settings_with(model=model, unet=unet, device=device, dtype=dtype,
                             redis_url=redis_url, host=host, port=port, max_batch=max_batch,

@@ -104,7 +104,7 @@ def publish_existing(registry, name, unet, base, student_timestep, redis_url, ch
         extractor = load_extractor(base, unet=unet, device="cpu", cache_dir=cache_dir)
     except ModelLoadError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    manifest = {"base": extractor.info.base, "input_size": extractor.info.input_size,
+    manifest = {"base": extractor.base_spec, "input_size": extractor.info.input_size,
                 "student_timestep": student_timestep, "steps": None,
                 "source": str(Path(unet).resolve())}
     return publish_weights(registry, name, Path(unet), manifest, redis_url=redis_url,

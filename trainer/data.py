@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cleandift.images import ImageError, decode_image, resize_rgb, to_pixels
+from cleandift.images import ImageError, decode_for_model, to_pixels
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
@@ -143,8 +143,9 @@ class BatchStream:
     def _load(self, record: Record) -> np.ndarray | None:
         try:
             data = read_image_bytes(record)
-            image = decode_image(data, max_bytes=MAX_IMAGE_BYTES, max_pixels=MAX_IMAGE_PIXELS)
-            return resize_rgb(image, self.size)
+            pixels, _ = decode_for_model(data, self.size, max_bytes=MAX_IMAGE_BYTES,
+                                         max_pixels=MAX_IMAGE_PIXELS)
+            return pixels
         except (ImageError, OSError, KeyError, tarfile.TarError):
             self.skipped += 1
             return None

@@ -47,9 +47,11 @@ def announce(redis_url: str, channel: str, registry_dir: Path, name: str, versio
     """Tell watching workers at once; they also poll LATEST, so a lost message is fine."""
     import redis
 
+    from cleandift.service.queue.connect import sync_client
+
     message = {"registry": str(Path(registry_dir).resolve()), "name": name, "version": version}
     try:
-        redis.Redis.from_url(redis_url, socket_connect_timeout=2).publish(
+        sync_client(redis_url).publish(
             channel, json.dumps(message)
         )
     except redis.RedisError as exc:

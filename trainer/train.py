@@ -179,7 +179,7 @@ def publish(cfg: TrainConfig, setup: Setup, state: TrainState) -> tuple[str, Pat
     heads = {f"heads.{k}": v for k, v in student.heads.state_dict().items()}
     heads["timestep"] = student.timestep.detach().reshape(1)
     manifest = {
-        "base": setup.extractor.info.base,
+        "base": setup.extractor.base_spec,
         "input_size": setup.size,
         "student_timestep": float(student.timestep.detach()),
         "steps": state.step,

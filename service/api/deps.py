@@ -11,6 +11,7 @@ from cleandift.settings import Settings
 
 from ..metrics import ApiMetrics
 from ..queue.producer import JobProducer
+from .decoding import MemoryBudget
 from .problems import Problem
 
 
@@ -29,9 +30,15 @@ def get_metrics(request: Request) -> ApiMetrics:
     return metrics
 
 
+def get_decode_budget(request: Request) -> MemoryBudget:
+    budget: MemoryBudget = request.app.state.decode_budget
+    return budget
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ProducerDep = Annotated[JobProducer, Depends(get_producer)]
 MetricsDep = Annotated[ApiMetrics, Depends(get_metrics)]
+BudgetDep = Annotated[MemoryBudget, Depends(get_decode_budget)]
 
 
 def require_api_key(request: Request, settings: SettingsDep) -> None:

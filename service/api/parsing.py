@@ -1,4 +1,4 @@
-"""Turn an HTTP request into a validated Job; every failure is a 4xx Problem.
+"""Turn an HTTP request into a validated Job; every failure is a 4xx problem.
 
 Images are decoded and resized here, in the API process, so a bad file never reaches a
 worker and workers receive exactly the model-sized pixels they need.
@@ -6,35 +6,28 @@ worker and workers receive exactly the model-sized pixels they need.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import time
 from typing import Any, Literal
 
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from cleandift.contract import (
-    ModelInfo,
-    RequestError,
-    check_size,
-    validate_layers,
-    validate_points,
-)
-from cleandift.images import ImageError, decode_image, resize_rgb
+from cleandift.contract import ModelInfo, RequestError, check_size, validate_layers, validate_points
+from cleandift.method import SIZE_MULTIPLE
 from cleandift.settings import Settings
 
 from ..messages import Job, JobSpec
+from .decoding import MemoryBudget, decode_upload
+from .payload import Blobs, Fields, loads, read_payload
 from .problems import Problem, describe_validation
+
+MAX_SIDE = 1 << 16  # far above any configurable max_size; keeps huge numbers out of messages
 
 
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    size: int | None = Field(None, description="Model input side in px, a multiple of 64.")
+    size: int | None = Field(None, ge=SIZE_MULTIPLE, le=MAX_SIDE,
+                             description="Model input side in px, a multiple of 64.")
     prompt: str = Field("", description="Text conditioning; empty by default.")
     mode: Literal["clean", "dift"] = Field(
         "clean", description="clean: one pass (CleanDIFT); dift: the 8-sample noisy baseline."
@@ -53,7 +46,8 @@ class FeaturesBody(FeaturesParams):
 class CorrespondParams(_Params):
     points: Any = Field(None, description="[[x, y], ...] in source pixels; mutual NN if absent.")
     layer: str | None = Field(None, description="Feature key; the model's correspondence layer.")
-    max_matches: int | None = Field(None, ge=1, description="Mutual matches returned at most.")
+    max_matches: int | None = Field(None, ge=1, le=MAX_SIDE,
+                                    description="Mutual matches returned at most.")
     heatmap: bool = Field(False, description="Also return the last point's cosine similarity "
                           "over the target, at feature resolution.")
 
@@ -63,78 +57,41 @@ class CorrespondBody(CorrespondParams):
     target: str = Field(description="Target image, base64-encoded.")
 
 
-async def read_payload(request: Request, files: tuple[str, ...]) -> tuple[dict, dict[str, bytes]]:
-    """(fields, file bytes) from a multipart form or a JSON body with base64 files."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == "multipart/form-data":
-        form = await request.form(max_files=len(files), max_fields=32)
-        fields: dict[str, str] = {}
-        blobs: dict[str, bytes] = {}
-        for name, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                if name not in files:
-                    raise Problem(422, f"unexpected file field {name!r}")
-                blobs.setdefault(name, await value.read())
-            else:
-                fields[name] = value
-        return _coerce_form(fields), blobs
-    if content_type == "application/json":
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise Problem(400, f"the body is not valid JSON: {exc}") from exc
-        if not isinstance(body, dict):
-            raise Problem(422, "the JSON body must be an object")
-        blobs = {name: _b64(name, body.pop(name)) for name in files if name in body}
-        return body, blobs
-    raise Problem(415, "send multipart/form-data or application/json",
-                  kind="unsupported-media-type")
-
-
-def _coerce_form(fields: dict[str, str]) -> dict:
+def _coerce_form(fields: Fields) -> Fields:
     """Form fields are strings: split layer lists and parse the points JSON."""
-    out: dict[str, Any] = dict(fields)
+    out = dict(fields)
     if "layers" in out:
-        out["layers"] = [k.strip() for k in out["layers"].split(",") if k.strip()]
+        out["layers"] = [k.strip() for k in str(out["layers"]).split(",") if k.strip()]
     if "points" in out:
-        try:
-            out["points"] = json.loads(out["points"])
-        except json.JSONDecodeError as exc:
-            raise Problem(422, f"points is not valid JSON: {exc}") from exc
+        out["points"] = loads(out["points"], "points", status=422)
     for name in ("size", "max_matches", "heatmap"):
         if out.get(name) == "":
             out.pop(name)
     return out
 
 
-def _b64(name: str, value: object) -> bytes:
-    if not isinstance(value, str):
-        raise Problem(422, f"{name} must be a base64 string")
-    if value.startswith("data:") and "," in value:
-        value = value.split(",", 1)[1]
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise Problem(400, f"{name} is not valid base64: {exc}") from exc
-
-
-def validate(model: type[BaseModel], fields: dict) -> Any:
+def validate(model: type[BaseModel], fields: Fields) -> Any:
     try:
         return model.model_validate(fields)
     except ValidationError as exc:
         raise Problem(422, describe_validation(exc.errors())) from exc
 
 
-async def decode(name: str, blobs: dict[str, bytes], settings: Settings) -> Image.Image:
-    if name not in blobs:
-        raise Problem(422, f"{name}: an image file is required")
-    try:
-        return await run_in_threadpool(
-            decode_image, blobs[name], max_bytes=settings.max_body_bytes,
-            max_pixels=settings.max_image_pixels,
-        )
-    except ImageError as exc:
-        raise Problem(exc.status, f"{name}: {exc}") from exc
+async def _params(request: Request, model: type[BaseModel], files: tuple[str, ...]
+                  ) -> tuple[Any, Blobs]:
+    fields, blobs = await read_payload(request, files)
+    if request.headers.get("content-type", "").startswith("multipart/"):
+        fields = _coerce_form(fields)
+    return validate(model, fields), blobs
+
+
+def _one(blobs: Blobs, name: str) -> bytes:
+    files = blobs.get(name)
+    if not files:
+        raise RequestError(f"{name}: an image file is required")
+    if len(files) > 1:
+        raise RequestError(f"{name}: one image file is expected, {len(files)} were sent")
+    return files[0]
 
 
 def input_size(params: _Params, model: ModelInfo, settings: Settings) -> int:
@@ -142,41 +99,46 @@ def input_size(params: _Params, model: ModelInfo, settings: Settings) -> int:
     if len(params.prompt) > settings.max_prompt_chars:
         raise RequestError(f"prompt has {len(params.prompt)} characters; the limit is "
                            f"{settings.max_prompt_chars}")
-    return check_size(params.size or model.input_size, lo=settings.min_size, hi=settings.max_size)
+    try:
+        params.prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate from a JSON "\\ud800" escape
+        raise RequestError("prompt is not valid Unicode text") from exc
+    size = params.size if params.size is not None else model.input_size
+    return check_size(size, lo=settings.min_size, hi=settings.max_size)
 
 
 async def features_job(request: Request, settings: Settings, model: ModelInfo,
-                       query_dtype: str | None = None) -> Job:
-    fields, blobs = await read_payload(request, ("image",))
-    if query_dtype is not None:
-        fields.setdefault("dtype", query_dtype)
-    params = validate(FeaturesParams, fields)
+                       budget: MemoryBudget, query_dtype: str | None = None) -> Job:
+    params, blobs = await _params(request, FeaturesParams, ("image",))
+    if query_dtype is not None and "dtype" not in params.model_fields_set:
+        params = params.model_copy(update={"dtype": query_dtype})
     size = input_size(params, model, settings)
     layers = validate_layers(params.layers, model.default_layers)
-    image = await decode("image", blobs, settings)
-    pixels = await run_in_threadpool(resize_rgb, image, size)
-    spec = JobSpec(kind="features", input_size=size, layers=layers, image_sizes=[image.size],
+    pixels, image_size = await decode_upload("image", _one(blobs, "image"), size, settings,
+                                             budget)
+    spec = JobSpec(kind="features", input_size=size, layers=layers, image_sizes=[image_size],
                    prompt=params.prompt, mode=params.mode, dtype=params.dtype,
                    deadline=time.time() + settings.request_timeout_s)
     return Job(spec=spec, images=[pixels])
 
 
-async def correspond_job(request: Request, settings: Settings, model: ModelInfo) -> Job:
-    fields, blobs = await read_payload(request, ("source", "target"))
-    params = validate(CorrespondParams, fields)
+async def correspond_job(request: Request, settings: Settings, model: ModelInfo,
+                         budget: MemoryBudget) -> Job:
+    params, blobs = await _params(request, CorrespondParams, ("source", "target"))
     size = input_size(params, model, settings)
     layer = validate_layers([params.layer or model.correspondence_layer], [])
     if params.max_matches is not None and params.max_matches > settings.max_matches:
         raise RequestError(f"max_matches is at most {settings.max_matches}")
-    source = await decode("source", blobs, settings)
-    target = await decode("target", blobs, settings)
+    source, source_size = await decode_upload("source", _one(blobs, "source"), size, settings,
+                                              budget)
+    target, target_size = await decode_upload("target", _one(blobs, "target"), size, settings,
+                                              budget)
     points = None
     if params.points is not None:
-        points = validate_points(params.points, source.size, settings.max_points)
-    images = [await run_in_threadpool(resize_rgb, im, size) for im in (source, target)]
+        points = validate_points(params.points, source_size, settings.max_points)
     spec = JobSpec(kind="correspond", input_size=size, layers=layer,
-                   image_sizes=[source.size, target.size], prompt=params.prompt,
+                   image_sizes=[source_size, target_size], prompt=params.prompt,
                    mode=params.mode, points=points,
                    max_matches=params.max_matches or settings.max_matches,
                    heatmap=params.heatmap, deadline=time.time() + settings.request_timeout_s)
-    return Job(spec=spec, images=images)
+    return Job(spec=spec, images=[source, target])

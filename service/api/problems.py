@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 from typing import Any
@@ -21,9 +20,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cleandift.contract import RequestError
 from cleandift.images import ImageError
 
-from ..queue.errors import DeadlineExceeded, QueueFull, QueueUnavailable
+from ..queue.errors import DeadlineExceeded, NoLiveWorker, QueueFull, QueueUnavailable
 
-log = logging.getLogger(__name__)
 MEDIA_TYPE = "application/problem+json"
 TYPE_BASE = "https://cleandift.dev/problems/"
 RETRY = {"Retry-After": "1"}  # 429 and 503: worth retrying after a second
@@ -77,6 +75,9 @@ def as_problem(exc: Exception) -> Problem:
         return Problem(429, "the queue is full; retry later", kind="overloaded", headers=RETRY)
     if isinstance(exc, QueueUnavailable):
         return Problem(503, "the queue is unreachable", kind="not-ready", headers=RETRY)
+    if isinstance(exc, NoLiveWorker):
+        return Problem(503, "no worker is alive to run the request", kind="no-worker",
+                       headers=RETRY)
     if isinstance(exc, DeadlineExceeded):
         return Problem(504, "no worker answered before the deadline", kind="deadline")
     if isinstance(exc, BodyTooLarge):
@@ -85,7 +86,8 @@ def as_problem(exc: Exception) -> Problem:
 
 
 MAPPED: tuple[type[Exception], ...] = (Problem, RequestError, ImageError, QueueFull,
-                                       QueueUnavailable, DeadlineExceeded, BodyTooLarge)
+                                       QueueUnavailable, NoLiveWorker, DeadlineExceeded,
+                                       BodyTooLarge)
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -104,11 +106,6 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
         return problem_response(422, describe_validation(exc.errors()))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return problem_response(500, f"internal error: {type(exc).__name__}")
 
 
 def describe_validation(errors: Any) -> str:

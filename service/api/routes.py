@@ -19,9 +19,9 @@ from ..messages import Job, Result
 from ..queue.errors import QueueUnavailable
 from ..queue.producer import JobProducer
 from . import openapi, parsing, responses
-from .deps import MetricsDep, ProducerDep, Protected, SettingsDep
+from .deps import BudgetDep, MetricsDep, ProducerDep, Protected, SettingsDep
 from .problems import RETRY, Problem
-from .schemas import CorrespondOut, FeaturesOut, HealthOut, ReadyOut
+from .schemas import CorrespondOut, FeaturesOut, HealthOut, Limits, ModelsOut, ReadyOut
 
 router = APIRouter()
 STATIC_DIR = Path(__file__).parent / "static"
@@ -57,6 +57,7 @@ async def features(
     request: Request,
     settings: SettingsDep,
     producer: ProducerDep,
+    budget: BudgetDep,
     format: Annotated[Literal["json", "safetensors", "npy"] | None,
                       Query(description="the answer's format; else the Accept header")] = None,
     dtype: Annotated[Literal["float16", "float32"] | None,
@@ -64,7 +65,8 @@ async def features(
 ) -> Response:
     fmt = responses.negotiate(format, request.headers.get("accept"))
     model = await served_model(producer)
-    job = await parsing.features_job(request, settings, model, dtype)
+    await producer.admit()
+    job = await parsing.features_job(request, settings, model, budget, dtype)
     if fmt == "npy" and len(job.spec.layers) != 1:
         raise Problem(422, f"npy holds exactly one layer; {len(job.spec.layers)} were asked")
     result = await run(producer, job)
@@ -80,17 +82,21 @@ async def features(
     openapi_extra=openapi.CORRESPOND_BODY,
     summary="Matches from a source image to a target image",
 )
-async def correspond(request: Request, settings: SettingsDep, producer: ProducerDep) -> Response:
+async def correspond(request: Request, settings: SettingsDep, producer: ProducerDep,
+                     budget: BudgetDep) -> Response:
     model = await served_model(producer)
-    job = await parsing.correspond_job(request, settings, model)
+    await producer.admit()
+    job = await parsing.correspond_job(request, settings, model, budget)
     return responses.correspond_response(await run(producer, job))
 
 
-@router.get("/v1/models", dependencies=Protected, response_model=ModelInfo,
+@router.get("/v1/models", dependencies=Protected, response_model=ModelsOut,
             responses=openapi.errors(401, 503))
-async def models(producer: ProducerDep) -> ModelInfo:
-    """The served model; during a reload, the version most recently loaded by a worker."""
-    return await served_model(producer)
+async def models(producer: ProducerDep, settings: SettingsDep) -> ModelsOut:
+    """The served model (during a reload, the version most recently loaded by a worker)
+    and the limits of one request."""
+    model = await served_model(producer)
+    return ModelsOut(**model.model_dump(), limits=Limits.of(settings))
 
 
 @router.get("/", include_in_schema=False)

@@ -3,7 +3,10 @@ the bytes themselves, for speed)."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+
+from cleandift.contract import MATCH_REFINE_PATCHES, ModelInfo
+from cleandift.settings import Settings
 
 from ..messages import Heatmap
 
@@ -35,6 +38,35 @@ class CorrespondOut(BaseModel):
     matches: list[MatchOut]
     timings_ms: dict[str, float]
     heatmap: Heatmap | None = None
+
+
+class Limits(BaseModel):
+    """What one request may ask for; anything beyond is refused with 413 or 422."""
+
+    max_body_bytes: int
+    max_image_pixels: int = Field(description="Width x height of an uploaded image.")
+    min_size: int
+    max_size: int = Field(description="Largest model input side (`size`).")
+    max_points: int = Field(description="Source points of one /correspond.")
+    max_matches: int
+    max_prompt_chars: int
+    request_timeout_s: float = Field(description="Deadline of a request (504 after it).")
+    match_refine_patches: int = Field(description="Feature patches refined per point: the "
+                                      "bound on matching cost per point, whatever the "
+                                      "target's pixel count.")
+
+    @classmethod
+    def of(cls, settings: Settings) -> Limits:
+        return cls(max_body_bytes=settings.max_body_bytes,
+                   max_image_pixels=settings.max_image_pixels, min_size=settings.min_size,
+                   max_size=settings.max_size, max_points=settings.max_points,
+                   max_matches=settings.max_matches, max_prompt_chars=settings.max_prompt_chars,
+                   request_timeout_s=settings.request_timeout_s,
+                   match_refine_patches=MATCH_REFINE_PATCHES)
+
+
+class ModelsOut(ModelInfo):
+    limits: Limits
 
 
 class ReadyOut(BaseModel):

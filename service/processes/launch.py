@@ -6,8 +6,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,25 +43,25 @@ def run_api(settings: Settings) -> None:
 
 def build_worker(settings: Settings, extractor: Extractor | None = None) -> Worker:
     """Wire a Worker (without running it), loading the model unless one is given."""
-    import redis
     import torch
 
     from cleandift.loading import load_extractor
 
     from ..metrics import WorkerMetrics
+    from ..queue.connect import sync_client
     from ..queue.consumer import JobConsumer
     from ..queue.keys import Keys
-    from ..worker.holder import ModelHolder
+    from ..worker.holder import ModelHolder, smoke_test
     from ..worker.loop import Worker
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     if extractor is None:
         extractor = load_extractor(**settings.extractor_args())  # type: ignore[arg-type]
+    smoke_test(extractor)  # a model that cannot produce finite features never serves
     log.info("loaded %s %s on %s", extractor.info.name, extractor.info.version, extractor.device)
     assert settings.redis_url, "the worker needs a Redis URL"
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2,
-                                  socket_timeout=30, health_check_interval=10)
+    client = sync_client(settings.redis_url)
     consumer = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     jobs = JobConsumer(client, Keys(settings.queue_prefix), consumer,
                        visibility_timeout_s=settings.visibility_timeout_s,
@@ -102,7 +100,8 @@ def run_worker(settings: Settings) -> None:
     worker = build_worker(settings)
     if settings.worker_metrics_port:
         try:
-            serve_worker_http(settings.worker_metrics_port, worker.metrics.render, worker.ready)
+            serve_worker_http(settings.worker_metrics_port, worker.metrics.render, worker.ready,
+                              worker.alive, host=settings.host)
         except OSError as exc:  # metrics still reach the API through heartbeats
             log.warning("worker port %d unavailable: %s", settings.worker_metrics_port, exc)
     signal.signal(signal.SIGTERM, worker.stop)
@@ -117,38 +116,3 @@ def settings_env(settings: Settings) -> dict[str, str]:
         if value is not None:
             env[f"CLEANDIFT_{name.upper()}"] = str(value)
     return env
-
-
-def _exit(*_args: object) -> None:
-    raise SystemExit(0)
-
-
-def run_serve(settings: Settings) -> None:
-    """API + workers + (without REDIS_URL) a private redis-server, stopped together."""
-    from .redis_server import die_with_parent, start_redis_server
-
-    server = None
-    if not settings.redis_url:
-        server = start_redis_server(settings.redis_server)
-        settings = settings.model_copy(update={"redis_url": server.url})
-        log.info("started a private redis-server at %s", server.url)
-    workers = [subprocess.Popen([sys.executable, "-m", "cleandift.cli", "worker"],
-                                env=settings_env(settings), preexec_fn=die_with_parent)
-               for _ in range(settings.workers)]
-    # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into SystemExit so
-    # the worker and Redis below are stopped too.
-    signal.signal(signal.SIGTERM, _exit)
-    try:
-        log.info("open http://%s:%d/docs (the worker is loading the model)",
-                 settings.host, settings.port)
-        run_api(settings)
-    finally:
-        for worker in workers:
-            worker.send_signal(signal.SIGTERM)
-        for worker in workers:
-            try:
-                worker.wait(timeout=settings.request_timeout_s)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-        if server is not None:
-            server.stop()

@@ -99,7 +99,24 @@ class JobConsumer:
         deleted: list[Any] = reply[2] if len(reply) > 2 else []
         for entry_id in deleted:  # pending entries whose data is gone: nothing to run
             self.r.xack(self.keys.jobs, self.keys.group, entry_id)
-        jobs = self._parse_all([(entry_id, fields) for entry_id, fields in entries])
+        return self._screen(self._parse_all([(entry_id, fields) for entry_id, fields in entries]))
+
+    @_owns_errors
+    def claim_own_pending(self, count: int, after: str = "0") -> tuple[list[Job], int, str]:
+        """A page of the entries this consumer name already holds (after `after`): when a
+        worker restarts under the same name (as `serve` restarts its workers), the jobs
+        of its previous life, at once. Returns (jobs, dead-lettered, last id read)."""
+        reply: Any = self.r.xreadgroup(self.keys.group, self.consumer, {self.keys.jobs: after},
+                                       count=count)
+        batch = [entry for _stream, entries in reply or [] for entry in entries]
+        for entry_id, fields in batch:
+            if not fields:  # deleted while pending: nothing to run
+                self.r.xack(self.keys.jobs, self.keys.group, entry_id)
+        jobs, dead = self._screen(self._parse_all([e for e in batch if e[1]]))
+        return jobs, dead, _text(batch[-1][0]) if batch else ""
+
+    def _screen(self, jobs: list[Job]) -> tuple[list[Job], int]:
+        """(jobs to run, count dead-lettered after too many deliveries)."""
         if not jobs:
             return [], 0
         counts = self._delivery_counts([j.entry_id for j in jobs])
@@ -154,8 +171,7 @@ class JobConsumer:
     @_owns_errors
     def leave(self) -> None:
         """Announce a clean exit so /readyz stops counting this worker at once."""
-        self.r.zrem(self.keys.workers, self.consumer)
-        self.r.delete(self.keys.worker(self.consumer))
+        remove_worker(self.r, self.keys, self.consumer)
 
     @_owns_errors
     def publish_model(self, info_json: str) -> None:
@@ -200,6 +216,14 @@ class JobConsumer:
             self.r.hset(key, mapping=result.to_fields())  # type: ignore[arg-type]
             self.r.expire(key, self.result_ttl_s)
         self._acknowledge([(entry_id, job_id, reply_to if job_id else "")])
+
+
+def remove_worker(client: redis.Redis, keys: Keys, worker_id: str) -> None:
+    """Stop counting a worker as alive (its clean exit, or its supervisor seeing it die)."""
+    pipe = client.pipeline(transaction=False)
+    pipe.zrem(keys.workers, worker_id)
+    pipe.delete(keys.worker(worker_id))
+    pipe.execute()
 
 
 def ensure_group(client: redis.Redis, keys: Keys) -> None:

@@ -15,5 +15,9 @@ class QueueFull(QueueError):
     """The stream already holds `max_queue` jobs: 429."""
 
 
+class NoLiveWorker(QueueError):
+    """No worker has sent a heartbeat recently: nobody would take the job (503)."""
+
+
 class DeadlineExceeded(QueueError):
     """No worker answered before the job's deadline: 504."""

@@ -1,8 +1,11 @@
-"""The API's side of the queue: bounded enqueue, awaiting answers, reading queue state.
+"""The API's side of the queue: admission, bounded enqueue, awaiting answers, queue state.
 
 One listener task per API process owns the reply channel and wakes the waiting requests;
-a slow poll of the result key covers any notification lost while Redis reconnected.
-Every Redis failure leaves this class as `QueueUnavailable`, so routes never see redis-py.
+a slow poll of the result key covers any notification lost while Redis reconnected. A
+monitor task keeps what admission needs (live workers, queue depth) fresh and notices a
+Redis that restarted empty: the jobs it lost are submitted again from the copies the
+waiting requests hold, so an accepted request is answered, not left to time out.
+Every Redis failure leaves this class as a `QueueError`, so routes never see redis-py.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import redis
@@ -22,7 +26,7 @@ from pydantic import ValidationError
 from cleandift.contract import ModelInfo
 
 from ..messages import PROTOCOL_VERSION, Heartbeat, Job, Result
-from .errors import DeadlineExceeded, QueueFull, QueueUnavailable
+from .errors import DeadlineExceeded, NoLiveWorker, QueueFull, QueueUnavailable
 from .keys import Keys
 
 log = logging.getLogger(__name__)
@@ -34,6 +38,7 @@ return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
 """
 RESULT_POLL_S = 1.0
 MODEL_CACHE_S = 1.0
+MONITOR_S = 0.25
 LISTENER_BACKOFF_S = 0.5
 
 
@@ -45,68 +50,143 @@ async def _redis_errors() -> AsyncIterator[None]:
         raise QueueUnavailable(str(exc)) from exc
 
 
+@dataclass
+class QueueView:
+    """What the monitor saw last: enough to admit or refuse a request without Redis."""
+
+    reachable: bool = True
+    live_workers: int = 1  # optimistic until the first look
+    depth: int = 0
+    run_id: str = ""
+    epoch: int = 0  # bumped when Redis restarted (a new run_id)
+    no_worker_since: float | None = None
+    seen_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Waiter:
+    job: Job
+    entry: str
+    epoch: int
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 class JobProducer:
     def __init__(
         self, client: aioredis.Redis, keys: Keys, *, max_queue: int, stream_maxlen: int,
-        worker_ttl_s: float,
+        worker_ttl_s: float, no_worker_grace_s: float,
     ) -> None:
         self.r, self.keys = client, keys
         self.max_queue, self.stream_maxlen = max_queue, stream_maxlen
-        self.worker_ttl_s = worker_ttl_s
+        self.worker_ttl_s, self.no_worker_grace_s = worker_ttl_s, no_worker_grace_s
         self.api_id = uuid.uuid4().hex[:12]
         self.reply_channel = keys.replies(self.api_id)
-        self._waiters: dict[str, asyncio.Event] = {}
-        self._listener: asyncio.Task[None] | None = None
+        self.view = QueueView()
+        self._waiters: dict[str, _Waiter] = {}
+        self._tasks: list[asyncio.Task[None]] = []
         self._xadd = client.register_script(_BOUNDED_XADD)
         self._model: tuple[float, ModelInfo | None] = (0.0, None)
 
     async def start(self) -> None:
-        self._listener = asyncio.create_task(self._listen(), name="reply-listener")
+        with contextlib.suppress(QueueUnavailable):
+            await self._look()
+        self._tasks = [asyncio.create_task(self._listen(), name="reply-listener"),
+                       asyncio.create_task(self._monitor(), name="queue-monitor")]
 
     async def stop(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+                await task
         await self.r.aclose()
 
     # -- requests ---------------------------------------------------------------------
+    async def admit(self) -> None:
+        """Refuse at once what would wait in vain or overflow, before any decoding. The
+        monitor's last look decides; a refusal is confirmed by a fresh look first."""
+        view = self.view
+        if view.reachable and view.live_workers > 0 and view.depth < self.max_queue:
+            return
+        await self._look()
+        if self.view.live_workers == 0:
+            raise NoLiveWorker
+        if self.view.depth >= self.max_queue:
+            raise QueueFull
+
     async def submit(self, job: Job) -> Result:
         """Enqueue and wait for the answer until the job's deadline."""
         job.spec.reply_to = self.reply_channel
-        event = self._waiters[job.spec.id] = asyncio.Event()
+        entry = await self._enqueue(job, bounded=True)
+        waiter = self._waiters[job.spec.id] = _Waiter(job, entry, self.view.epoch)
         try:
-            args: list[bytes | str | int] = [self.max_queue, self.stream_maxlen]
-            for name, value in job.to_fields(PROTOCOL_VERSION).items():
-                args.extend([name, value])
-            async with _redis_errors():
-                entry = await self._xadd(keys=[self.keys.jobs], args=args)
-            if entry is None:
-                raise QueueFull
-            return await self._await(job.spec.id, job.spec.deadline, event)
+            return await self._await(waiter)
         finally:
             self._waiters.pop(job.spec.id, None)
 
-    async def _await(self, job_id: str, deadline: float, event: asyncio.Event) -> Result:
-        key = self.keys.result(job_id)
+    async def _enqueue(self, job: Job, *, bounded: bool) -> str:
+        fields = job.to_fields(PROTOCOL_VERSION)
+        async with _redis_errors():
+            if not bounded:  # a job accepted before: never refused for room
+                return _text(await self.r.xadd(self.keys.jobs, fields,  # type: ignore[arg-type]
+                                               maxlen=self.stream_maxlen, approximate=True))
+            args: list[Any] = [self.max_queue, self.stream_maxlen]
+            for name, value in fields.items():
+                args.extend([name, value])
+            entry = await self._xadd(keys=[self.keys.jobs], args=args)
+        if entry is None:
+            raise QueueFull
+        return _text(entry)
+
+    async def _await(self, waiter: _Waiter) -> Result:
+        job_id, deadline = waiter.job.spec.id, waiter.job.spec.deadline
         while True:
             remaining = deadline - time.time()
             if remaining <= 0:
+                await self._drop(waiter)
                 raise DeadlineExceeded
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout=min(RESULT_POLL_S, remaining))
-            event.clear()
-            try:
-                pipe = self.r.pipeline(transaction=True)
-                pipe.hgetall(key)
-                pipe.delete(key)
-                fields, _ = await pipe.execute()
-            except redis.RedisError as exc:
-                log.warning("reading result %s failed: %s", job_id, exc)
-                continue
-            if fields:
-                return Result.from_fields(fields)
+                await asyncio.wait_for(waiter.event.wait(), timeout=min(RESULT_POLL_S, remaining))
+            waiter.event.clear()
+            result = await self._take_result(job_id)
+            if result is not None:
+                return result
+            if waiter.epoch != self.view.epoch:
+                await self._resubmit(waiter)
+            since = self.view.no_worker_since
+            if since is not None and time.monotonic() - since > self.no_worker_grace_s:
+                await self._drop(waiter)
+                raise NoLiveWorker
 
+    async def _take_result(self, job_id: str) -> Result | None:
+        key = self.keys.result(job_id)
+        try:
+            pipe = self.r.pipeline(transaction=True)
+            pipe.hgetall(key)
+            pipe.delete(key)
+            fields, _ = await pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("reading result %s failed: %s", job_id, exc)
+            return None
+        return Result.from_fields(fields) if fields else None
+
+    async def _resubmit(self, waiter: _Waiter) -> None:
+        """After a Redis restart: submit again a job the new Redis does not have."""
+        try:
+            async with _redis_errors():
+                exists = await self.r.xrange(self.keys.jobs, waiter.entry, waiter.entry)
+            if not exists:
+                waiter.entry = await self._enqueue(waiter.job, bounded=False)
+                log.warning("Redis restarted: job %s submitted again", waiter.job.spec.id)
+            waiter.epoch = self.view.epoch
+        except QueueUnavailable:
+            pass  # Redis is still coming back: try again on the next poll
+
+    async def _drop(self, waiter: _Waiter) -> None:
+        """Take a job nobody will wait for out of the stream, so no worker runs it."""
+        with contextlib.suppress(redis.RedisError, OSError):
+            await self.r.xdel(self.keys.jobs, waiter.entry)
+
+    # -- background tasks -------------------------------------------------------------
     async def _listen(self) -> None:
         """Wake waiters on reply messages; reconnect forever with a short back-off."""
         while True:
@@ -114,9 +194,9 @@ class JobProducer:
             try:
                 await pubsub.subscribe(self.reply_channel)
                 async for message in pubsub.listen():
-                    event = self._waiters.get(_text(message["data"]))
-                    if event is not None:
-                        event.set()
+                    waiter = self._waiters.get(_text(message["data"]))
+                    if waiter is not None:
+                        waiter.event.set()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # connection loss: waiters fall back to polling
@@ -125,6 +205,34 @@ class JobProducer:
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _monitor(self) -> None:
+        while True:
+            try:
+                await self._look()
+            except QueueUnavailable:
+                self.view.reachable = False
+            await asyncio.sleep(MONITOR_S)
+
+    async def _look(self) -> None:
+        since = time.time() - self.worker_ttl_s
+        async with _redis_errors():
+            pipe = self.r.pipeline(transaction=False)
+            pipe.zcount(self.keys.workers, since, "+inf")
+            pipe.xlen(self.keys.jobs)
+            pipe.info("server")
+            live, depth, info = await pipe.execute()
+        view = self.view
+        if view.run_id and info["run_id"] != view.run_id:
+            view.epoch += 1
+            log.warning("Redis restarted (run id %s): waiting requests are checked",
+                        info["run_id"][:8])
+            for waiter in list(self._waiters.values()):
+                waiter.event.set()
+        view.run_id, view.reachable = info["run_id"], True
+        view.live_workers, view.depth = int(live), int(depth)
+        view.no_worker_since = (view.no_worker_since or time.monotonic()) if live == 0 else None
+        view.seen_at = time.monotonic()
 
     # -- state ------------------------------------------------------------------------
     async def ping(self) -> bool:

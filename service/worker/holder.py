@@ -6,9 +6,12 @@ import gc
 import logging
 import threading
 
+import numpy as np
 import torch
+from PIL import Image
 
 from cleandift.extractor import Extractor
+from cleandift.method import LAYER_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -38,3 +41,14 @@ class ModelHolder:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # memory returns to one model's worth
         return True
+
+
+def smoke_test(extractor: Extractor) -> None:
+    """One forward on a synthetic image; every feature must be finite. A worker runs it on
+    the model it boots with and on every version it reloads, before serving either."""
+    size = extractor.info.input_size
+    ramp = np.linspace(0, 255, size * size * 3).reshape(size, size, 3).astype(np.uint8)
+    feats = extractor.extract([Image.fromarray(ramp)], layers=list(LAYER_KEYS))[0]
+    bad = [k for k, v in feats.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"non-finite features at {bad}")

@@ -7,6 +7,7 @@ SIGTERM stops claiming, finishes and acknowledges what was claimed, then exits.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -41,6 +42,7 @@ class Consumer(Protocol):
     consumer: str
 
     def claim(self, count: int, block_ms: int) -> list[Job]: ...
+    def claim_own_pending(self, count: int, after: str = "0") -> tuple[list[Job], int, str]: ...
     def reclaim(self, count: int) -> tuple[list[Job], int]: ...
     def complete(self, answers: Sequence[Answer]) -> None: ...
     def touch(self, entry_ids: Sequence[str]) -> None: ...
@@ -65,17 +67,19 @@ class Worker:
         self.last_heartbeat = 0.0  # monotonic time of the last heartbeat Redis accepted
         self._held: set[str] = set()  # entries claimed and not yet answered
         self._held_lock = threading.Lock()
+        self._busy_since: float | None = None  # monotonic start of the running forward
+        self._stuck_logged = False
 
     # -- lifecycle --------------------------------------------------------------------
     def run(self) -> None:
         """Serve until `stop()`; returns after every claimed job has been answered."""
         self._publish_model()
-        threads = [
-            threading.Thread(target=self._guard(self._intake, self._intake_done), name="intake"),
-            threading.Thread(target=self._guard(self._post_loop, None), name="post"),
-            threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
-        ]
-        for thread in threads:
+        workers = [threading.Thread(target=self._guard(self._intake, self._intake_done),
+                                    name="intake")]
+        workers += [threading.Thread(target=self._guard(self._post_loop, None), name=f"post-{i}")
+                    for i in range(self.settings.post_threads)]
+        beating = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        for thread in [*workers, beating]:
             thread.start()
         if self.watcher is not None:
             self.watcher.start()
@@ -85,7 +89,7 @@ class Worker:
             if self.watcher is not None:
                 self.watcher.stop()
             self._core_done.set()
-            for thread in threads[:2]:
+            for thread in workers:
                 thread.join()
             self._safe(self.jobs.leave, None)
         log.info("worker %s stopped", self.jobs.consumer)
@@ -99,14 +103,20 @@ class Worker:
         pin = self.model.current.device.type == "cuda"
         next_reclaim = 0.0
         max_batch = self.settings.max_batch
+        own_after: str | None = "0"  # first the jobs of a previous life under this name
         while not self.stopping.is_set():
             jobs: list[Job] = []
-            if time.monotonic() >= next_reclaim:
+            if own_after is not None:
+                nothing_own: tuple[list[Job], int, str] = ([], 0, "")
+                own, dead, last = self._safe(
+                    functools.partial(self.jobs.claim_own_pending, max_batch, own_after),
+                    nothing_own)
+                jobs.extend(self._count_retries(own, dead))
+                own_after = last or None
+            if not jobs and time.monotonic() >= next_reclaim:
                 nothing: tuple[list[Job], int] = ([], 0)
-                reclaimed, dead = self._safe(lambda: self.jobs.reclaim(max_batch), nothing)
-                self.metrics.retried.inc(len(reclaimed))
-                self.metrics.dead.inc(dead)
-                jobs.extend(reclaimed)
+                jobs.extend(self._count_retries(*self._safe(
+                    functools.partial(self.jobs.reclaim, max_batch), nothing)))
                 next_reclaim = time.monotonic() + self.settings.visibility_timeout_s / 4
             if not jobs:
                 jobs = self._safe(lambda: self.jobs.claim(max_batch, CLAIM_BLOCK_MS), [])
@@ -115,6 +125,11 @@ class Worker:
             for batch in collate_requests(self._live(jobs), max_batch,
                                           self.settings.max_batch_pixels):
                 self._put(self._pre, stages.prepare(batch, pin))
+
+    def _count_retries(self, jobs: list[Job], dead: int) -> list[Job]:
+        self.metrics.retried.inc(len(jobs))
+        self.metrics.dead.inc(dead)
+        return jobs
 
     def _core(self) -> None:
         while True:
@@ -129,12 +144,15 @@ class Worker:
             self._forward(prepared)  # a method, so no stale reference to a model outlives it
 
     def _forward(self, prepared: stages.Prepared) -> None:
+        self._busy_since = time.monotonic()
         try:
             computed = stages.forward(prepared, self.model.current)
-        except Exception as exc:  # a model fault answers the batch, never loses it
-            log.exception("forward failed")
-            self._answer(stages.failed(prepared.batch.jobs, 500, f"worker error: {exc}"))
+        except Exception:  # a model fault answers the batch, never loses it
+            self._answer([(job, stages.internal_error(job.spec.id, "forward pass"))
+                          for job in prepared.batch.jobs])
             return
+        finally:
+            self._busy_since = None
         self.metrics.batch_size.observe(len(prepared.batch.images))
         self.metrics.inference.observe(computed.inference_s)
         self.metrics.images.inc(len(prepared.batch.images))
@@ -154,9 +172,9 @@ class Worker:
     def _results(self, computed: stages.Computed) -> list[Answer]:
         try:
             return stages.results(computed)
-        except Exception as exc:
-            log.exception("post-processing failed")
-            return stages.failed(computed.prepared.batch.jobs, 500, f"worker error: {exc}")
+        except Exception:
+            return [(job, stages.internal_error(job.spec.id, "post-processing"))
+                    for job in computed.prepared.batch.jobs]
 
     # -- helpers ----------------------------------------------------------------------
     def _live(self, jobs: list[Job]) -> list[Job]:
@@ -165,7 +183,7 @@ class Worker:
         expired = [j for j in jobs if j.spec.deadline and j.spec.deadline < now]
         if expired:
             self.metrics.expired.inc(len(expired))
-            self._answer(stages.failed(expired, 504, "the deadline passed before a worker ran it"))
+            self._answer(stages.failed(expired, 504, stages.DEADLINE_MESSAGE))
         return [j for j in jobs if j not in expired]
 
     def _answer(self, answers: list[Answer]) -> None:
@@ -225,17 +243,32 @@ class Worker:
         self._safe(lambda: self.jobs.publish_model(info.model_dump_json()), None)
 
     def _heartbeat_loop(self) -> None:
-        """Keep held jobs fresh (more often than the visibility timeout) and heartbeat."""
+        """Keep held jobs fresh (more often than the visibility timeout) and heartbeat;
+        both stop while a forward is hung, so other workers take the jobs over."""
         period = min(self.settings.heartbeat_s, self.settings.visibility_timeout_s / 3)
         next_beat = 0.0
         while not self._core_done.is_set():
-            with self._held_lock:
-                held = list(self._held)
-            self._safe(lambda ids=held: self.jobs.touch(ids), None)  # type: ignore[misc]
-            if time.monotonic() >= next_beat:
-                self._beat()
-                next_beat = time.monotonic() + self.settings.heartbeat_s
+            if self.stuck():
+                self._log_stuck()
+            else:
+                with self._held_lock:
+                    held = list(self._held)
+                self._safe(lambda ids=held: self.jobs.touch(ids), None)  # type: ignore[misc]
+                if time.monotonic() >= next_beat:
+                    self._beat()
+                    next_beat = time.monotonic() + self.settings.heartbeat_s
             self._core_done.wait(period)
+
+    def stuck(self) -> bool:
+        """A forward pass has run longer than `forward_timeout_s` (a stuck GPU, a lock)."""
+        since = self._busy_since
+        return since is not None and time.monotonic() - since > self.settings.forward_timeout_s
+
+    def _log_stuck(self) -> None:
+        if not self._stuck_logged:
+            self._stuck_logged = True
+            log.error("the forward pass has run for over %.0f s: giving up its jobs to other "
+                      "workers and reporting not alive", self.settings.forward_timeout_s)
 
     def _beat(self) -> None:
         current = self.model.current
@@ -251,10 +284,18 @@ class Worker:
         if self._safe(send, False):
             self.last_heartbeat = time.monotonic()
 
+    def alive(self) -> tuple[bool, str]:
+        """For the worker's /healthz: false once a forward is hung (restart me)."""
+        if self.stuck():
+            return False, "a forward pass is hung"
+        return True, "ok"
+
     def ready(self) -> tuple[bool, str]:
         """For the worker's /readyz: serving, and Redis heard from recently."""
         if self.stopping.is_set():
             return False, "stopping"
+        if self.stuck():
+            return False, "a forward pass is hung"
         if time.monotonic() - self.last_heartbeat > self.settings.worker_ttl_s:
             return False, "no heartbeat has reached Redis recently"
         info = self.model.current.info

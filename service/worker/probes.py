@@ -2,6 +2,7 @@
 
 Ready means: the model is loaded (the server starts only after that) and the last
 heartbeat reached Redis recently; a worker cut off from Redis is taken out of rotation.
+Alive (/healthz) fails only when a forward pass is hung: restarting is the cure.
 """
 
 from __future__ import annotations
@@ -12,18 +13,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
+Check = Callable[[], tuple[bool, str]]
 
-def serve_worker_http(port: int, render_metrics: Callable[[], bytes],
-                      ready: Callable[[], tuple[bool, str]],
-                      host: str = "0.0.0.0") -> ThreadingHTTPServer:
+
+def serve_worker_http(port: int, render_metrics: Callable[[], bytes], ready: Check,
+                      alive: Check, host: str = "127.0.0.1") -> ThreadingHTTPServer:
+    """Serve on `host` (the process's bind address: 127.0.0.1 unless configured)."""
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
             if self.path == "/metrics":
                 self._send(200, render_metrics(), CONTENT_TYPE_LATEST)
-            elif self.path == "/healthz":
-                self._send(200, b"ok\n")
-            elif self.path == "/readyz":
-                ok, reason = ready()
+            elif self.path in ("/healthz", "/readyz"):
+                ok, reason = (alive if self.path == "/healthz" else ready)()
                 self._send(200 if ok else 503, reason.encode() + b"\n")
             else:
                 self._send(404, b"not found\n")

@@ -14,17 +14,13 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import redis
-import torch
-from PIL import Image
 
 from cleandift import registry
 from cleandift.extractor import Extractor
-from cleandift.method import LAYER_KEYS
 
 from ..metrics import WorkerMetrics
-from .holder import ModelHolder
+from .holder import ModelHolder, smoke_test
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +31,6 @@ def watched_model_dir(spec: str | None) -> Path | None:
         return None
     path = Path(spec)
     return path if (path / registry.LATEST).is_file() else None
-
-
-def smoke_test(extractor: Extractor) -> None:
-    """One forward on a synthetic image; every feature must be finite."""
-    size = extractor.info.input_size
-    ramp = np.linspace(0, 255, size * size * 3).reshape(size, size, 3).astype(np.uint8)
-    feats = extractor.extract([Image.fromarray(ramp)], layers=list(LAYER_KEYS))[0]
-    bad = [k for k, v in feats.items() if not torch.isfinite(v).all()]
-    if bad:
-        raise ValueError(f"non-finite features at {bad}")
 
 
 class RegistryWatcher:

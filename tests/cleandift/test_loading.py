@@ -107,3 +107,33 @@ def test_dtype_choice():
     assert pick_device_dtype("cpu", "bf16")[1] == torch.bfloat16
     with pytest.raises(ValueError):
         pick_device_dtype("cpu", "int8")
+
+
+class _Tripwire:
+    """Unpickling this writes a file: proof that a pickle was executed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickled_weights_are_refused_never_unpickled(demo_dir, tmp_path):
+    import pickle
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(demo_dir, folder)
+    for weights in (folder / "unet").glob("*.safetensors"):
+        weights.unlink()
+    marker = tmp_path / "unpickled"
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(
+        pickle.dumps(_Tripwire(str(marker))))
+    with pytest.raises(ModelLoadError, match="unet"):
+        load_extractor(folder, device="cpu")
+    assert not marker.exists()
+
+
+def test_public_base_name_hides_local_paths(extractor, demo_dir):
+    assert extractor.info.base == demo_dir.name and "/" not in extractor.info.base
+    assert extractor.base_spec == str(demo_dir.resolve())

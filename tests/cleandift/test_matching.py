@@ -1,11 +1,13 @@
 import math
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from cleandift.contract import InvalidPointsError, validate_points
-from cleandift.matching import match_points, mutual_matches, upsampled_inv_norm
+from cleandift.matching import MAX_REFINE, DeadlinePassed, match_points, mutual_matches
+from cleandift.refine import Refinement, Target, argmax_upsampled
 
 
 def reference_match(src, tgt, points, src_size, tgt_size):
@@ -75,13 +77,52 @@ def test_agrees_with_the_reference_procedure(extractor, photo, photo2):
     assert close >= 0.95 * len(points)
 
 
-def test_inverse_norm_map_is_exact():
+@pytest.mark.parametrize("shape,size", [
+    ((16, 5, 7), (50, 31)), ((8, 1, 1), (3, 4)), ((8, 6, 6), (6, 6)), ((32, 12, 12), (200, 150)),
+    ((16, 8, 8), (3, 2)), ((64, 16, 16), (333, 777)), ((16, 3, 9), (1000, 20)),
+])
+def test_refinement_finds_the_exact_argmax(shape, size):
+    """Against DIFT's procedure in float64: the pixel we return has the maximal upsampled
+    cosine (up to float64 rounding: exact ties in the flat border bands may go either way)."""
     torch.manual_seed(0)
-    for shape, size in [((16, 5, 7), (50, 31)), ((8, 1, 1), (3, 4)), ((8, 6, 6), (6, 6))]:
-        feat = torch.randn(shape)
-        up = F.interpolate(feat[None], size=size[::-1], mode="bilinear", align_corners=False)[0]
-        got = upsampled_inv_norm(feat, size, budget=64)
-        torch.testing.assert_close(got * up.norm(dim=0), torch.ones(size[::-1]))
+    feat = torch.randn(shape)
+    queries = F.normalize(torch.randn(40, shape[0]), dim=1)
+    width, height = size
+    up = F.normalize(F.interpolate(feat[None].double(), size=(height, width), mode="bilinear",
+                                   align_corners=False)[0], dim=0)
+    sim = torch.einsum("pc,chw->phw", queries.double(), up).flatten(1)
+    stats = Refinement()
+    value, flat = argmax_upsampled(Target(feat, size), queries, shape[1] * shape[2], stats)
+    assert (sim.max(1).values - sim.gather(1, flat[:, None])[:, 0]).abs().max() < 1e-12
+    torch.testing.assert_close(value.double(), sim.max(1).values, atol=1e-5, rtol=0)
+    assert stats.cut == 0 and stats.points == 40
+
+
+def test_matching_cost_does_not_grow_with_the_target(extractor, photo, photo2):
+    """The work per point is bounded by the feature grid, not the target's pixels: a
+    7000 x 7000 target costs a few hundred evaluations per point, as a small one does."""
+    feats = extractor.extract([photo, photo2], layers=["us6"])
+    src, tgt = feats[0]["us6"], feats[1]["us6"]
+    points = grid_points(photo.size, n=14)
+    costs = {}
+    for size in [(300, 280), (7000, 7000)]:
+        stats = Refinement()
+        matches = match_points(src, tgt, points, photo.size, size, stats=stats)
+        assert len(matches) == len(points) and stats.cut == 0
+        assert stats.patches <= MAX_REFINE * len(points)
+        costs[size] = stats.pixels / len(points)
+    rows_per_patch = 7000 / tgt.shape[-1] + 7000 / tgt.shape[-1] / 2 + 2
+    assert costs[(7000, 7000)] <= MAX_REFINE * 4 * rows_per_patch
+    assert costs[(7000, 7000)] < 1e-3 * 7000 * 7000  # DIFT's way evaluates every pixel
+
+
+def test_a_passed_deadline_stops_matching(extractor, photo):
+    feats = extractor.extract([photo], layers=["us6"])[0]["us6"]
+    with pytest.raises(DeadlinePassed):
+        match_points(feats, feats, [[1.0, 2.0]], photo.size, photo.size, deadline=time.time() - 1)
+    with pytest.raises(DeadlinePassed):
+        mutual_matches(feats, feats, photo.size, photo.size, max_matches=5,
+                       deadline=time.time() - 1)
 
 
 def test_large_target_stays_within_the_memory_budget():

@@ -26,12 +26,13 @@ def rss_mib(pid: int) -> float:
 class Background:
     """run_load on a thread; `result` once joined."""
 
-    def __init__(self, url: str, **kwargs) -> None:
+    def __init__(self, url: str, fields: dict[str, str] | None = None, **kwargs) -> None:
         self.result: LoadResult | None = None
         kwargs.setdefault("timeout_s", 60.0)
+        request = features_request(IMAGE, **(fields or {}))
         self.thread = threading.Thread(
-            target=lambda: setattr(self, "result", run_load(url, features_request(IMAGE),
-                                                            **kwargs)), daemon=True)
+            target=lambda: setattr(self, "result", run_load(url, request, **kwargs)),
+            daemon=True)
         self.thread.start()
 
     def join(self, timeout: float = 120) -> LoadResult:

@@ -3,8 +3,11 @@ request afterwards returns the same features as before."""
 
 from __future__ import annotations
 
+import base64
+import http.client
 import json
 
+import httpx
 import pytest
 
 from tests.corpus import (
@@ -90,4 +93,76 @@ def test_bad_inputs_get_their_status_and_change_nothing(service_client, record):
     record(fault="bad input corpus (22 kinds)", sent=len(CASES),
            succeeded=sum(s == 200 for s in statuses.values()),
            refused=sum(s != 200 for s in statuses.values()), errors=0, lost=0,
+           notes="; ".join(f"{k}: {v}" for k, v in statuses.items()))
+
+
+def _multipart(fields: dict[str, str], files: dict[str, bytes]) -> tuple[bytes, str]:
+    boundary = "cleandift-test-boundary"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    parts += [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="f"\r\n'
+              f"Content-Type: application/octet-stream\r\n\r\n".encode() + v + b"\r\n"
+              for k, v in files.items()]
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+B64 = base64.b64encode(JPEG).decode()
+DEEP = "[" * 100_000 + "]" * 100_000
+HUGE = "9" * 400
+MALFORMED = {
+    # name: (path, json body or (form fields, files), expected status)
+    "400-digit point (JSON)": ("/correspond", f'{{"source": "{B64}", "target": "{B64}", '
+                               f'"points": [[{HUGE}, 2]]}}', 422),
+    "400-digit point (form)": ("/correspond", ({"points": f"[[{HUGE}, 2]]"},
+                                               {"source": JPEG, "target": JPEG}), 422),
+    "100000-deep points (JSON)": ("/correspond", f'{{"source": "{B64}", "target": "{B64}", '
+                                  f'"points": {DEEP}}}', 400),
+    "100000-deep points (form)": ("/correspond", ({"points": DEEP},
+                                                  {"source": JPEG, "target": JPEG}), 422),
+    "100000-deep body": ("/features", DEEP, 400),
+    "5000-digit size (JSON)": ("/features", f'{{"image": "{B64}", "size": {"7" * 5000}}}', 400),
+    "4000-digit size (JSON)": ("/features", f'{{"image": "{B64}", "size": {"6" * 4000}}}', 422),
+    "5000-digit size (form)": ("/features", ({"size": "7" * 5000}, {"image": JPEG}), 422),
+    "size 0 (JSON)": ("/features", f'{{"image": "{B64}", "size": 0}}', 422),
+    "size 0 (form)": ("/features", ({"size": "0"}, {"image": JPEG}), 422),
+    "negative size": ("/features", f'{{"image": "{B64}", "size": -256}}', 422),
+    "fractional size": ("/features", f'{{"image": "{B64}", "size": 256.5}}', 422),
+    "1e400 point": ("/correspond", f'{{"source": "{B64}", "target": "{B64}", '
+                    '"points": [[1e400, 2]]}', 422),
+    "huge max_matches": ("/correspond", f'{{"source": "{B64}", "target": "{B64}", '
+                         f'"max_matches": {"1" * 30}}}', 422),
+    "layers not a list": ("/features", f'{{"image": "{B64}", "layers": 6}}', 422),
+    "prompt not a string": ("/features", f'{{"image": "{B64}", "prompt": {{"a": 1}}}}', 422),
+    "lone surrogate prompt": ("/features", f'{{"image": "{B64}", "prompt": "\\ud800"}}', 422),
+    "top-level array": ("/features", "[1, 2]", 422),
+    "null body": ("/features", "null", 422),
+    "two files for one": ("/features", ({}, {"image": JPEG, "image2": JPEG}), 400),
+}
+
+
+def test_malformed_numbers_get_4xx_and_keep_the_connection(service_client, record):
+    """One keep-alive connection for everything: after each malformed request the next
+    request on the same connection must be answered (a 500 used to close it)."""
+    url = httpx.URL(str(service_client.base_url))
+    connection = http.client.HTTPConnection(url.host, url.port, timeout=60)
+    statuses = {}
+    for name, (path, payload, expected) in MALFORMED.items():
+        if isinstance(payload, str):
+            body, content_type = payload.encode(), "application/json"
+        else:
+            body, content_type = _multipart(*payload)
+        connection.request("POST", path, body=body, headers={"Content-Type": content_type})
+        response = connection.getresponse()
+        text = response.read()
+        statuses[name] = response.status
+        assert response.status == expected, (name, text[:300])
+        assert response.getheader("content-type").startswith("application/problem+json")
+        connection.request("GET", "/readyz")  # the same socket: it must still be open
+        ready = connection.getresponse()
+        ready.read()
+        assert ready.status == 200, f"not ready after {name}"
+    connection.close()
+    record(fault=f"malformed numbers and nesting ({len(MALFORMED)} kinds, one connection)",
+           sent=len(MALFORMED), succeeded=0, refused=len(MALFORMED), errors=0, lost=0,
            notes="; ".join(f"{k}: {v}" for k, v in statuses.items()))

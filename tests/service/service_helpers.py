@@ -12,7 +12,7 @@ import redis
 import torch
 import uvicorn
 
-from cleandift.images import decode_image, resize_rgb, to_pixels
+from cleandift.images import decode_for_model, to_pixels
 from cleandift.service.api.app import create_app
 from cleandift.service.processes.launch import build_worker
 from cleandift.service.processes.redis_server import free_port
@@ -112,7 +112,7 @@ def redis_client(settings: Settings) -> redis.Redis:
 
 def expected_features(extractor, data: bytes, layers, size: int = 256) -> dict[str, torch.Tensor]:
     """What the core extractor gives for an uploaded file (same decode and resize)."""
-    image = decode_image(data, max_bytes=1 << 30, max_pixels=1 << 30)
-    pixels = to_pixels([resize_rgb(image, size)])
+    array, _ = decode_for_model(data, size, max_bytes=1 << 30, max_pixels=1 << 30)
+    pixels = to_pixels([array])
     feats = extractor.features(pixels, layers)
     return {k: v[0].float().cpu() for k, v in feats.items()}

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -14,8 +15,10 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
+from cleandift.service.messages import Heartbeat
 from cleandift.service.queue.consumer import JobConsumer
 from cleandift.service.queue.keys import Keys
+from cleandift.service.worker import stages
 from tests.corpus import encode
 from tests.service.service_helpers import (
     ApiServer,
@@ -52,6 +55,18 @@ def publish_model_then_stop(settings, extractor) -> None:
         while not client.exists(Keys(settings.queue_prefix).model):
             assert time.monotonic() < deadline
             time.sleep(0.05)
+
+
+def busy_worker(settings, name: str = "busy") -> JobConsumer:
+    """A consumer that heartbeats once (alive for worker_ttl_s) and claims only when told:
+    a worker busy elsewhere, or one about to die silently."""
+    consumer = JobConsumer(redis_client(settings), Keys(settings.queue_prefix), name,
+                           visibility_timeout_s=settings.visibility_timeout_s,
+                           max_deliveries=settings.max_deliveries, result_ttl_s=60,
+                           stream_maxlen=1000)
+    consumer.heartbeat(Heartbeat(id=name, pid=0, host="test", model="m", version="v",
+                                 device="cpu", started_at=time.time()), settings.worker_ttl_s)
+    return consumer
 
 
 def test_concurrent_requests_are_batched(settings, extractor, jpeg):
@@ -128,8 +143,7 @@ def test_jobs_past_max_deliveries_are_dead_lettered(settings, extractor, jpeg):
     strict = settings.model_copy(update={"visibility_timeout_s": 0.3, "max_deliveries": 1})
     publish_model_then_stop(strict, extractor)
     keys = Keys(strict.queue_prefix)
-    ghost = JobConsumer(redis_client(strict), keys, "ghost", visibility_timeout_s=0.3,
-                        max_deliveries=1, result_ttl_s=60, stream_maxlen=1000)
+    ghost = busy_worker(strict, "ghost")
     with ApiServer(strict) as api, httpx.Client(base_url=api.url, timeout=60) as client:
         with ThreadPoolExecutor(max_workers=1) as pool:
             future = pool.submit(post, client, jpeg)
@@ -154,6 +168,7 @@ def test_jobs_past_max_deliveries_are_dead_lettered(settings, extractor, jpeg):
 def test_full_queue_answers_429_without_enqueuing(settings, extractor, jpeg):
     small = settings.model_copy(update={"max_queue": 2})
     publish_model_then_stop(small, extractor)
+    busy_worker(small)
     keys = Keys(small.queue_prefix)
     with ApiServer(small) as api, httpx.Client(base_url=api.url, timeout=60) as client:
         with ThreadPoolExecutor(max_workers=2) as pool:
@@ -169,18 +184,43 @@ def test_full_queue_answers_429_without_enqueuing(settings, extractor, jpeg):
 
 
 def test_deadline_gives_504_and_the_job_never_reaches_the_model(settings, extractor, jpeg):
-    hurried = settings.model_copy(update={"request_timeout_s": 1.0})
+    hurried = settings.model_copy(update={"request_timeout_s": 1.0, "result_ttl_s": 1})
     publish_model_then_stop(hurried, extractor)
+    busy_worker(hurried)
     with ApiServer(hurried) as api, httpx.Client(base_url=api.url, timeout=60) as client:
         response = post(client, jpeg)
         assert response.status_code == 504
         assert response.headers["content-type"] == "application/problem+json"
+        # The API took the job out of the stream when it gave up: nobody will run it.
+        assert redis_client(hurried).xlen(Keys(hurried.queue_prefix).jobs) == 0
         with WorkerThread(hurried, extractor) as late:
-            deadline = time.monotonic() + 10
-            while late.worker.metrics.value("cleandift_jobs_expired_total") < 1:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+            time.sleep(1.0)
             assert late.worker.metrics.value("cleandift_images_processed_total") == 0
+
+
+def test_no_live_worker_answers_503_at_once_and_queues_nothing(settings, extractor, jpeg):
+    publish_model_then_stop(settings, extractor)  # the model is known, its worker is gone
+    with ApiServer(settings) as api, httpx.Client(base_url=api.url, timeout=60) as client:
+        start = time.monotonic()
+        refused = post(client, jpeg)
+        waited = time.monotonic() - start
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert "no worker" in refused.json()["detail"]
+        assert redis_client(settings).xlen(Keys(settings.queue_prefix).jobs) == 0
+    assert waited < settings.request_timeout_s / 2  # not a deadline: at once
+
+
+def test_waiting_requests_get_503_when_their_worker_is_gone(settings, extractor, jpeg):
+    """A request accepted while a worker lived: that worker vanishes and none is heard
+    from for no_worker_grace_s; the client gets 503 then, not a 504 at the deadline."""
+    quick = settings.model_copy(update={"worker_ttl_s": 1.0, "no_worker_grace_s": 1.0,
+                                        "heartbeat_s": 0.2})
+    publish_model_then_stop(quick, extractor)
+    busy_worker(quick, "vanishing")  # alive for 1 s, never claims, never beats again
+    with ApiServer(quick) as api, httpx.Client(base_url=api.url, timeout=60) as client:
+        response = post(client, jpeg)
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert redis_client(quick).xlen(Keys(quick.queue_prefix).jobs) == 0
 
 
 def test_readiness_follows_workers_and_redis(settings, extractor):
@@ -197,6 +237,8 @@ def test_readiness_follows_workers_and_redis(settings, extractor):
         assert body.status_code == 503 and "Redis" in body.json()["detail"]
         assert client.get("/healthz").status_code == 200
         assert client.get("/metrics").status_code == 200
+        models = client.get("/v1/models")  # never the Redis address in an answer
+        assert models.status_code == 503 and "127.0.0.1" not in models.text
 
 
 def test_worker_metrics_reach_the_api_with_a_worker_label(settings, extractor, jpeg):
@@ -229,7 +271,8 @@ def test_worker_http_port_serves_probes_and_metrics(settings, extractor, jpeg):
     with running_service(settings, extractor) as (client, threads):
         worker = threads[0].worker
         port = free_port()
-        server = serve_worker_http(port, worker.metrics.render, worker.ready, host="127.0.0.1")
+        server = serve_worker_http(port, worker.metrics.render, worker.ready, worker.alive,
+                                   host="127.0.0.1")
         try:
             assert post(client, jpeg).status_code == 200
             base = f"http://127.0.0.1:{port}"
@@ -256,3 +299,34 @@ def test_long_batches_are_never_taken_from_a_live_worker(settings, extractor, jp
         images = sum(t.worker.metrics.value("cleandift_images_processed_total") for t in threads)
     assert [r.status_code for r in responses] == [200] * 8
     assert (retried, dead, images) == (0, 0, 8)
+
+
+def test_jobs_of_a_hung_worker_are_taken_over(settings, extractor, jpeg, monkeypatch):
+    """A forward that never returns: the worker stops holding its jobs and another worker
+    answers them; the client never sees the hang."""
+    quick = settings.model_copy(update={"visibility_timeout_s": 1.0, "forward_timeout_s": 0.5,
+                                        "heartbeat_s": 0.1})
+    release, hung = threading.Event(), {}
+    real_forward = stages.forward
+
+    def forward(prepared, model):
+        if threading.current_thread() is hung.get("thread"):
+            release.wait(60)
+            raise RuntimeError("the GPU never answered")
+        return real_forward(prepared, model)
+
+    monkeypatch.setattr(stages, "forward", forward)
+    keys = Keys(quick.queue_prefix)
+    with ApiServer(quick) as api, httpx.Client(base_url=api.url, timeout=60) as client:
+        victim = WorkerThread(quick, extractor, name="victim")
+        hung["thread"] = victim.thread
+        with victim, ThreadPoolExecutor(max_workers=2) as pool:
+            wait_ready(client)
+            futures = [pool.submit(post, client, jpeg) for _ in range(2)]
+            wait_until_holding(redis_client(quick), keys, "victim")
+            with WorkerThread(quick, extractor, name="rescuer") as rescuer:
+                statuses = [f.result().status_code for f in futures]
+                retried = rescuer.worker.metrics.value("cleandift_deliveries_retried_total")
+            assert victim.worker.stuck() and not victim.worker.ready()[0]
+            release.set()
+    assert statuses == [200, 200] and retried >= 1

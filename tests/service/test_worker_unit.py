@@ -48,6 +48,9 @@ class MemoryQueue:
     def reclaim(self, count: int) -> tuple[list[Job], int]:
         return [], 0
 
+    def claim_own_pending(self, count: int, after: str = "0") -> tuple[list[Job], int, str]:
+        return [], 0, ""
+
     def complete(self, answers: Sequence[tuple[Job, Result]]) -> None:
         with self.lock:
             self.completes += 1
@@ -127,7 +130,9 @@ def test_a_failing_forward_answers_every_job_of_the_batch(extractor, monkeypatch
     with running(queue, extractor) as worker:
         answers = queue.wait_answers(3)
     assert {r.meta.status for r in answers.values()} == {500}
-    assert all("worker error" in r.meta.error for r in answers.values())
+    for result in answers.values():  # the stage and an error id; never the raw text
+        assert "forward pass failed" in result.meta.error and "error id" in result.meta.error
+        assert "illegal memory" not in result.meta.error
     assert worker.metrics.value("cleandift_jobs_total", kind="features", status="500") == 3
 
 
@@ -195,3 +200,39 @@ def test_stop_answers_what_was_claimed(extractor):
             time.sleep(0.005)
         worker.stop()
     assert len(queue.answers) == 3
+
+
+def test_a_hung_forward_gives_its_jobs_up_and_reports_not_alive(extractor, monkeypatch):
+    release = threading.Event()
+
+    def hang(prepared, model):
+        release.wait(30)
+        raise RuntimeError("the GPU never answered")
+
+    monkeypatch.setattr(stages, "forward", hang)
+    queue = MemoryQueue()
+    queue.waiting.append(job(3))
+    with running(queue, extractor, forward_timeout_s=0.3) as worker:
+        deadline = time.monotonic() + 10
+        while not worker.stuck():
+            assert time.monotonic() < deadline, "the hang was never noticed"
+            time.sleep(0.02)
+        time.sleep(0.2)  # one heartbeat period after noticing
+        beats, touched = len(queue.beats), set(queue.touched)
+        queue.touched.clear()
+        time.sleep(0.5)  # ten heartbeat periods
+        assert len(queue.beats) == beats and queue.touched == set(), "still holding on"
+        assert worker.ready() == (False, "a forward pass is hung")
+        assert worker.alive()[0] is False
+        assert "3-0" in touched or beats > 0
+        release.set()
+
+
+def test_the_probe_port_binds_loopback_unless_told_otherwise():
+    from cleandift.service.worker.probes import serve_worker_http
+
+    server = serve_worker_http(0, lambda: b"", lambda: (True, "ok"), lambda: (True, "ok"))
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+    finally:
+        server.shutdown()

@@ -1,0 +1,59 @@
+"""Decoding uploads with bounded memory: the header first (cheap, checked), then the
+pixels, under a per-process budget of pixels being decoded at once.
+
+The model needs at most s x s pixels, so JPEGs are decoded at a reduced scale (see
+cleandift.images); other formats decode whole, which the budget keeps in check: a burst
+of large PNGs waits for room instead of holding gigabytes at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from cleandift.images import ImageError, ImageSource, resize_rgb
+from cleandift.settings import Settings
+
+from .problems import Problem
+
+# Pillow keeps even RGB at 4 bytes per pixel, and a conversion to RGB (CMYK, palette,
+# alpha) holds a second image for a moment.
+BYTES_PER_PIXEL = 8
+
+
+class MemoryBudget:
+    """A weighted semaphore over bytes; one image larger than the budget runs alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self._room = asyncio.Condition()
+
+    @asynccontextmanager
+    async def hold(self, nbytes: int) -> AsyncIterator[None]:
+        need = min(nbytes, self.limit)
+        async with self._room:
+            await self._room.wait_for(lambda: self.used + need <= self.limit)
+            self.used += need
+        try:
+            yield
+        finally:
+            async with self._room:
+                self.used -= need
+                self._room.notify_all()
+
+
+async def decode_upload(name: str, data: bytes, size: int, settings: Settings,
+                        budget: MemoryBudget) -> tuple[np.ndarray, tuple[int, int]]:
+    """(s x s x 3 uint8 pixels for the model, the image's displayed (width, height))."""
+    try:
+        source = await run_in_threadpool(ImageSource, data, max_bytes=settings.max_body_bytes,
+                                         max_pixels=settings.max_image_pixels)
+        async with budget.hold(BYTES_PER_PIXEL * source.cost(size)):
+            pixels = await run_in_threadpool(lambda: resize_rgb(source.decode(size), size))
+    except ImageError as exc:
+        raise Problem(exc.status, f"{name}: {exc}") from exc
+    return pixels, source.size

@@ -1,0 +1,103 @@
+"""ASGI middleware of the API: request metrics, a catch-all that keeps connections open,
+and the body size limit."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..metrics import ApiMetrics
+from .problems import BodyTooLarge, problem_response
+
+log = logging.getLogger(__name__)
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over the limit, by Content-Length or while streaming."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._refuse(scope, receive, send)
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise BodyTooLarge
+            return message
+
+        await self.app(scope, limited, send)  # BodyTooLarge is answered by its handler
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        detail = f"the request body is over the limit of {self.limit} bytes"
+        await problem_response(413, detail, "payload-too-large")(scope, receive, send)
+
+
+class MetricsMiddleware:
+    """Counts requests by route template and status, and their latency."""
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+
+        async def record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(route=path, status=str(status)).inc()
+            self.metrics.latency.labels(route=path).observe(time.perf_counter() - start)
+
+
+class CatchAllMiddleware:
+    """An unexpected error becomes a 500 problem here, with an id to find it in the log.
+
+    Starlette's own last-resort handler answers and then re-raises, which makes uvicorn
+    close the keep-alive connection: the client's next request would be reset. Handled
+    here, the connection stays usable and the error text stays in the log.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("unhandled error %s on %s %s", error_id, scope.get("method"),
+                          scope.get("path"))
+            if started:
+                raise
+            detail = f"internal error (id {error_id}; the service log has the details)"
+            await problem_response(500, detail)(scope, receive, send)

@@ -1,0 +1,104 @@
+"""`cleandift serve`: the API in this process, supervised workers and (without a
+REDIS_URL) a supervised private redis-server, all stopped together."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import redis
+
+from cleandift.settings import Settings
+
+from ..queue.connect import sync_client
+from ..queue.consumer import remove_worker
+from ..queue.keys import Keys
+from .launch import run_api, settings_env
+from .redis_server import RedisServer, die_with_parent, start_redis_server
+from .supervisor import Child, Supervisor
+
+log = logging.getLogger(__name__)
+
+
+class PrivateRedis:
+    """serve's own redis-server: no persistence; restarted empty on the same port."""
+
+    def __init__(self, binary: str | None) -> None:
+        self.binary = binary
+        self.server: RedisServer = start_redis_server(binary)
+        self._first = True
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def start(self) -> subprocess.Popen[bytes]:
+        if not self._first:
+            self.server.stop()
+            self.server = start_redis_server(self.binary, port=self.server.port)
+        self._first = False
+        return self.server.process
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def worker_child(settings: Settings, index: int, client: redis.Redis) -> Child:
+    """Worker `index`: a fixed name (so a restart takes over its jobs) and its own port."""
+    worker_id = f"{socket.gethostname()}-{os.getpid()}-w{index}"
+    port = settings.worker_metrics_port + index if settings.worker_metrics_port else 0
+    env = settings_env(settings.model_copy(update={"worker_id": worker_id,
+                                                   "worker_metrics_port": port}))
+    keys = Keys(settings.queue_prefix)
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "cleandift.cli", "worker"], env=env,
+                                preexec_fn=die_with_parent)
+
+    def heartbeat_age() -> float | None:
+        try:
+            score = client.zscore(keys.workers, worker_id)
+        except redis.RedisError:
+            return None
+        return None if score is None else time.time() - float(score)
+
+    return Child(f"worker {worker_id}", start, on_exit=lambda: remove_worker(client, keys,
+                                                                             worker_id),
+                 heartbeat_age=heartbeat_age)
+
+
+def _exit(*_args: object) -> None:
+    raise SystemExit(0)
+
+
+def run_serve(settings: Settings) -> None:
+    private = None
+    children: list[Child] = []
+    if not settings.redis_url:
+        private = PrivateRedis(settings.redis_server)
+        settings = settings.model_copy(update={"redis_url": private.url})
+        children.append(Child("redis-server", private.start))
+        log.info("started a private redis-server at %s", private.url)
+    assert settings.redis_url
+    client = sync_client(settings.redis_url, socket_timeout=2.0)
+    children += [worker_child(settings, i, client) for i in range(settings.workers)]
+    supervisor = Supervisor(children, hung_after_s=settings.worker_ttl_s)
+    supervisor.start()
+    # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into SystemExit so
+    # the workers and Redis are stopped too.
+    signal.signal(signal.SIGTERM, _exit)
+    stop: Callable[[], None] = supervisor.stop
+    try:
+        log.info("open http://%s:%d/ (the worker is loading the model)", settings.host,
+                 settings.port)
+        run_api(settings)
+    finally:
+        stop()
+        if private is not None:
+            private.stop()
