@@ -15,11 +15,17 @@ def bench(
     = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the figures here")]
     = None,
+    parts: Annotated[str, typer.Option(help="comma-separated: model, service, transport")]
+    = "model,service,transport",
 ) -> None:
-    """Measure extractor, service and trainer side by side on this machine's CPU."""
-    from .cpu import run_bench, table, write_json
+    """Measure extractor, service, transport and trainer side by side on this machine."""
+    from .cpu import PARTS, run_bench, table, write_json
 
-    figures = run_bench(model, quick)
+    chosen = tuple(p.strip() for p in parts.split(",") if p.strip())
+    unknown = set(chosen) - set(PARTS)
+    if unknown:
+        raise typer.BadParameter(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
+    figures = run_bench(model, quick, chosen)
     typer.echo(table(figures))
     if json_out:
         write_json(figures, json_out)

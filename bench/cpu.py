@@ -15,6 +15,7 @@ from cleandift.settings import Settings
 from . import measure
 from .load import features_request, run_load
 from .stack import service_stack
+from .transport import TRANSPORT_DESCRIPTIONS, bench_jpeg, transport_figures
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ DESCRIPTIONS = {
     "json_vs_safetensors_encode": "encode + decode time, JSON / safetensors",
     "train_once_vs_thrice": "trainer step speed-up, student once vs three times",
     "train_once_vs_thrice_flops": "the same as a FLOP ratio",
+    **TRANSPORT_DESCRIPTIONS,
 }
 
 
@@ -67,11 +69,31 @@ def service_figures(model: str, jpeg: bytes, quick: bool, batch: int) -> dict[st
     }
 
 
-def run_bench(model: str | None, quick: bool) -> dict[str, float]:
+PARTS = ("model", "service", "transport")
+
+
+def run_bench(model: str | None, quick: bool, parts: tuple[str, ...] = PARTS
+              ) -> dict[str, float]:
+    """The figures of the chosen parts, measured one after the other in this run."""
     from cleandift.demo import ensure_model
 
     settings = Settings()
     model = model or str(ensure_model("bench", settings.cache_dir))
+    figures: dict[str, float] = {}
+    if "model" in parts or "service" in parts:
+        figures.update(model_figures(model, quick, settings, with_model="model" in parts,
+                                     with_service="service" in parts))
+    if "transport" in parts:
+        for path in ("redis", "direct"):  # before and after: the result path alone differs
+            start = time.perf_counter()
+            figures.update(transport_figures(path, quick, bench_jpeg(768, 768)))
+            log.info("transport through %s measured in %.1fs", path, time.perf_counter() - start)
+        figures.update(camera_figures(quick))
+    return {key: round(float(value), 4) for key, value in figures.items()}
+
+
+def model_figures(model: str, quick: bool, settings: Settings, *, with_model: bool,
+                  with_service: bool) -> dict[str, float]:
     repeats = 3 if quick else 7
     ex = load_extractor(model, device="cpu", cache_dir=settings.cache_dir)
     images = bench_images(16)
@@ -83,8 +105,10 @@ def run_bench(model: str | None, quick: bool) -> dict[str, float]:
         ("response formats", lambda: measure.response_formats(ex, images[0], repeats)),
         ("trainer step", lambda: measure.train_once_vs_thrice(ex, images, 4 if quick else 8,
                                                                max(2, repeats - 1))),
-        ("service", lambda: service_figures(model, _jpeg(images[0]), quick, best_batch)),
-    ]
+    ] if with_model else []
+    if with_service:
+        steps.append(("service", lambda: service_figures(model, _jpeg(images[0]), quick,
+                                                         best_batch)))
     figures: dict[str, float] = {"raw_images_per_s": raw[best_batch]}
     log.info("raw extractor: %s images/s by batch size",
              {b: round(v, 2) for b, v in raw.items()})
@@ -92,8 +116,17 @@ def run_bench(model: str | None, quick: bool) -> dict[str, float]:
         start = time.perf_counter()
         figures.update(step())
         log.info("%s measured in %.1fs", name, time.perf_counter() - start)
-    figures["service_vs_raw"] = figures["service_images_per_s_c16"] / figures["raw_images_per_s"]
-    return {key: round(float(figures[key]), 4) for key in DESCRIPTIONS}
+    if with_service:
+        figures["service_vs_raw"] = (figures["service_images_per_s_c16"]
+                                     / figures["raw_images_per_s"])
+    return figures
+
+
+def camera_figures(quick: bool) -> dict[str, float]:
+    """The direct path with a 640x480 photo: the API resamples it to 768 (bicubic) first."""
+    figures = transport_figures("direct", quick, bench_jpeg(640, 480), sets=("us6",))
+    return {key.replace("transport_direct_", "transport_camera_"): value
+            for key, value in figures.items()}
 
 
 def _jpeg(image) -> bytes:
@@ -104,7 +137,8 @@ def _jpeg(image) -> bytes:
 
 def table(figures: dict[str, float]) -> str:
     width = max(map(len, figures))
-    return "\n".join(f"{k:<{width}}  {v:>10.3f}  {DESCRIPTIONS[k]}" for k, v in figures.items())
+    return "\n".join(f"{k:<{width}}  {v:>10.3f}  {DESCRIPTIONS.get(k, '')}"
+                     for k, v in figures.items())
 
 
 def write_json(figures: dict[str, float], path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -31,7 +31,7 @@ class LoadResult:
         return float(np.percentile(self.latencies_s, q) * 1000) if self.latencies_s else 0.0
 
 
-RequestFactory = Callable[[httpx.AsyncClient], "asyncio.Future[httpx.Response]"]
+RequestFactory = Callable[[httpx.AsyncClient], Awaitable[httpx.Response]]
 
 
 async def _run(url: str, request: RequestFactory, concurrency: int, total: int,

@@ -30,8 +30,10 @@ class Stack:
     workers: list[subprocess.Popen] = field(default_factory=list)
     url: str = ""
 
+    worker_module: str = "cleandift.cli"  # bench/transport.py uses its shape-only worker
+
     def start_worker(self, **env: str) -> subprocess.Popen:
-        worker = _spawn("worker", {**self.env, **env})
+        worker = _spawn("worker", {**self.env, **env}, self.worker_module)
         self.workers.append(worker)
         return worker
 
@@ -66,27 +68,29 @@ class Stack:
             self.redis.stop()
 
 
-def _spawn(command: str, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cleandift.cli", command], env=env,
+def _spawn(command: str, env: dict[str, str], module: str = "cleandift.cli"
+           ) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module, command], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             preexec_fn=die_with_parent)
 
 
 @contextmanager
 def service_stack(model: str, *, workers: int = 1, redis_url: str | None = None,
+                  worker_module: str = "cleandift.cli", ready_timeout_s: float = 120.0,
                   **settings: str):
     """A ready stack: API + `workers` workers on `model`; settings as CLEANDIFT_* values."""
     redis = None if redis_url else start_redis_server()
     url = redis_url or redis.url  # type: ignore[union-attr]
     env = {**os.environ, "CLEANDIFT_REDIS_URL": url, "CLEANDIFT_MODEL": model,
-           "CLEANDIFT_WORKER_METRICS_PORT": "0", "CLEANDIFT_HOST": "127.0.0.1",
+           "CLEANDIFT_WORKER_PORT": "0", "CLEANDIFT_HOST": "127.0.0.1",
            **{f"CLEANDIFT_{k.upper()}": str(v) for k, v in settings.items()}}
-    stack = Stack(redis, url, env)
+    stack = Stack(redis, url, env, worker_module=worker_module)
     try:
         for _ in range(workers):
             stack.start_worker()
         stack.start_api()
-        stack.wait_ready()
+        stack.wait_ready(ready_timeout_s)
         yield stack
     finally:
         stack.stop()

@@ -69,7 +69,7 @@ class Extractor:
     ) -> dict[str, torch.Tensor]:
         """Device stage: a pixel batch -> {key: [N, C, h, w]} on the model's device."""
         keys = validate_layers(layers, self.info.default_layers)
-        pixels = pixels.to(self.device, self.dtype, non_blocking=True)
+        pixels = self.model_input(pixels)
         check_size(pixels.shape[-1])
         context = self.prompts(prompt)
         posterior = self.vae.encode(pixels).latent_dist
@@ -82,6 +82,15 @@ class Extractor:
             t = DIFT_TIMESTEP if timestep is None else timestep
             return self._dift(posterior, scale, keys, context, int(t), ensemble, seeds)
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+    def model_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """NCHW in [-1, 1] on the model's device and dtype. uint8 NHWC batches (as the
+        worker sends them) are converted on the device: a quarter of the bytes cross the
+        bus and the CPU does no float arithmetic."""
+        if pixels.dtype == torch.uint8:
+            raw = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+            return raw.to(self.dtype).div_(127.5).sub_(1.0)
+        return pixels.to(self.device, self.dtype, non_blocking=True)
 
     def extract(
         self,

@@ -176,8 +176,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def resize_rgb(image: Image.Image, size: int) -> np.ndarray:
     """The model's view of an image: s x s (no crop, aspect not kept), uint8 HWC."""
-    resized = image.resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(resized, dtype=np.uint8)
+    if image.size != (size, size):  # (PIL would copy an image already that size)
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)
 
 
 def to_pixels(arrays: list[np.ndarray]) -> torch.Tensor:

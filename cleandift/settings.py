@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=default_cache_dir,
                             description="Demo models and cached prompt embeddings.")
     demo_seed: int = Field(0, ge=0, description="Weights seed of the built-in demo model.")
+    compile: bool = Field(False, description="torch.compile the model's blocks when a worker "
+                          "starts (and each reloaded version); kernels cached in cache_dir.")
+    compile_backend: str = Field("inductor", description="torch.compile backend.")
 
     # Queue (Redis Streams)
     redis_url: str | None = Field(
@@ -85,7 +88,24 @@ class Settings(BaseSettings):
     # Processes
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    worker_metrics_port: int = Field(9001, ge=0, le=65535, description="0 disables it.")
+    worker_port: int = Field(
+        9001, ge=0, le=65535,
+        validation_alias=AliasChoices("CLEANDIFT_WORKER_PORT", "CLEANDIFT_WORKER_METRICS_PORT"),
+        description="A worker's HTTP port: probes, metrics, and large results the API "
+        "fetches directly; 0 takes any free port.")
+    worker_advertise_host: str | None = Field(
+        None, description="The address the API reaches a worker at (e.g. the pod IP); the "
+        "bind address, or this host's address when bound to 0.0.0.0.")
+    result_transport: Literal["direct", "redis"] = Field(
+        "direct", description="direct: large results go worker -> API in one hop; redis: "
+        "every result travels through Redis (when workers cannot be reached).")
+    inline_result_bytes: int = Field(256 * 1024, ge=0,
+                                     description="Results up to this size travel inline.")
+    result_store_bytes: int = Field(
+        2 * 1024**3, ge=1024 * 1024, description="Memory a worker holds in results waiting "
+        "to be fetched; beyond it, results travel through Redis.")
+    result_hold_s: float = Field(30.0, gt=0,
+                                 description="A held result not fetched by then is dropped.")
     worker_id: str | None = None
     workers: int = Field(1, ge=1, description="Workers started by `serve`.")
     api_workers: int = Field(1, ge=1, description="API processes (uvicorn workers).")

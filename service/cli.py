@@ -35,7 +35,8 @@ def worker(
     dtype: DtypeOpt = None,
     redis_url: RedisOpt = None,
     max_batch: BatchOpt = None,
-    metrics_port: Annotated[int | None, typer.Option(help="Prometheus port, 0 = off")] = None,
+    port: Annotated[int | None, typer.Option(
+        help="the worker's own port (probes, metrics, results); 0: any free port")] = None,
     torch_threads: ThreadsOpt = None,
 ) -> None:
     """Run a worker: load the model, take batches from the queue, answer them."""
@@ -43,7 +44,7 @@ def worker(
 
     run_worker(settings_with(model=model, unet=unet, device=device, dtype=dtype,
                              redis_url=redis_url, max_batch=max_batch,
-                             worker_metrics_port=metrics_port, torch_threads=torch_threads))
+                             worker_port=port, torch_threads=torch_threads))
 
 
 def serve(

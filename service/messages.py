@@ -14,6 +14,7 @@ version it reads).
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from cleandift.contract import ModelInfo
 
 PROTOCOL_VERSION = 2
 READABLE_VERSIONS = (1, 2)
+
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "int8": 1}  # bytes per value on the wire
 
 Kind = Literal["features", "correspond"]
 Mode = Literal["clean", "dift"]
@@ -85,13 +88,13 @@ class Job:
     entry_id: str = ""  # the stream entry, set once read
     deliveries: int = 1
 
-    def to_fields(self, version: int = PROTOCOL_VERSION) -> dict[str, bytes | str]:
+    def to_fields(self, version: int = PROTOCOL_VERSION) -> dict[str, bytes | str | memoryview]:
         spec = self.spec.model_dump(mode="json")
         if version == 1:
             spec["size"], spec["sizes"] = spec.pop("input_size"), spec.pop("image_sizes")
-        fields: dict[str, bytes | str] = {"v": str(version), "spec": json.dumps(spec)}
-        for i, image in enumerate(self.images):
-            fields[f"img{i}"] = np.ascontiguousarray(image, dtype=np.uint8).tobytes()
+        fields: dict[str, bytes | str | memoryview] = {"v": str(version), "spec": json.dumps(spec)}
+        for i, image in enumerate(self.images):  # the pixels' own memory: Redis' client
+            fields[f"img{i}"] = np.ascontiguousarray(image, dtype=np.uint8).data.cast("B")
         return fields
 
     @classmethod
@@ -161,14 +164,37 @@ class ResultMeta(BaseModel):
     layers: dict[str, LayerMeta] = Field(default_factory=dict)
     matches: list[dict[str, Any]] | None = None
     heatmap: Heatmap | None = None
+    # Large results stay on the worker: the API fetches `nbytes` raw bytes (every layer,
+    # concatenated in the order of `layers`) from `location` with `token`, in one hop.
+    location: str = ""
+    token: str = ""
+    nbytes: int = 0
+
+    def layer_sizes(self) -> list[int]:
+        """Byte count of each layer, in order (what `location` serves, concatenated)."""
+        return [math.prod(info.shape) * ITEMSIZE[info.dtype] for info in self.layers.values()]
 
 
 @dataclass
 class Result:
     meta: ResultMeta
-    data: dict[str, bytes] = field(default_factory=dict)  # key -> raw bytes
+    data: dict[str, bytes] = field(default_factory=dict)  # key -> raw bytes (inline)
+    # The worker's side: every layer concatenated, as computed; it travels inline (as
+    # `data`) or stays on the worker for the API to fetch (`meta.location`).
+    body: memoryview | None = None
+
+    def inline(self) -> Result:
+        """Move `body` into `data`, one field per layer, to travel through Redis."""
+        if self.body is not None:
+            offset = 0
+            for key, size in zip(self.meta.layers, self.meta.layer_sizes()):
+                self.data[key] = bytes(self.body[offset:offset + size])
+                offset += size
+            self.body = None
+        return self
 
     def to_fields(self, version: int = PROTOCOL_VERSION) -> dict[str, bytes | str]:
+        self.inline()
         fields: dict[str, bytes | str] = {"v": str(version),
                                           "meta": self.meta.model_dump_json()}
         fields.update({f"layer:{k}": v for k, v in self.data.items()})
@@ -185,6 +211,7 @@ class Result:
         return cls(meta=meta, data=data)
 
     def array(self, key: str) -> np.ndarray:
+        self.inline()
         info = self.meta.layers[key]
         dtype = np.dtype(info.dtype).newbyteorder("<")
         return np.frombuffer(self.data[key], dtype=dtype).reshape(info.shape)

@@ -68,6 +68,9 @@ class WorkerMetrics:
                                registry=r)
         self.reloads = Counter(f"{PREFIX}_reloads", "Model reloads by result", ["result"],
                                registry=r)
+        self.results_inline_full = Counter(
+            f"{PREFIX}_results_store_full", "Large results sent through Redis because the "
+            "worker's result store was full", registry=r)
         self.model_info = Gauge(f"{PREFIX}_worker_model_info", "Model a worker serves",
                                 ["name", "version"], registry=r)
 

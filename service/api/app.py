@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
+from cleandift import __version__
 from cleandift.settings import Settings
 
 from ..metrics import ApiMetrics
@@ -15,6 +16,8 @@ from ..queue.connect import async_client
 from ..queue.keys import Keys
 from ..queue.producer import JobProducer
 from .decoding import MemoryBudget
+from .deps import Services
+from .fetch import ResultFetcher
 from .malloc import return_memory_promptly
 from .middleware import BodyLimitMiddleware, CatchAllMiddleware, MetricsMiddleware
 from .problems import install_handlers
@@ -29,33 +32,33 @@ def create_app(settings: Settings) -> FastAPI:
     if not settings.redis_url:
         raise ValueError("the API needs a Redis URL (CLEANDIFT_REDIS_URL or REDIS_URL)")
     redis_url = settings.redis_url
+    metrics = ApiMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = async_client(redis_url)
-        producer = JobProducer(client, Keys(settings.queue_prefix),
+        producer = JobProducer(async_client(redis_url), Keys(settings.queue_prefix),
                                max_queue=settings.max_queue, stream_maxlen=settings.stream_maxlen,
                                worker_ttl_s=settings.worker_ttl_s,
                                no_worker_grace_s=settings.no_worker_grace_s)
         await producer.start()
-        app.state.producer = producer
+        app.state.services = Services(settings, metrics,
+                                      MemoryBudget(settings.decode_memory_bytes), producer,
+                                      ResultFetcher(settings.request_timeout_s))
         try:
             yield
         finally:
+            await app.state.services.fetcher.aclose()
             await producer.stop()
 
-    app = FastAPI(title="CleanDIFT feature service", version="0.1.0",
-                  description=DESCRIPTION, lifespan=lifespan)
     return_memory_promptly()
-    app.state.settings = settings
-    app.state.metrics = ApiMetrics()
-    app.state.decode_budget = MemoryBudget(settings.decode_memory_bytes)
+    app = FastAPI(title="CleanDIFT feature service", version=__version__,
+                  description=DESCRIPTION, lifespan=lifespan)
     install_handlers(app)
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(CatchAllMiddleware)
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: counts all
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts all
     return app
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from .encoding import NPY, SAFETENSORS
 from .parsing import CorrespondBody, FeaturesBody
 from .problems import MEDIA_TYPE, PROBLEM_SCHEMA
-from .responses import NPY, SAFETENSORS
 
 _FILE = {"type": "string", "format": "binary"}
 

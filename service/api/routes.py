@@ -19,7 +19,8 @@ from ..messages import Job, Result
 from ..queue.errors import QueueUnavailable
 from ..queue.producer import JobProducer
 from . import openapi, parsing, responses
-from .deps import BudgetDep, MetricsDep, ProducerDep, Protected, SettingsDep
+from .deps import Protected, ServicesDep
+from .encoding import negotiate
 from .problems import RETRY, Problem
 from .schemas import CorrespondOut, FeaturesOut, HealthOut, Limits, ModelsOut, ReadyOut
 
@@ -55,22 +56,21 @@ async def run(producer: JobProducer, job: Job) -> Result:
 )
 async def features(
     request: Request,
-    settings: SettingsDep,
-    producer: ProducerDep,
-    budget: BudgetDep,
+    services: ServicesDep,
     format: Annotated[Literal["json", "safetensors", "npy"] | None,
                       Query(description="the answer's format; else the Accept header")] = None,
     dtype: Annotated[Literal["float16", "float32"] | None,
                      Query(description="float16 (default) or float32")] = None,
 ) -> Response:
-    fmt = responses.negotiate(format, request.headers.get("accept"))
+    fmt = negotiate(format, request.headers.get("accept"))
+    producer = services.producer
     model = await served_model(producer)
     await producer.admit()
-    job = await parsing.features_job(request, settings, model, budget, dtype)
+    job = await parsing.features_job(request, services.settings, model, services.budget, dtype)
     if fmt == "npy" and len(job.spec.layers) != 1:
         raise Problem(422, f"npy holds exactly one layer; {len(job.spec.layers)} were asked")
-    result = await run(producer, job)
-    return responses.features_response(result, fmt, job.spec.image_sizes[0],
+    result, raw = await responses.obtain(producer, services.fetcher, job)
+    return responses.features_response(result, raw, fmt, job.spec.image_sizes[0],
                                        job.spec.input_size)
 
 
@@ -82,21 +82,20 @@ async def features(
     openapi_extra=openapi.CORRESPOND_BODY,
     summary="Matches from a source image to a target image",
 )
-async def correspond(request: Request, settings: SettingsDep, producer: ProducerDep,
-                     budget: BudgetDep) -> Response:
-    model = await served_model(producer)
-    await producer.admit()
-    job = await parsing.correspond_job(request, settings, model, budget)
-    return responses.correspond_response(await run(producer, job))
+async def correspond(request: Request, services: ServicesDep) -> Response:
+    model = await served_model(services.producer)
+    await services.producer.admit()
+    job = await parsing.correspond_job(request, services.settings, model, services.budget)
+    return responses.correspond_response(await run(services.producer, job))
 
 
 @router.get("/v1/models", dependencies=Protected, response_model=ModelsOut,
             responses=openapi.errors(401, 503))
-async def models(producer: ProducerDep, settings: SettingsDep) -> ModelsOut:
+async def models(services: ServicesDep) -> ModelsOut:
     """The served model (during a reload, the version most recently loaded by a worker)
     and the limits of one request."""
-    model = await served_model(producer)
-    return ModelsOut(**model.model_dump(), limits=Limits.of(settings))
+    model = await served_model(services.producer)
+    return ModelsOut(**model.model_dump(), limits=Limits.of(services.settings))
 
 
 @router.get("/", include_in_schema=False)
@@ -111,7 +110,8 @@ async def healthz() -> HealthOut:
 
 
 @router.get("/readyz", response_model=ReadyOut, responses=openapi.errors(503))
-async def readyz(producer: ProducerDep) -> ReadyOut:
+async def readyz(services: ServicesDep) -> ReadyOut:
+    producer = services.producer
     if not await producer.ping():
         raise Problem(503, "the queue (Redis) is unreachable", kind="not-ready")
     workers = await producer.live_workers()
@@ -125,7 +125,8 @@ async def readyz(producer: ProducerDep) -> ReadyOut:
 
 
 @router.get("/metrics", include_in_schema=False)
-async def metrics(producer: ProducerDep, api_metrics: MetricsDep) -> Response:
+async def metrics(services: ServicesDep) -> Response:
+    producer, api_metrics = services.producer, services.metrics
     try:
         depth, pending = await producer.queue_state()
         api_metrics.queue_depth.set(depth)

@@ -1,4 +1,4 @@
-"""Process entry points: the API, a worker, and `serve` (both plus a private Redis)."""
+"""Process entry points: the API (uvicorn) and a worker."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ def run_api(settings: Settings) -> None:
     from ..api.app import create_app
 
     common: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_level": "info",
+                              "access_log": False,
                               "timeout_graceful_shutdown": int(settings.request_timeout_s)}
     if settings.api_workers > 1:  # CPU-bound encoding scales with processes, not threads
         os.environ.update(settings_env(settings))
@@ -51,14 +52,14 @@ def build_worker(settings: Settings, extractor: Extractor | None = None) -> Work
     from ..queue.connect import sync_client
     from ..queue.consumer import JobConsumer
     from ..queue.keys import Keys
-    from ..worker.holder import ModelHolder, smoke_test
+    from ..worker.holder import ModelHolder
     from ..worker.loop import Worker
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     if extractor is None:
         extractor = load_extractor(**settings.extractor_args())  # type: ignore[arg-type]
-    smoke_test(extractor)  # a model that cannot produce finite features never serves
+    prepare_model(extractor, settings)
     log.info("loaded %s %s on %s", extractor.info.name, extractor.info.version, extractor.device)
     assert settings.redis_url, "the worker needs a Redis URL"
     client = sync_client(settings.redis_url)
@@ -69,6 +70,18 @@ def build_worker(settings: Settings, extractor: Extractor | None = None) -> Work
                        stream_maxlen=settings.stream_maxlen)
     holder, metrics = ModelHolder(extractor), WorkerMetrics()
     return Worker(settings, holder, jobs, metrics, watcher(settings, holder, metrics, client))
+
+
+def prepare_model(extractor: Extractor, settings: Settings) -> None:
+    """Before a model serves (at start-up or after a reload): compile it if asked, and
+    check it produces finite features."""
+    from ..worker.holder import smoke_test
+
+    if settings.compile:
+        from cleandift.optimize import compile_extractor
+
+        compile_extractor(extractor, settings.cache_dir, settings.compile_backend)
+    smoke_test(extractor)  # a model that cannot produce finite features never serves
 
 
 def watcher(settings: Settings, holder: ModelHolder, metrics: WorkerMetrics,
@@ -85,25 +98,20 @@ def watcher(settings: Settings, holder: ModelHolder, metrics: WorkerMetrics,
     device, dtype = holder.current.device, holder.current.dtype  # not the model: it must die
 
     def load(version_dir: Path) -> Extractor:
-        return load_extractor(version_dir, device=device, dtype=dtype,
-                              cache_dir=settings.cache_dir, demo_seed=settings.demo_seed)
+        extractor = load_extractor(version_dir, device=device, dtype=dtype,
+                                   cache_dir=settings.cache_dir, demo_seed=settings.demo_seed)
+        prepare_model(extractor, settings)
+        return extractor
 
     return RegistryWatcher(model_dir, holder, load, metrics, poll_s=settings.reload_poll_s,
                            client=client, channel=Keys(settings.queue_prefix).registry_channel)
 
 
-def run_worker(settings: Settings) -> None:
-    from ..worker.probes import serve_worker_http
-
+def run_worker(settings: Settings, extractor: Extractor | None = None) -> None:
+    """A worker process: load the model (unless given one), serve until SIGTERM."""
     if not settings.redis_url:
         raise SystemExit("the worker needs a Redis URL (CLEANDIFT_REDIS_URL or REDIS_URL)")
-    worker = build_worker(settings)
-    if settings.worker_metrics_port:
-        try:
-            serve_worker_http(settings.worker_metrics_port, worker.metrics.render, worker.ready,
-                              worker.alive, host=settings.host)
-        except OSError as exc:  # metrics still reach the API through heartbeats
-            log.warning("worker port %d unavailable: %s", settings.worker_metrics_port, exc)
+    worker = build_worker(settings, extractor)
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
     worker.run()

@@ -52,9 +52,8 @@ class PrivateRedis:
 def worker_child(settings: Settings, index: int, client: redis.Redis) -> Child:
     """Worker `index`: a fixed name (so a restart takes over its jobs) and its own port."""
     worker_id = f"{socket.gethostname()}-{os.getpid()}-w{index}"
-    port = settings.worker_metrics_port + index if settings.worker_metrics_port else 0
-    env = settings_env(settings.model_copy(update={"worker_id": worker_id,
-                                                   "worker_metrics_port": port}))
+    port = settings.worker_port + index if settings.worker_port else 0
+    env = settings_env(settings.model_copy(update={"worker_id": worker_id, "worker_port": port}))
     keys = Keys(settings.queue_prefix)
 
     def start() -> subprocess.Popen[bytes]:

@@ -113,10 +113,11 @@ class JobProducer:
         if self.view.depth >= self.max_queue:
             raise QueueFull
 
-    async def submit(self, job: Job) -> Result:
-        """Enqueue and wait for the answer until the job's deadline."""
+    async def submit(self, job: Job, *, again: bool = False) -> Result:
+        """Enqueue and wait for the answer until the job's deadline. `again`: a job that
+        was accepted before (its result was lost) is never refused for room."""
         job.spec.reply_to = self.reply_channel
-        entry = await self._enqueue(job, bounded=True)
+        entry = await self._enqueue(job, bounded=not again)
         waiter = self._waiters[job.spec.id] = _Waiter(job, entry, self.view.epoch)
         try:
             return await self._await(waiter)

@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from http.server import ThreadingHTTPServer
 from typing import Any, Protocol, TypeVar
 
 from cleandift.settings import Settings
@@ -26,6 +27,8 @@ from . import stages
 from .batching import collate_requests
 from .holder import ModelHolder
 from .reload import RegistryWatcher
+from .results import ResultStore
+from .server import serve_worker_http
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2
@@ -58,6 +61,9 @@ class Worker:
     ) -> None:
         self.settings, self.model, self.jobs, self.metrics = settings, model, jobs, metrics
         self.watcher = watcher
+        self.results = ResultStore(settings.result_store_bytes, settings.result_hold_s)
+        self.url = ""  # where the API fetches held results (set when the port is open)
+        self._http: ThreadingHTTPServer | None = None
         self.stopping = threading.Event()
         self._pre: queue.Queue[stages.Prepared] = queue.Queue(maxsize=1)
         self._post: queue.Queue[stages.Computed] = queue.Queue(maxsize=2)
@@ -73,6 +79,7 @@ class Worker:
     # -- lifecycle --------------------------------------------------------------------
     def run(self) -> None:
         """Serve until `stop()`; returns after every claimed job has been answered."""
+        self._open_port()
         self._publish_model()
         workers = [threading.Thread(target=self._guard(self._intake, self._intake_done),
                                     name="intake")]
@@ -92,7 +99,26 @@ class Worker:
             for thread in workers:
                 thread.join()
             self._safe(self.jobs.leave, None)
+            self._close_port()
         log.info("worker %s stopped", self.jobs.consumer)
+
+    def _open_port(self) -> None:
+        """The worker's HTTP port: probes, metrics and held results (0: any free port)."""
+        settings = self.settings
+        try:
+            self._http = serve_worker_http(settings.worker_port, self.metrics.render,
+                                           self.ready, self.alive, host=settings.host,
+                                           results=self.results)
+        except OSError as exc:  # results then travel through Redis; metrics by heartbeat
+            log.warning("worker port %d unavailable: %s", settings.worker_port, exc)
+            return
+        host = settings.worker_advertise_host or advertised_host(settings.host)
+        self.url = f"http://{host}:{self._http.server_address[1]}"
+
+    def _close_port(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
 
     def stop(self, *_args: object) -> None:
         log.info("worker %s stopping: finishing claimed jobs", self.jobs.consumer)
@@ -171,10 +197,27 @@ class Worker:
 
     def _results(self, computed: stages.Computed) -> list[Answer]:
         try:
-            return stages.results(computed)
+            answers = stages.results(computed)
         except Exception:
             return [(job, stages.internal_error(job.spec.id, "post-processing"))
                     for job in computed.prepared.batch.jobs]
+        for _, result in answers:
+            self._place(result)
+        return answers
+
+    def _place(self, result: Result) -> None:
+        """A large body stays here for the API to fetch directly; the rest goes inline."""
+        body, meta = result.body, result.meta
+        direct = self.settings.result_transport == "direct" and self.url
+        if body is None or not direct or body.nbytes <= self.settings.inline_result_bytes:
+            return
+        token = self.results.put(meta.job_id, body)
+        if token is None:  # the store is full: through Redis, as before
+            self.metrics.results_inline_full.inc()
+            return
+        meta.location, meta.token, meta.nbytes = f"{self.url}/results/{meta.job_id}", token, \
+            body.nbytes
+        result.body = None
 
     # -- helpers ----------------------------------------------------------------------
     def _live(self, jobs: list[Job]) -> list[Job]:
@@ -300,3 +343,15 @@ class Worker:
             return False, "no heartbeat has reached Redis recently"
         info = self.model.current.info
         return True, f"ready: {info.name} {info.version}"
+
+
+def advertised_host(bind: str) -> str:
+    """The address other hosts reach this worker at: the bind address, or this host's
+    own address when bound to all interfaces (set CLEANDIFT_WORKER_ADVERTISE_HOST, e.g. the
+    pod IP, where that guess is wrong)."""
+    if bind in ("0.0.0.0", "::", ""):
+        try:
+            return socket.gethostbyname(socket.gethostname())
+        except OSError:
+            return "127.0.0.1"
+    return bind

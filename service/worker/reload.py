@@ -20,7 +20,7 @@ from cleandift import registry
 from cleandift.extractor import Extractor
 
 from ..metrics import WorkerMetrics
-from .holder import ModelHolder, smoke_test
+from .holder import ModelHolder
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,7 @@ class RegistryWatcher:
         log.info("new version %s of %s (serving %s): loading beside it", version,
                  self.model_dir.name, live)
         try:
-            candidate = self.load(self.model_dir / version)
-            smoke_test(candidate)
+            candidate = self.load(self.model_dir / version)  # loaded, compiled if asked, checked
         except Exception as exc:  # any failure keeps the old model serving
             self._refused.add(version)
             self.metrics.reloads.labels(result="failed").inc()

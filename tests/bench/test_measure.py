@@ -62,8 +62,41 @@ def test_gpu_script_runs_its_phases_on_cpu(tmp_path, cache_dir):
     out = tmp_path / "gpu.json"
     main(["--json", str(out), "--arch", "demo", "--device", "cpu", "--workdir",
           str(tmp_path / "models"), "--batches", "1,2", "--train-batch", "1", "--quick",
-          "--phases", "eager,trainer"])
+          "--phases", "profile,eager,trainer"])
     report = json.loads(out.read_text())
+    assert "errors" not in report, report.get("errors")
     assert [r["batch"] for r in report["extractor"]] == [1, 2]
-    assert report["train_once_vs_thrice"] > 0 and "errors" not in report
+    assert report["train_once_vs_thrice"] > 0
     assert report["flops_per_image_tflop"] > 0
+    vae = report["profile_vae"]  # the op families add up to the whole
+    assert vae["conv"] > 0 and sum(v for k, v in vae.items() if k.endswith("_share")) == \
+        pytest.approx(1.0, abs=0.01)
+
+
+@pytest.mark.integration
+def test_transport_measures_real_shapes_through_the_real_stack():
+    """The shape-only worker answers SD2.1's us6 at 768 (5.9 MB) through the real API,
+    Redis and HTTP; the client checks every tensor's shape."""
+    from cleandift.bench.stack import service_stack
+    from cleandift.bench.transport import bench_jpeg, measure
+
+    with service_stack("shape-only", worker_module="cleandift.bench.shapes",
+                       queue_prefix="transport-test") as stack:
+        figures = measure(stack, bench_jpeg(768, 768), "us6", 4, 8)
+    assert figures["response_mb"] == pytest.approx(1280 * 48 * 48 * 2 / 1e6, rel=0.01)
+    assert figures["images_per_s"] > 0
+    assert {"cpu_ms_per_image_api", "cpu_ms_per_image_worker", "cpu_ms_per_image_redis",
+            "cpu_ms_per_image_client"} <= set(figures)
+
+
+def test_the_shape_only_extractor_is_unreachable_from_the_service():
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "service"
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom | ast.Import):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [
+                    a.name for a in node.names]
+                assert not any("bench" in n for n in names), f"{path} imports {names}"

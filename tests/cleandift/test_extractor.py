@@ -78,3 +78,20 @@ def test_prompt_changes_features_and_loads_text_encoder_lazily(demo_dir, photo):
     cat = ex.extract([photo], layers=["us6"], prompt="a photo of a cat")[0]["us6"]
     assert ex.prompts.text_encoder_loaded
     assert not torch.allclose(empty, cat)
+
+
+def test_compiled_blocks_keep_the_read_out_and_the_early_stop(demo_dir, cache_dir, photo):
+    """Dynamo traces every block (the "eager" backend skips code generation, which the
+    GPU script measures); the hooks, the truncation and the features stay as they were."""
+    from cleandift import load_extractor
+    from cleandift.optimize import compile_extractor
+
+    plain = load_extractor(demo_dir, device="cpu")
+    compiled = load_extractor(demo_dir, device="cpu")
+    assert compile_extractor(compiled, cache_dir, backend="eager") > 0
+    for batch in ([photo], [photo, photo, photo]):  # batch 1, and a size never warmed up
+        want = plain.extract(batch, layers=["us6", "us9"])
+        got = compiled.extract(batch, layers=["us6", "us9"])
+        for a, b in zip(want, got):
+            for key in a:
+                torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)

@@ -158,7 +158,7 @@ def test_serve_restarts_a_killed_worker_and_its_redis_and_nobody_waits(demo_dir,
                                                                 tmp_path):
     port = free_port()
     env = {**os.environ, "CLEANDIFT_MODEL": str(demo_dir), "CLEANDIFT_CACHE_DIR": str(cache_dir),
-           "CLEANDIFT_WORKER_METRICS_PORT": "0", "CLEANDIFT_TORCH_THREADS": "1"}
+           "CLEANDIFT_WORKER_PORT": "0", "CLEANDIFT_TORCH_THREADS": "1"}
     env.pop("REDIS_URL", None)
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:

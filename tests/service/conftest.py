@@ -28,8 +28,8 @@ def redis_url() -> Iterator[str]:
 def settings(redis_url, demo_dir, cache_dir) -> Settings:
     return Settings(redis_url=redis_url, model=str(demo_dir), cache_dir=cache_dir,
                     device="cpu", queue_prefix=f"test-{uuid.uuid4().hex[:8]}",
-                    worker_metrics_port=0, request_timeout_s=30, heartbeat_s=0.2,
-                    max_batch=8)
+                    worker_port=0, request_timeout_s=30, heartbeat_s=0.2,
+                    max_batch=8, inline_result_bytes=0)  # every feature result: direct
 
 
 @pytest.fixture

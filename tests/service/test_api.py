@@ -170,3 +170,35 @@ def test_api_key(settings, extractor, jpeg):
 def test_features_tensor_helper_is_the_core_path(extractor, jpeg):
     got = expected_features(extractor, jpeg, ["us6"])["us6"]
     assert isinstance(got, torch.Tensor) and got.shape == (64, 16, 16)
+
+
+def test_results_through_redis_equal_results_fetched_from_the_worker(settings, extractor, jpeg):
+    """`result_transport=redis` (every result inline through Redis) answers the same bytes
+    as the direct path the other tests use."""
+    direct = None
+    with running_service(settings, extractor) as (client, threads):
+        direct = post_features(client, jpeg, layers="us6,us9", format="safetensors").content
+        assert len(threads[0].worker.results) == 0  # fetched, hence dropped
+    inline = settings.model_copy(update={"result_transport": "redis"})
+    with running_service(inline, extractor) as (client, _):
+        through_redis = post_features(client, jpeg, layers="us6,us9", format="safetensors")
+    assert through_redis.content == direct
+
+
+def test_a_result_its_worker_cannot_deliver_is_computed_again(settings, extractor, jpeg):
+    with running_service(settings, extractor) as (client, threads):
+        worker = threads[0].worker
+        real_take, lost = worker.results.take, []
+
+        def lose_the_first(job_id, token):
+            if not lost:
+                lost.append(job_id)
+                real_take(job_id, token)
+                return None  # as if the worker had died with it
+            return real_take(job_id, token)
+
+        worker.results.take = lose_the_first
+        response = post_features(client, jpeg, layers="us6", format="safetensors")
+        images = worker.metrics.value("cleandift_images_processed_total")
+    assert response.status_code == 200 and lost
+    assert images == 2  # computed twice for one answer

@@ -95,7 +95,7 @@ def worker_process(settings, demo_dir, worker_id: str) -> subprocess.Popen:
     env = {**os.environ, "CLEANDIFT_REDIS_URL": settings.redis_url,
            "CLEANDIFT_QUEUE_PREFIX": settings.queue_prefix, "CLEANDIFT_MODEL": str(demo_dir),
            "CLEANDIFT_DEVICE": "cpu", "CLEANDIFT_WORKER_ID": worker_id,
-           "CLEANDIFT_MAX_BATCH": "2", "CLEANDIFT_WORKER_METRICS_PORT": "0"}
+           "CLEANDIFT_MAX_BATCH": "2", "CLEANDIFT_WORKER_PORT": "0"}
     return subprocess.Popen([sys.executable, "-m", "cleandift.cli", "worker"], env=env)
 
 
@@ -265,26 +265,18 @@ def test_sigterm_finishes_and_acknowledges_what_the_worker_holds(settings, extra
 
 
 def test_worker_http_port_serves_probes_and_metrics(settings, extractor, jpeg):
-    from cleandift.service.processes.redis_server import free_port
-    from cleandift.service.worker.probes import serve_worker_http
-
     with running_service(settings, extractor) as (client, threads):
         worker = threads[0].worker
-        port = free_port()
-        server = serve_worker_http(port, worker.metrics.render, worker.ready, worker.alive,
-                                   host="127.0.0.1")
-        try:
-            assert post(client, jpeg).status_code == 200
-            base = f"http://127.0.0.1:{port}"
-            assert httpx.get(base + "/healthz").status_code == 200
-            ready = httpx.get(base + "/readyz")
-            assert ready.status_code == 200 and "demo-seed0" in ready.text
-            assert metric(httpx.get(base + "/metrics").text,
-                          "cleandift_images_processed_total") == 1
-            worker.stop()
-            assert httpx.get(base + "/readyz").status_code == 503
-        finally:
-            server.shutdown()
+        base = worker.url  # its own port (0 in the settings: any free one)
+        assert base.startswith("http://127.0.0.1:")
+        assert post(client, jpeg).status_code == 200
+        assert httpx.get(base + "/healthz").status_code == 200
+        ready = httpx.get(base + "/readyz")
+        assert ready.status_code == 200 and "demo-seed0" in ready.text
+        assert metric(httpx.get(base + "/metrics").text,
+                      "cleandift_images_processed_total") == 1
+        worker.stop()
+        assert httpx.get(base + "/readyz").status_code == 503
 
 
 def test_long_batches_are_never_taken_from_a_live_worker(settings, extractor, jpeg):

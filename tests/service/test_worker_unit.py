@@ -93,7 +93,7 @@ def job(i: int, *, deadline: float | None = None, kind: str = "features") -> Job
 @contextmanager
 def running(queue: MemoryQueue, extractor, **overrides) -> Iterator[Worker]:
     options = {"redis_url": "redis://memory", "heartbeat_s": 0.05, "worker_ttl_s": 1.0,
-               "max_batch": 4, **overrides}
+               "max_batch": 4, "worker_port": 0, **overrides}
     settings = Settings(**options)
     worker = Worker(settings, ModelHolder(extractor), queue, WorkerMetrics())
     thread = threading.Thread(target=worker.run, daemon=True)
@@ -229,7 +229,7 @@ def test_a_hung_forward_gives_its_jobs_up_and_reports_not_alive(extractor, monke
 
 
 def test_the_probe_port_binds_loopback_unless_told_otherwise():
-    from cleandift.service.worker.probes import serve_worker_http
+    from cleandift.service.worker.server import serve_worker_http
 
     server = serve_worker_http(0, lambda: b"", lambda: (True, "ok"), lambda: (True, "ok"))
     try:

@@ -1,0 +1,68 @@
+"""A worker's own HTTP port: /metrics for Prometheus, /healthz and /readyz for probes, and
+/results/ID for the API to fetch large results in one hop.
+
+Ready means: the model is loaded (the server starts only after that) and the last
+heartbeat reached Redis recently; a worker cut off from Redis is taken out of rotation.
+Alive (/healthz) fails only when a forward pass is hung: restarting is the cure. A
+result is served once, to whoever shows its token (the API read it from Redis).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from .results import ResultStore
+
+Check = Callable[[], tuple[bool, str]]
+RESULTS_PATH = "/results/"
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+
+def serve_worker_http(port: int, render_metrics: Callable[[], bytes], ready: Check,
+                      alive: Check, host: str = "127.0.0.1",
+                      results: ResultStore | None = None) -> ThreadingHTTPServer:
+    """Serve on `host` (the process's bind address: 127.0.0.1 unless configured); port 0
+    takes any free port (`server.server_address` says which)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: the API reuses its connections
+
+        def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+            url = urlsplit(self.path)
+            if url.path.startswith(RESULTS_PATH) and results is not None:
+                token = parse_qs(url.query).get("token", [""])[0]
+                body = results.take(url.path[len(RESULTS_PATH):], token)
+                if body is None:
+                    self._send(404, b"no such result (fetched already, expired, or bad token)\n")
+                else:
+                    self._send(200, body, "application/octet-stream")
+            elif url.path == "/metrics":
+                self._send(200, render_metrics(), CONTENT_TYPE_LATEST)
+            elif url.path in ("/healthz", "/readyz"):
+                ok, reason = (alive if url.path == "/healthz" else ready)()
+                self._send(200 if ok else 503, reason.encode() + b"\n")
+            else:
+                self._send(404, b"not found\n")
+
+        def _send(self, status: int, body: bytes | memoryview,
+                  content_type: str = "text/plain") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: object) -> None:  # probes every few seconds: quiet
+            pass
+
+    server = _Server((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name="worker-http", daemon=True).start()
+    return server
