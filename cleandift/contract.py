@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict
 
 from .method import CORRESPONDENCE_LAYER, LAYER_KEYS, LAYER_MODULES, SIZE_MULTIPLE, STUDENT_TIMESTEP
 
+# int8 answers carry each layer's per-channel scales as the tensor KEY + SCALE_SUFFIX.
+SCALE_SUFFIX = ".scale"
+
 # Feature patches (2 x 2 cells) refined per correspondence point at most: the bound on
 # matching cost per point, whatever the target's pixel count (see refine.py).
 MATCH_REFINE_PATCHES = 16

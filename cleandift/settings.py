@@ -77,6 +77,7 @@ class Settings(BaseSettings):
     min_size: int = Field(64, ge=64)
     max_size: int = Field(1024, ge=64)
     max_points: int = Field(1000, ge=1)
+    max_targets: int = Field(16, ge=1, description="Targets of one /correspond.")
     max_matches: int = Field(200, ge=1)
     max_prompt_chars: int = Field(1000, ge=0)
     decode_memory_bytes: int = Field(

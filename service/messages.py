@@ -5,10 +5,15 @@ s x s x 3); results (worker -> API) carry raw little-endian feature bytes. Nothi
 pickled and no float travels as JSON text. No torch here: the API imports this module.
 
 Versions: every job and result names its format version (`v`). Readers accept the
-previous and the current version, so API and worker pods can roll in any order; a job of
-a version this worker cannot read is answered with an error, never dropped. Fields a
-reader does not know are ignored (an older reader keeps working on newer messages of a
-version it reads).
+previous versions and the current one, so API and worker pods can roll in any order; a
+job of a version this worker cannot read is answered with an error (503: a newer worker
+will read it), never dropped. A job is written in the oldest version that can express
+it, so older workers keep serving every request they understand during a rollout. Within
+a version, fields a reader does not know are ignored.
+
+v1: the first format (no `v` field; `size` and `sizes`). v2: `input_size`,
+`image_sizes`. v3: descriptors at points and pooled grids on /features, bfloat16 and
+int8 outputs, several targets on /correspond, content hashes for the feature cache.
 """
 
 from __future__ import annotations
@@ -25,14 +30,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cleandift.contract import ModelInfo
 
-PROTOCOL_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+PROTOCOL_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "int8": 1}  # bytes per value on the wire
 
 Kind = Literal["features", "correspond"]
 Mode = Literal["clean", "dift"]
-OutputDtype = Literal["float16", "float32"]
+OutputDtype = Literal["float16", "bfloat16", "float32", "int8"]
 Fields = dict[bytes, bytes]
 
 
@@ -60,7 +65,9 @@ class JobSpec(BaseModel):
     prompt: str = ""
     mode: Mode = "clean"
     dtype: OutputDtype = "float16"
-    points: list[tuple[float, float]] | None = None
+    points: list[tuple[float, float]] | None = None  # correspond: source; features: where to read
+    grid: int | None = None  # features: pool each map to grid x grid
+    content: list[str] = Field(default_factory=list)  # a hash of each image's pixels (cache)
     max_matches: int = 100
     heatmap: bool = False  # also return the last point's similarity over the target
     deadline: float = 0.0
@@ -71,6 +78,14 @@ class JobSpec(BaseModel):
     def group_key(self) -> tuple[int, str, str]:
         """Jobs with the same key can share one forward pass."""
         return (self.input_size, self.prompt, self.mode)
+
+    def minimum_version(self) -> int:
+        """The oldest format that expresses this job (older workers can run it)."""
+        needs_v3 = (self.grid is not None or self.content
+                    or self.dtype in ("bfloat16", "int8")
+                    or (self.kind == "features" and self.points is not None)
+                    or len(self.image_sizes) > (2 if self.kind == "correspond" else 1))
+        return 3 if needs_v3 else 2
 
 
 def _spec_from_v1(raw: dict[str, Any]) -> dict[str, Any]:
@@ -150,6 +165,11 @@ class Heatmap(BaseModel):
     values: list[float]  # row-major cosine similarities, height x width
 
 
+class TargetMatches(BaseModel):
+    matches: list[dict[str, Any]]
+    heatmap: Heatmap | None = None
+
+
 class ResultMeta(BaseModel):
     """A job's outcome without its bytes: status 200 with features or matches, or an error."""
 
@@ -164,11 +184,21 @@ class ResultMeta(BaseModel):
     layers: dict[str, LayerMeta] = Field(default_factory=dict)
     matches: list[dict[str, Any]] | None = None
     heatmap: Heatmap | None = None
+    targets: list[TargetMatches] | None = None  # correspond with several targets, in order
+    layout: Literal["map", "points", "grid"] = "map"  # features: [C, h, w], [N, C], [C, g, g]
+    cached: bool = False  # answered from the feature cache (no forward pass)
     # Large results stay on the worker: the API fetches `nbytes` raw bytes (every layer,
     # concatenated in the order of `layers`) from `location` with `token`, in one hop.
     location: str = ""
     token: str = ""
     nbytes: int = 0
+
+    def minimum_version(self) -> int:
+        """The oldest format whose readers understand this result (see the module doc)."""
+        needs_v3 = (self.location or self.targets is not None or self.layout != "map"
+                    or any(info.dtype not in ("float16", "float32")
+                           for info in self.layers.values()))
+        return 3 if needs_v3 else 2
 
     def layer_sizes(self) -> list[int]:
         """Byte count of each layer, in order (what `location` serves, concatenated)."""
@@ -193,8 +223,9 @@ class Result:
             self.body = None
         return self
 
-    def to_fields(self, version: int = PROTOCOL_VERSION) -> dict[str, bytes | str]:
+    def to_fields(self, version: int | None = None) -> dict[str, bytes | str]:
         self.inline()
+        version = version or self.meta.minimum_version()
         fields: dict[str, bytes | str] = {"v": str(version),
                                           "meta": self.meta.model_dump_json()}
         fields.update({f"layer:{k}": v for k, v in self.data.items()})

@@ -9,8 +9,10 @@ of large PNGs waits for room instead of holding gigabytes at once.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -46,14 +48,25 @@ class MemoryBudget:
                 self._room.notify_all()
 
 
+@dataclass(frozen=True)
+class Upload:
+    pixels: np.ndarray  # s x s x 3 uint8: what the model sees
+    size: tuple[int, int]  # the image's displayed (width, height): the frame of points
+    content: str  # a hash of `pixels`: the feature cache's key and the answer's ETag
+
+
 async def decode_upload(name: str, data: bytes, size: int, settings: Settings,
-                        budget: MemoryBudget) -> tuple[np.ndarray, tuple[int, int]]:
-    """(s x s x 3 uint8 pixels for the model, the image's displayed (width, height))."""
+                        budget: MemoryBudget) -> Upload:
     try:
         source = await run_in_threadpool(ImageSource, data, max_bytes=settings.max_body_bytes,
                                          max_pixels=settings.max_image_pixels)
         async with budget.hold(BYTES_PER_PIXEL * source.cost(size)):
-            pixels = await run_in_threadpool(lambda: resize_rgb(source.decode(size), size))
+            pixels, content = await run_in_threadpool(_model_view, source, size)
     except ImageError as exc:
         raise Problem(exc.status, f"{name}: {exc}") from exc
-    return pixels, source.size
+    return Upload(pixels, source.size, content)
+
+
+def _model_view(source: ImageSource, size: int) -> tuple[np.ndarray, str]:
+    pixels = resize_rgb(source.decode(size), size)
+    return pixels, hashlib.sha256(pixels.data).hexdigest()[:32]

@@ -26,7 +26,7 @@ SAFETENSORS = "application/x-safetensors"
 NPY = "application/x-npy"
 FORMATS = {"json": "application/json", "safetensors": SAFETENSORS, "npy": NPY}
 SAFETENSORS_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "int8": "I8"}
-NPY_DTYPES = {"float16": "<f2", "float32": "<f4", "int8": "|i1"}
+NPY_DTYPES = {"float16": "<f2", "float32": "<f4"}
 Raw = AsyncIterator[bytes | memoryview]
 
 

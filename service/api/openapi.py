@@ -27,7 +27,10 @@ def _multipart(model: type[BaseModel], files: tuple[str, ...]) -> dict:
     if "layers" in props:
         props["layers"] = {"type": "string", "description": "Comma-separated keys, e.g. us6,us9"}
     if "points" in props:
-        props["points"] = {"type": "string", "description": "JSON list of [x, y] source pixels"}
+        props["points"] = {"type": "string", "description": "JSON list of [x, y] pixels"}
+    if "targets" in props:  # a form repeats the `target` field instead
+        del props["targets"]
+        props["target"]["description"] = "Target image; repeat the field for several targets"
     return {"type": "object", "properties": props, "required": list(files)}
 
 

@@ -36,7 +36,13 @@ class _Params(BaseModel):
 
 class FeaturesParams(_Params):
     layers: list[str] | None = Field(None, description="Feature keys; the model's default.")
-    dtype: Literal["float16", "float32"] = "float16"
+    dtype: Literal["float16", "bfloat16", "float32", "int8"] = Field(
+        "float16", description="Values of the answer; int8 comes with a float32 scale per "
+        "channel, as the tensor KEY.scale (value = int8 * scale).")
+    points: Any = Field(None, description="[[x, y], ...] in pixels of the image: each layer "
+                        "answers [N, C] descriptors at these points instead of its map.")
+    grid: int | None = Field(None, ge=1, le=MAX_SIDE, description="Pool each map to grid x "
+                             "grid cells (mean over each cell's region): [C, grid, grid].")
 
 
 class FeaturesBody(FeaturesParams):
@@ -54,7 +60,9 @@ class CorrespondParams(_Params):
 
 class CorrespondBody(CorrespondParams):
     source: str = Field(description="Source image, base64-encoded.")
-    target: str = Field(description="Target image, base64-encoded.")
+    target: str | None = Field(None, description="Target image, base64-encoded.")
+    targets: list[str] | None = Field(None, description="Several targets, base64-encoded: the "
+                                      "source is computed once; the answer has `results`.")
 
 
 def _coerce_form(fields: Fields) -> Fields:
@@ -64,7 +72,7 @@ def _coerce_form(fields: Fields) -> Fields:
         out["layers"] = [k.strip() for k in str(out["layers"]).split(",") if k.strip()]
     if "points" in out:
         out["points"] = loads(out["points"], "points", status=422)
-    for name in ("size", "max_matches", "heatmap"):
+    for name in ("size", "max_matches", "heatmap", "grid"):
         if out.get(name) == "":
             out.pop(name)
     return out
@@ -77,9 +85,9 @@ def validate(model: type[BaseModel], fields: Fields) -> Any:
         raise Problem(422, describe_validation(exc.errors())) from exc
 
 
-async def _params(request: Request, model: type[BaseModel], files: tuple[str, ...]
-                  ) -> tuple[Any, Blobs]:
-    fields, blobs = await read_payload(request, files)
+async def _params(request: Request, model: type[BaseModel], files: tuple[str, ...],
+                  max_files: int | None = None) -> tuple[Any, Blobs]:
+    fields, blobs = await read_payload(request, files, max_files)
     if request.headers.get("content-type", "").startswith("multipart/"):
         fields = _coerce_form(fields)
     return validate(model, fields), blobs
@@ -114,31 +122,53 @@ async def features_job(request: Request, settings: Settings, model: ModelInfo,
         params = params.model_copy(update={"dtype": query_dtype})
     size = input_size(params, model, settings)
     layers = validate_layers(params.layers, model.default_layers)
-    pixels, image_size = await decode_upload("image", _one(blobs, "image"), size, settings,
-                                             budget)
-    spec = JobSpec(kind="features", input_size=size, layers=layers, image_sizes=[image_size],
-                   prompt=params.prompt, mode=params.mode, dtype=params.dtype,
+    _check_grid(params, layers, model, size)
+    image = await decode_upload("image", _one(blobs, "image"), size, settings, budget)
+    points = None
+    if params.points is not None:
+        points = validate_points(params.points, image.size, settings.max_points)
+    spec = JobSpec(kind="features", input_size=size, layers=layers, image_sizes=[image.size],
+                   prompt=params.prompt, mode=params.mode, dtype=params.dtype, points=points,
+                   grid=params.grid, content=[image.content],
                    deadline=time.time() + settings.request_timeout_s)
-    return Job(spec=spec, images=[pixels])
+    return Job(spec=spec, images=[image.pixels])
+
+
+def _check_grid(params: FeaturesParams, layers: list[str], model: ModelInfo, size: int) -> None:
+    if params.grid is None:
+        return
+    if params.points is not None:
+        raise RequestError("ask for points or for a grid, not both")
+    smallest = min(size // model.layers[key].stride for key in layers)
+    if params.grid > smallest:
+        raise RequestError(f"grid is at most {smallest} for these layers at size {size} "
+                           "(their smallest map side)")
 
 
 async def correspond_job(request: Request, settings: Settings, model: ModelInfo,
                          budget: MemoryBudget) -> Job:
-    params, blobs = await _params(request, CorrespondParams, ("source", "target"))
+    params, blobs = await _params(request, CorrespondParams, ("source", "target", "targets"),
+                                  max_files=1 + settings.max_targets)
     size = input_size(params, model, settings)
     layer = validate_layers([params.layer or model.correspondence_layer], [])
     if params.max_matches is not None and params.max_matches > settings.max_matches:
         raise RequestError(f"max_matches is at most {settings.max_matches}")
-    source, source_size = await decode_upload("source", _one(blobs, "source"), size, settings,
-                                              budget)
-    target, target_size = await decode_upload("target", _one(blobs, "target"), size, settings,
-                                              budget)
+    targets = blobs.get("target", []) + blobs.get("targets", [])
+    if not targets:
+        raise RequestError("target: an image file is required (or several, as targets)")
+    if len(targets) > settings.max_targets:
+        raise RequestError(f"{len(targets)} targets; at most {settings.max_targets}")
+    images = [await decode_upload("source", _one(blobs, "source"), size, settings, budget)]
+    for i, data in enumerate(targets):
+        images.append(await decode_upload(f"target {i}" if len(targets) > 1 else "target",
+                                          data, size, settings, budget))
     points = None
     if params.points is not None:
-        points = validate_points(params.points, source_size, settings.max_points)
+        points = validate_points(params.points, images[0].size, settings.max_points)
     spec = JobSpec(kind="correspond", input_size=size, layers=layer,
-                   image_sizes=[source_size, target_size], prompt=params.prompt,
+                   image_sizes=[im.size for im in images], prompt=params.prompt,
                    mode=params.mode, points=points,
                    max_matches=params.max_matches or settings.max_matches,
-                   heatmap=params.heatmap, deadline=time.time() + settings.request_timeout_s)
-    return Job(spec=spec, images=[source, target])
+                   heatmap=params.heatmap, content=[im.content for im in images],
+                   deadline=time.time() + settings.request_timeout_s)
+    return Job(spec=spec, images=[im.pixels for im in images])

@@ -8,6 +8,8 @@ import time
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from cleandift.contract import SCALE_SUFFIX
+
 from ..messages import Job, Result
 from ..queue.producer import JobProducer
 from .encoding import Raw, encode, inline_raw
@@ -16,6 +18,8 @@ from .problems import Problem
 
 log = logging.getLogger(__name__)
 FETCH_ATTEMPTS = 3
+QUANTIZATION = ("int8, symmetric per channel: value = KEY * KEY.scale, the channel axis "
+                "being 0 for maps and grids, 1 for points")
 
 
 async def obtain(producer: JobProducer, fetcher: ResultFetcher, job: Job) -> tuple[Result, Raw]:
@@ -44,25 +48,28 @@ def features_response(result: Result, raw: Raw, fmt: str, image_size: tuple[int,
     meta = result.meta
     metadata = {"model": meta.model, "model_version": meta.model_version,
                 "image_width": str(image_size[0]), "image_height": str(image_size[1]),
-                "input_size": str(input_size)}
+                "input_size": str(input_size), "layout": meta.layout}
+    if any(key.endswith(SCALE_SUFFIX) for key in meta.layers):
+        metadata["quantization"] = QUANTIZATION
     head = {"model": meta.model, "model_version": meta.model_version,
             "image": {"width": image_size[0], "height": image_size[1]},
-            "input_size": input_size, "timings_ms": meta.timings_ms}
+            "input_size": input_size, "layout": meta.layout, "timings_ms": meta.timings_ms}
     body = encode(fmt, meta, raw, metadata=metadata, head=head)
     headers = {**version_headers(result), "Content-Length": str(body.length)}
     return StreamingResponse(body.chunks, media_type=body.media_type, headers=headers)
 
 
 def correspond_response(result: Result) -> JSONResponse:
+    """One target: `matches` (and `heatmap`); several: `results`, one per target, in order."""
     meta = result.meta
-    body: dict[str, object] = {
-        "model": meta.model,
-        "model_version": meta.model_version,
-        "matches": meta.matches or [],
-        "timings_ms": meta.timings_ms,
-    }
-    if meta.heatmap is not None:
-        body["heatmap"] = meta.heatmap.model_dump()
+    body: dict[str, object] = {"model": meta.model, "model_version": meta.model_version}
+    if meta.targets is not None:
+        body["results"] = [t.model_dump(exclude_none=True) for t in meta.targets]
+    else:
+        body["matches"] = meta.matches or []
+        if meta.heatmap is not None:
+            body["heatmap"] = meta.heatmap.model_dump()
+    body["timings_ms"] = meta.timings_ms
     return JSONResponse(body, headers=version_headers(result))
 
 

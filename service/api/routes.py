@@ -20,7 +20,7 @@ from ..queue.errors import QueueUnavailable
 from ..queue.producer import JobProducer
 from . import openapi, parsing, responses
 from .deps import Protected, ServicesDep
-from .encoding import negotiate
+from .encoding import NPY_DTYPES, negotiate
 from .problems import RETRY, Problem
 from .schemas import CorrespondOut, FeaturesOut, HealthOut, Limits, ModelsOut, ReadyOut
 
@@ -59,16 +59,18 @@ async def features(
     services: ServicesDep,
     format: Annotated[Literal["json", "safetensors", "npy"] | None,
                       Query(description="the answer's format; else the Accept header")] = None,
-    dtype: Annotated[Literal["float16", "float32"] | None,
-                     Query(description="float16 (default) or float32")] = None,
+    dtype: Annotated[Literal["float16", "bfloat16", "float32", "int8"] | None,
+                     Query(description="float16 (default), bfloat16, float32 or int8 (with "
+                           "per-channel scales)")] = None,
 ) -> Response:
     fmt = negotiate(format, request.headers.get("accept"))
     producer = services.producer
     model = await served_model(producer)
     await producer.admit()
     job = await parsing.features_job(request, services.settings, model, services.budget, dtype)
-    if fmt == "npy" and len(job.spec.layers) != 1:
-        raise Problem(422, f"npy holds exactly one layer; {len(job.spec.layers)} were asked")
+    if fmt == "npy" and (len(job.spec.layers) != 1 or job.spec.dtype not in NPY_DTYPES):
+        raise Problem(422, "npy holds exactly one float16 or float32 array; ask for one "
+                      "layer, or use safetensors or json")
     result, raw = await responses.obtain(producer, services.fetcher, job)
     return responses.features_response(result, raw, fmt, job.spec.image_sizes[0],
                                        job.spec.input_size)

@@ -22,7 +22,9 @@ class FeaturesOut(BaseModel):
     model_version: str
     image: dict[str, int]
     input_size: int
-    features: dict[str, FeatureMap]
+    layout: str = Field(description="map: [C, h, w]; points: [N, C]; grid: [C, g, g]")
+    features: dict[str, FeatureMap] = Field(description="By key; with dtype=int8 each KEY "
+                                             "comes with KEY.scale (float32, per channel)")
     timings_ms: dict[str, float]
 
 
@@ -32,12 +34,19 @@ class MatchOut(BaseModel):
     score: float
 
 
+class TargetOut(BaseModel):
+    matches: list[MatchOut]
+    heatmap: Heatmap | None = None
+
+
 class CorrespondOut(BaseModel):
     model: str
     model_version: str
-    matches: list[MatchOut]
-    timings_ms: dict[str, float]
+    matches: list[MatchOut] | None = Field(None, description="One target: its matches")
     heatmap: Heatmap | None = None
+    results: list[TargetOut] | None = Field(None, description="Several targets: one entry each, "
+                                            "in the order they were sent")
+    timings_ms: dict[str, float]
 
 
 class Limits(BaseModel):

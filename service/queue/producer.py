@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from cleandift.contract import ModelInfo
 
-from ..messages import PROTOCOL_VERSION, Heartbeat, Job, Result
+from ..messages import Heartbeat, Job, Result
 from .errors import DeadlineExceeded, NoLiveWorker, QueueFull, QueueUnavailable
 from .keys import Keys
 
@@ -125,7 +125,7 @@ class JobProducer:
             self._waiters.pop(job.spec.id, None)
 
     async def _enqueue(self, job: Job, *, bounded: bool) -> str:
-        fields = job.to_fields(PROTOCOL_VERSION)
+        fields = job.to_fields(job.spec.minimum_version())
         async with _redis_errors():
             if not bounded:  # a job accepted before: never refused for room
                 return _text(await self.r.xadd(self.keys.jobs, fields,  # type: ignore[arg-type]

@@ -11,7 +11,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -19,11 +19,23 @@ import torch
 from cleandift.dtypes import torch_dtype
 from cleandift.extractor import Extractor
 from cleandift.matching import DeadlinePassed, correspond, similarity_map
+from cleandift.reduce import SCALE_SUFFIX, at_points, pooled, quantize_int8
 
-from ..messages import Heatmap, Job, JobSpec, LayerMeta, Result, ResultMeta, failure
+from ..messages import (
+    Heatmap,
+    Job,
+    JobSpec,
+    LayerMeta,
+    Result,
+    ResultMeta,
+    TargetMatches,
+    failure,
+)
 from .batching import Batch
 
 log = logging.getLogger(__name__)
+WIRE_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+               torch.int8: "int8"}
 DEADLINE_MESSAGE = "the deadline passed before a worker finished the job"
 assert sys.byteorder == "little", "results carry the host's bytes: little-endian, as promised"
 
@@ -89,26 +101,48 @@ def _event() -> Any:
 
 
 def stage_outputs(computed: Computed) -> dict[int, Output]:
-    """Each features job's layers, converted on their device and copied into one host
-    buffer per job: one copy per layer, no Python bytes in between."""
+    """Each features job's tensors, reduced and converted on their device and copied into
+    one host buffer per job: one copy per tensor, no Python bytes in between."""
     batch, outputs = computed.prepared.batch, {}
     pin = computed.extractor.device.type == "cuda"
     for index, (job, rows) in enumerate(zip(batch.jobs, batch.rows())):
         if job.spec.kind != "features":
             continue
-        out_dtype = torch_dtype(job.spec.dtype)
-        maps = {key: computed.features[key][rows][0] for key in job.spec.layers}
-        layers = {key: LayerMeta(shape=list(m.shape), dtype=job.spec.dtype)
-                  for key, m in maps.items()}
-        sizes = [m.numel() * out_dtype.itemsize for m in maps.values()]
+        tensors = answer_tensors(job.spec, {k: computed.features[k][rows][0]
+                                            for k in job.spec.layers})
+        layers = {key: LayerMeta(shape=list(t.shape), dtype=WIRE_DTYPES[t.dtype])
+                  for key, t in tensors.items()}
+        sizes = [t.numel() * t.element_size() for t in tensors.values()]
         buffer = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=pin)
         offset = 0
-        for tensor, size in zip(maps.values(), sizes):
-            target = buffer[offset:offset + size].view(out_dtype).view(tensor.shape)
-            target.copy_(tensor.to(out_dtype), non_blocking=pin)
+        for tensor, size in zip(tensors.values(), sizes):
+            target = buffer[offset:offset + size].view(tensor.dtype).view(tensor.shape)
+            target.copy_(tensor, non_blocking=pin)
             offset += size
         outputs[index] = Output(buffer, layers)
     return outputs
+
+
+def answer_tensors(spec: JobSpec, maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a features job asked for, per layer, on the maps' device: the map, its
+    descriptors at points or its pooled grid, in the output dtype (int8: with scales)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, feat in maps.items():
+        if spec.points is not None:
+            values, channel_axis = at_points(feat, spec.points, spec.image_sizes[0]), 1
+        elif spec.grid is not None:
+            values, channel_axis = pooled(feat, spec.grid), 0
+        else:
+            values, channel_axis = feat, 0
+        if spec.dtype == "int8":
+            out[key], out[key + SCALE_SUFFIX] = quantize_int8(values, channel_axis)
+        else:
+            out[key] = values.to(torch_dtype(spec.dtype))
+    return out
+
+
+def layout(spec: JobSpec) -> Literal["map", "points", "grid"]:
+    return "points" if spec.points is not None else "grid" if spec.grid is not None else "map"
 
 
 def finish(computed: Computed) -> None:
@@ -146,7 +180,7 @@ def job_result(job: Job, index: int, rows: slice, computed: Computed) -> Result:
             _matches(meta, spec, computed.features[spec.layers[0]][rows])
         else:
             output = computed.outputs[index]
-            meta.layers = output.layers
+            meta.layers, meta.layout = output.layers, layout(spec)
             result.body = output.buffer.numpy().data.cast("B")
     except DeadlinePassed:
         return failure(spec.id, 504, DEADLINE_MESSAGE)
@@ -156,15 +190,22 @@ def job_result(job: Job, index: int, rows: slice, computed: Computed) -> Result:
 
 
 def _matches(meta: ResultMeta, spec: JobSpec, feats: torch.Tensor) -> None:
+    """Source (row 0) against each target (rows 1...): the source was computed once."""
     points = [list(p) for p in spec.points] if spec.points is not None else None
-    src_size, tgt_size = spec.image_sizes[0], spec.image_sizes[1]
-    matches = correspond(feats[0], feats[1], src_size, tgt_size, points,
-                         max_matches=spec.max_matches, deadline=spec.deadline or None)
-    meta.matches = [m.to_json() for m in matches]
-    if spec.heatmap and points:
-        sim = similarity_map(feats[0], feats[1], points[-1], src_size)
-        meta.heatmap = Heatmap(width=sim.shape[1], height=sim.shape[0],
-                               values=[round(v, 4) for v in sim.flatten().tolist()])
+    answers = []
+    for i, target_size in enumerate(spec.image_sizes[1:], start=1):
+        matches = correspond(feats[0], feats[i], spec.image_sizes[0], target_size, points,
+                             max_matches=spec.max_matches, deadline=spec.deadline or None)
+        heatmap = None
+        if spec.heatmap and points:
+            sim = similarity_map(feats[0], feats[i], points[-1], spec.image_sizes[0])
+            heatmap = Heatmap(width=sim.shape[1], height=sim.shape[0],
+                              values=[round(v, 4) for v in sim.flatten().tolist()])
+        answers.append(TargetMatches(matches=[m.to_json() for m in matches], heatmap=heatmap))
+    if len(answers) == 1:
+        meta.matches, meta.heatmap = answers[0].matches, answers[0].heatmap
+    else:
+        meta.targets = answers
 
 
 def internal_error(job_id: str, stage: str) -> Result:
