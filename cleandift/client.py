@@ -1,105 +1,65 @@
 """Python client of the feature service, sync (`Client`) and async (`AsyncClient`).
 
-Features travel as safetensors (raw float16, no base64) and come back as numpy arrays.
-Problems (problem+json) become typed exceptions; 429 and 503 are retried, honouring
-Retry-After, a bounded number of times.
+Features travel as safetensors (raw values, no base64) and come back as numpy arrays in a
+`Features` dict that also says which model version made them. Problems (problem+json)
+become typed exceptions. 429 and 503 are retried honouring Retry-After, and dropped or
+refused connections with exponential back-off, a bounded number of times (every call is
+safe to repeat: nothing the service does has side effects). Right after `cleandift
+serve`, `wait_ready()` waits for the model to load.
+
+    with Client("http://localhost:8000") as client:
+        client.wait_ready()
+        feats = client.features("photo.jpg", layers=["us6"])        # feats["us6"]: [C, h, w]
+        descriptors = client.features("photo.jpg", points=[(120, 80)])["us6"]   # [1, C]
+        many = client.features_many(paths, concurrency=8)           # in order
+        body = client.correspond("a.jpg", targets=["b.jpg", "c.jpg"], points=[(10, 20)])
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
-import json
 import time
-from pathlib import Path
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
-import numpy as np
-from safetensors.numpy import load as load_safetensors
 
-ImageLike = str | Path | bytes | Any  # a path, raw file bytes, a PIL image or an HWC uint8 array
-RETRYABLE = (429, 503)
+from .wire import (
+    ERRORS,
+    RETRYABLE,
+    ApiError,
+    BadImage,
+    DeadlineExceeded,
+    Features,
+    ImageLike,
+    InvalidParameters,
+    NotReady,
+    Overloaded,
+    Points,
+    TooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+    correspond_request,
+    features_answer,
+    features_request,
+    raise_for_problem,
+    retry_delay,
+    targets_of,
+)
 
-
-class ApiError(Exception):
-    """A problem+json answer: `status`, `title`, `detail`, `type`."""
-
-    def __init__(self, status: int, title: str, detail: str, type_: str = "") -> None:
-        super().__init__(f"{status} {title}: {detail}")
-        self.status, self.title, self.detail, self.type = status, title, detail, type_
-
-
-class BadImage(ApiError): ...
-class Unauthorized(ApiError): ...
-class TooLarge(ApiError): ...
-class UnsupportedMediaType(ApiError): ...
-class InvalidParameters(ApiError): ...
-class Overloaded(ApiError): ...
-class NotReady(ApiError): ...
-class DeadlineExceeded(ApiError): ...
-
-
-ERRORS = {400: BadImage, 401: Unauthorized, 413: TooLarge, 415: UnsupportedMediaType,
-          422: InvalidParameters, 429: Overloaded, 503: NotReady, 504: DeadlineExceeded}
-
-
-def image_bytes(image: ImageLike) -> bytes:
-    if isinstance(image, bytes):
-        return image
-    if isinstance(image, str | Path):
-        return Path(image).read_bytes()
-    if isinstance(image, np.ndarray):
-        from PIL import Image
-
-        image = Image.fromarray(image)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")  # lossless: the service sees exactly these pixels
-    return buf.getvalue()
-
-
-def raise_for_problem(response: httpx.Response) -> None:
-    if response.is_success:
-        return
-    try:
-        body = response.json()
-        title, detail, kind = body.get("title", ""), body.get("detail", ""), body.get("type", "")
-    except ValueError:
-        title, detail, kind = response.reason_phrase, response.text[:500], ""
-    raise ERRORS.get(response.status_code, ApiError)(response.status_code, title, detail, kind)
-
-
-def retry_delay(response: httpx.Response, attempt: int) -> float:
-    try:
-        return max(0.0, float(response.headers.get("retry-after", "")))
-    except ValueError:
-        return min(8.0, 0.5 * 2**attempt)
-
-
-def _features_request(image, layers, size, prompt, dtype, mode) -> dict:
-    data: dict[str, str] = {"prompt": prompt, "mode": mode}
-    if layers:
-        data["layers"] = ",".join([layers] if isinstance(layers, str) else layers)
-    if size:
-        data["size"] = str(size)
-    return {"url": "/features", "params": {"format": "safetensors", "dtype": dtype},
-            "files": {"image": ("image", image_bytes(image))}, "data": data}
-
-
-def _correspond_request(source, target, points, layer, size, prompt, max_matches) -> dict:
-    data: dict[str, str] = {"prompt": prompt}
-    if points is not None:
-        data["points"] = json.dumps([[float(x), float(y)] for x, y in points])
-    for name, value in (("layer", layer), ("size", size), ("max_matches", max_matches)):
-        if value is not None:
-            data[name] = str(value)
-    files = {"source": ("source", image_bytes(source)), "target": ("target", image_bytes(target))}
-    return {"url": "/correspond", "files": files, "data": data}
+__all__ = ["ERRORS", "ApiError", "AsyncClient", "BadImage", "Client", "DeadlineExceeded",
+           "Features", "InvalidParameters", "NotReady", "Overloaded", "TooLarge",
+           "Unauthorized", "UnsupportedMediaType"]
+TRANSIENT = (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError,
+             httpx.PoolTimeout, httpx.ConnectTimeout)
 
 
 class _Base:
-    def __init__(self, url: str, api_key: str | None, timeout: float, retries: int) -> None:
+    def __init__(self, url: str, api_key: str | None, timeout: float, retries: int,
+                 backoff: float) -> None:
         self.url, self.retries, self.timeout = url.rstrip("/"), retries, timeout
+        self.backoff = backoff
         self.headers = {"X-API-Key": api_key} if api_key else {}
 
 
@@ -107,34 +67,74 @@ class Client(_Base):
     """Blocking client: `Client("http://localhost:8000").features("photo.jpg")`."""
 
     def __init__(self, url: str = "http://localhost:8000", api_key: str | None = None,
-                 timeout: float = 120.0, retries: int = 3) -> None:
-        super().__init__(url, api_key, timeout, retries)
+                 timeout: float = 120.0, retries: int = 3, backoff: float = 0.5) -> None:
+        super().__init__(url, api_key, timeout, retries, backoff)
         self._http = httpx.Client(base_url=self.url, headers=self.headers, timeout=timeout)
 
-    def _send(self, method: str, url: str, **kwargs) -> httpx.Response:
+    def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         for attempt in range(self.retries + 1):
-            response = self._http.request(method, url, **kwargs)
-            if response.status_code not in RETRYABLE or attempt == self.retries:
+            try:
+                response: httpx.Response | None = self._http.request(method, url, **kwargs)
+            except TRANSIENT:
+                if attempt == self.retries:
+                    raise
+                response = None
+            if response is not None and (response.status_code not in RETRYABLE
+                                         or attempt == self.retries):
                 break
-            time.sleep(retry_delay(response, attempt))
+            time.sleep(retry_delay(response, attempt, self.backoff))
+        assert response is not None
         raise_for_problem(response)
         return response
 
-    def features(self, image: ImageLike, layers: str | list[str] | None = None,
+    def wait_ready(self, timeout: float = 120.0, interval: float = 0.5) -> dict[str, Any]:
+        """Wait until a worker has loaded the model; returns GET /readyz's body."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                response = self._http.get("/readyz")
+                if response.status_code == 200:
+                    body: dict[str, Any] = response.json()
+                    return body
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.url} was not ready within {timeout:.0f} s")
+            time.sleep(interval)
+
+    def features(self, image: ImageLike, layers: str | Sequence[str] | None = None,
                  size: int | None = None, prompt: str = "", dtype: str = "float16",
-                 mode: str = "clean") -> dict[str, np.ndarray]:
-        """{key: array [C, H, W]} for one image."""
-        request = _features_request(image, layers, size, prompt, dtype, mode)
-        return load_safetensors(self._send("POST", **request).content)
+                 mode: str = "clean", *, points: Points | None = None, grid: int | None = None,
+                 raw: bool = False) -> Features:
+        """{key: array} for one image: maps [C, h, w], or descriptors [N, C] at `points`
+        (pixels of the image), or maps pooled to `grid` x `grid`. dtype int8 and bfloat16
+        arrive compact and are returned as float32 (`raw=True`: as sent, with scales)."""
+        request = features_request(image, layers=layers, size=size, prompt=prompt, dtype=dtype,
+                                   mode=mode, points=points, grid=grid)
+        return features_answer(self._send("POST", **request), raw)
 
-    def correspond(self, source: ImageLike, target: ImageLike, points=None,
+    def features_many(self, images: Sequence[ImageLike], concurrency: int = 4,
+                      **options: Any) -> list[Features]:
+        """`features` of each image, `concurrency` in flight at once; results in order."""
+        with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+            return list(pool.map(lambda image: self.features(image, **options), images))
+
+    def correspond(self, source: ImageLike, target: ImageLike | None = None, *,
+                   targets: Sequence[ImageLike] | None = None, points: Points | None = None,
                    layer: str | None = None, size: int | None = None, prompt: str = "",
-                   max_matches: int | None = None) -> dict:
-        request = _correspond_request(source, target, points, layer, size, prompt, max_matches)
-        return self._send("POST", **request).json()
+                   max_matches: int | None = None, mode: str = "clean",
+                   heatmap: bool = False) -> dict[str, Any]:
+        """Matches from SOURCE to one target (`matches`), or to several at once (`targets`:
+        `results`, one per target, the source computed once)."""
+        request = correspond_request(source, targets_of(target, targets), points=points,
+                                     layer=layer, size=size, prompt=prompt,
+                                     max_matches=max_matches, mode=mode, heatmap=heatmap)
+        body: dict[str, Any] = self._send("POST", **request).json()
+        return body
 
-    def models(self) -> dict:
-        return self._send("GET", "/v1/models").json()
+    def models(self) -> dict[str, Any]:
+        body: dict[str, Any] = self._send("GET", "/v1/models").json()
+        return body
 
     def close(self) -> None:
         self._http.close()
@@ -142,7 +142,7 @@ class Client(_Base):
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *_exc) -> None:
+    def __exit__(self, *_exc: object) -> None:
         self.close()
 
 
@@ -150,33 +150,74 @@ class AsyncClient(_Base):
     """The same calls, awaitable: `await AsyncClient(url).features(image)`."""
 
     def __init__(self, url: str = "http://localhost:8000", api_key: str | None = None,
-                 timeout: float = 120.0, retries: int = 3) -> None:
-        super().__init__(url, api_key, timeout, retries)
+                 timeout: float = 120.0, retries: int = 3, backoff: float = 0.5) -> None:
+        super().__init__(url, api_key, timeout, retries, backoff)
         self._http = httpx.AsyncClient(base_url=self.url, headers=self.headers, timeout=timeout)
 
-    async def _send(self, method: str, url: str, **kwargs) -> httpx.Response:
+    async def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         for attempt in range(self.retries + 1):
-            response = await self._http.request(method, url, **kwargs)
-            if response.status_code not in RETRYABLE or attempt == self.retries:
+            try:
+                response: httpx.Response | None = await self._http.request(method, url,
+                                                                           **kwargs)
+            except TRANSIENT:
+                if attempt == self.retries:
+                    raise
+                response = None
+            if response is not None and (response.status_code not in RETRYABLE
+                                         or attempt == self.retries):
                 break
-            await asyncio.sleep(retry_delay(response, attempt))
+            await asyncio.sleep(retry_delay(response, attempt, self.backoff))
+        assert response is not None
         raise_for_problem(response)
         return response
 
-    async def features(self, image: ImageLike, layers: str | list[str] | None = None,
+    async def wait_ready(self, timeout: float = 120.0, interval: float = 0.5) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                response = await self._http.get("/readyz")
+                if response.status_code == 200:
+                    body: dict[str, Any] = response.json()
+                    return body
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.url} was not ready within {timeout:.0f} s")
+            await asyncio.sleep(interval)
+
+    async def features(self, image: ImageLike, layers: str | Sequence[str] | None = None,
                        size: int | None = None, prompt: str = "", dtype: str = "float16",
-                       mode: str = "clean") -> dict[str, np.ndarray]:
-        request = _features_request(image, layers, size, prompt, dtype, mode)
-        return load_safetensors((await self._send("POST", **request)).content)
+                       mode: str = "clean", *, points: Points | None = None,
+                       grid: int | None = None, raw: bool = False) -> Features:
+        request = features_request(image, layers=layers, size=size, prompt=prompt, dtype=dtype,
+                                   mode=mode, points=points, grid=grid)
+        return features_answer(await self._send("POST", **request), raw)
 
-    async def correspond(self, source: ImageLike, target: ImageLike, points=None,
-                         layer: str | None = None, size: int | None = None, prompt: str = "",
-                         max_matches: int | None = None) -> dict:
-        request = _correspond_request(source, target, points, layer, size, prompt, max_matches)
-        return (await self._send("POST", **request)).json()
+    async def features_many(self, images: Sequence[ImageLike], concurrency: int = 4,
+                            **options: Any) -> list[Features]:
+        gate = asyncio.Semaphore(max(1, concurrency))
 
-    async def models(self) -> dict:
-        return (await self._send("GET", "/v1/models")).json()
+        async def one(image: ImageLike) -> Features:
+            async with gate:
+                return await self.features(image, **options)
+
+        return list(await asyncio.gather(*(one(image) for image in images)))
+
+    async def correspond(self, source: ImageLike, target: ImageLike | None = None, *,
+                         targets: Sequence[ImageLike] | None = None,
+                         points: Points | None = None, layer: str | None = None,
+                         size: int | None = None, prompt: str = "",
+                         max_matches: int | None = None, mode: str = "clean",
+                         heatmap: bool = False) -> dict[str, Any]:
+        request = correspond_request(source, targets_of(target, targets), points=points,
+                                     layer=layer, size=size, prompt=prompt,
+                                     max_matches=max_matches, mode=mode, heatmap=heatmap)
+        body: dict[str, Any] = (await self._send("POST", **request)).json()
+        return body
+
+    async def models(self) -> dict[str, Any]:
+        body: dict[str, Any] = (await self._send("GET", "/v1/models")).json()
+        return body
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -184,5 +225,5 @@ class AsyncClient(_Base):
     async def __aenter__(self) -> AsyncClient:
         return self
 
-    async def __aexit__(self, *_exc) -> None:
+    async def __aexit__(self, *_exc: object) -> None:
         await self.aclose()

@@ -6,12 +6,11 @@ worker), before anything is copied to the host.
   bilinear sampling as /correspond (DIFT's upsampled map at those pixels).
 - grid: `[C, g, g]`, each cell the mean of the map over its region (adaptive pooling).
 - int8: symmetric, one scale per channel: value = int8 * scale[c]; the scales travel as a
-  float32 tensor named `KEY.scale`.
+  float32 tensor named `KEY.scale` (`cleandift.tensors.dequantize_int8` undoes it).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -19,7 +18,7 @@ from .contract import SCALE_SUFFIX
 from .matching import sample_points
 
 INT8_MAX = 127
-__all__ = ["SCALE_SUFFIX", "at_points", "dequantize_int8", "pooled", "quantize_int8"]
+__all__ = ["SCALE_SUFFIX", "at_points", "pooled", "quantize_int8"]
 
 
 def at_points(feat: torch.Tensor, points: list[tuple[float, float]] | list[list[float]],
@@ -42,8 +41,3 @@ def quantize_int8(values: torch.Tensor, channel_axis: int) -> tuple[torch.Tensor
     quantized = torch.round(values / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return quantized, scale.flatten()
 
-
-def dequantize_int8(quantized: np.ndarray, scale: np.ndarray, channel_axis: int) -> np.ndarray:
-    shape = [1] * quantized.ndim
-    shape[channel_axis] = -1
-    return quantized.astype(np.float32) * scale.astype(np.float32).reshape(shape)

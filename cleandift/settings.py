@@ -107,6 +107,11 @@ class Settings(BaseSettings):
         "to be fetched; beyond it, results travel through Redis.")
     result_hold_s: float = Field(30.0, gt=0,
                                  description="A held result not fetched by then is dropped.")
+    feature_cache_bytes: int = Field(
+        512 * 1024**2, ge=0, description="Each worker's in-memory feature cache (0: off).")
+    feature_cache_shared_bytes: int = Field(
+        256 * 1024**2, ge=0, description="The feature cache shared by all workers, in Redis, "
+        "within this budget (0: off). Redis must not evict keys itself (noeviction).")
     worker_id: str | None = None
     workers: int = Field(1, ge=1, description="Workers started by `serve`.")
     api_workers: int = Field(1, ge=1, description="API processes (uvicorn workers).")

@@ -40,6 +40,13 @@ def read_safetensors(data: bytes | bytearray | memoryview | np.ndarray
     return arrays, metadata, dtypes
 
 
+def dequantize_int8(quantized: np.ndarray, scale: np.ndarray, channel_axis: int) -> np.ndarray:
+    """int8 values and their per-channel scales (`KEY`, `KEY.scale`) -> float32."""
+    shape = [1] * quantized.ndim
+    shape[channel_axis] = -1
+    return quantized.astype(np.float32) * scale.astype(np.float32).reshape(shape)
+
+
 def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
     """bfloat16 is the top half of a float32: widen the raw bits."""
     return (bits.astype(np.uint32) << 16).view(np.float32)

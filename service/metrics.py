@@ -68,6 +68,11 @@ class WorkerMetrics:
                                registry=r)
         self.reloads = Counter(f"{PREFIX}_reloads", "Model reloads by result", ["result"],
                                registry=r)
+        self.cache_lookups = Counter(
+            f"{PREFIX}_feature_cache_lookups", "Feature cache lookups by where the maps were "
+            "found: memory, shared (Redis) or miss", ["result"], registry=r)
+        self.cache_bytes = Gauge(f"{PREFIX}_feature_cache_memory_bytes",
+                                 "Bytes in this worker's feature cache", registry=r)
         self.results_inline_full = Counter(
             f"{PREFIX}_results_store_full", "Large results sent through Redis because the "
             "worker's result store was full", registry=r)

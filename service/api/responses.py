@@ -3,14 +3,16 @@ encoding.py), matches as JSON; model version and timings as headers on every for
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from collections.abc import Mapping
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from cleandift.contract import SCALE_SUFFIX
 
-from ..messages import Job, Result
+from ..messages import Job, JobSpec, Result
 from ..queue.producer import JobProducer
 from .encoding import Raw, encode, inline_raw
 from .fetch import FetchFailed, ResultFetcher
@@ -43,9 +45,8 @@ async def obtain(producer: JobProducer, fetcher: ResultFetcher, job: Job) -> tup
                   kind="not-ready", headers={"Retry-After": "1"})
 
 
-def features_response(result: Result, raw: Raw, fmt: str, image_size: tuple[int, int],
-                      input_size: int) -> StreamingResponse:
-    meta = result.meta
+def features_response(result: Result, raw: Raw, fmt: str, spec: JobSpec) -> StreamingResponse:
+    meta, image_size, input_size = result.meta, spec.image_sizes[0], spec.input_size
     metadata = {"model": meta.model, "model_version": meta.model_version,
                 "image_width": str(image_size[0]), "image_height": str(image_size[1]),
                 "input_size": str(input_size), "layout": meta.layout}
@@ -55,7 +56,8 @@ def features_response(result: Result, raw: Raw, fmt: str, image_size: tuple[int,
             "image": {"width": image_size[0], "height": image_size[1]},
             "input_size": input_size, "layout": meta.layout, "timings_ms": meta.timings_ms}
     body = encode(fmt, meta, raw, metadata=metadata, head=head)
-    headers = {**version_headers(result), "Content-Length": str(body.length)}
+    headers = {**version_headers(result), "Content-Length": str(body.length),
+               "ETag": answer_etag(spec, meta.model_version, fmt)}
     return StreamingResponse(body.chunks, media_type=body.media_type, headers=headers)
 
 
@@ -73,9 +75,28 @@ def correspond_response(result: Result) -> JSONResponse:
     return JSONResponse(body, headers=version_headers(result))
 
 
+def answer_etag(spec: JobSpec, model_version: str, fmt: str) -> str:
+    """A weak ETag for a features answer: what determines its bytes (the pixels' hash, the
+    model version and every output parameter). Weak: float rounding may differ between
+    batch compositions on a GPU, the meaning does not."""
+    parts = [*spec.content, model_version, str(spec.input_size), spec.mode, spec.prompt,
+             ",".join(spec.layers), repr(spec.points), str(spec.grid), spec.dtype, fmt]
+    return f'W/"{hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]}"'
+
+
+def check_not_modified(request_headers: Mapping[str, str], etag: str) -> None:
+    """If-None-Match naming this answer: the client's copy is current, nothing is queued.
+    For a POST, RFC 9110 says 412 (304 is for GET and HEAD); the ETag comes with it."""
+    wanted = request_headers.get("if-none-match")
+    if wanted and (wanted.strip() == "*" or etag in (t.strip() for t in wanted.split(","))):
+        raise Problem(412, "not modified: the answer would be the one you hold (same ETag)",
+                      kind="not-modified", headers={"ETag": etag})
+
+
 def version_headers(result: Result) -> dict[str, str]:
     """Binary formats have no body field for these, so every format gets them as headers."""
-    headers = {"X-Model-Version": result.meta.model_version}
+    headers = {"X-Model-Version": result.meta.model_version,
+               "X-Cache": "hit" if result.meta.cached else "miss"}
     headers.update({f"X-Timing-{k.title()}-Ms": f"{v:.3f}"
                     for k, v in result.meta.timings_ms.items()})
     return headers

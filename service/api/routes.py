@@ -50,7 +50,7 @@ async def run(producer: JobProducer, job: Job) -> Result:
     dependencies=Protected,
     response_model=FeaturesOut,
     responses={200: {"content": openapi.BINARY_FEATURES},
-               **openapi.errors(400, 401, 413, 415, 422, 429, 503, 504)},
+               **openapi.errors(400, 401, 412, 413, 415, 422, 429, 503, 504)},
     openapi_extra=openapi.FEATURES_BODY,
     summary="Per-layer feature maps of one image",
 )
@@ -71,9 +71,10 @@ async def features(
     if fmt == "npy" and (len(job.spec.layers) != 1 or job.spec.dtype not in NPY_DTYPES):
         raise Problem(422, "npy holds exactly one float16 or float32 array; ask for one "
                       "layer, or use safetensors or json")
+    responses.check_not_modified(request.headers, responses.answer_etag(job.spec, model.version,
+                                                                        fmt))
     result, raw = await responses.obtain(producer, services.fetcher, job)
-    return responses.features_response(result, raw, fmt, job.spec.image_sizes[0],
-                                       job.spec.input_size)
+    return responses.features_response(result, raw, fmt, job.spec)
 
 
 @router.post(

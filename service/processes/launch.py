@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from cleandift.extractor import Extractor
 
     from ..metrics import WorkerMetrics
+    from ..worker.cache import FeatureCache
     from ..worker.holder import ModelHolder
     from ..worker.loop import Worker
     from ..worker.reload import RegistryWatcher
@@ -69,7 +70,25 @@ def build_worker(settings: Settings, extractor: Extractor | None = None) -> Work
                        max_deliveries=settings.max_deliveries, result_ttl_s=settings.result_ttl_s,
                        stream_maxlen=settings.stream_maxlen)
     holder, metrics = ModelHolder(extractor), WorkerMetrics()
-    return Worker(settings, holder, jobs, metrics, watcher(settings, holder, metrics, client))
+    return Worker(settings, holder, jobs, metrics, watcher(settings, holder, metrics, client),
+                  feature_cache(settings, client))
+
+
+def feature_cache(settings: Settings, client: redis.Redis) -> FeatureCache | None:
+    from ..queue.featurecache import SharedTier, eviction_risk
+    from ..queue.keys import Keys
+    from ..worker.cache import FeatureCache, MemoryTier
+
+    memory = MemoryTier(settings.feature_cache_bytes) if settings.feature_cache_bytes else None
+    shared = None
+    if settings.feature_cache_shared_bytes:
+        risk = eviction_risk(client)
+        if risk:
+            log.warning("shared feature cache off: %s (use noeviction)", risk)
+        else:
+            shared = SharedTier(client, Keys(settings.queue_prefix),
+                                settings.feature_cache_shared_bytes)
+    return FeatureCache(memory, shared) if memory is not None or shared is not None else None
 
 
 def prepare_model(extractor: Extractor, settings: Settings) -> None:

@@ -25,6 +25,7 @@ from ..metrics import WorkerMetrics
 from ..queue.errors import QueueUnavailable
 from . import stages
 from .batching import collate_requests
+from .cache import FeatureCache, image_keys
 from .holder import ModelHolder
 from .reload import RegistryWatcher
 from .results import ResultStore
@@ -57,10 +58,10 @@ class Consumer(Protocol):
 class Worker:
     def __init__(
         self, settings: Settings, model: ModelHolder, jobs: Consumer, metrics: WorkerMetrics,
-        watcher: RegistryWatcher | None = None,
+        watcher: RegistryWatcher | None = None, cache: FeatureCache | None = None,
     ) -> None:
         self.settings, self.model, self.jobs, self.metrics = settings, model, jobs, metrics
-        self.watcher = watcher
+        self.watcher, self.cache = watcher, cache
         self.results = ResultStore(settings.result_store_bytes, settings.result_hold_s)
         self.url = ""  # where the API fetches held results (set when the port is open)
         self._http: ThreadingHTTPServer | None = None
@@ -148,9 +149,37 @@ class Worker:
                 jobs = self._safe(lambda: self.jobs.claim(max_batch, CLAIM_BLOCK_MS), [])
             with self._held_lock:
                 self._held.update(job.entry_id for job in jobs)
-            for batch in collate_requests(self._live(jobs), max_batch,
+            for batch in collate_requests(self._from_cache(self._live(jobs)), max_batch,
                                           self.settings.max_batch_pixels):
                 self._put(self._pre, stages.prepare(batch, pin))
+
+    def _from_cache(self, jobs: list[Job]) -> list[Job]:
+        """Jobs whose maps the cache holds go straight to the post stage; the rest return."""
+        if self.cache is None:
+            return jobs
+        extractor, left = self.model.current, []
+        for job in jobs:
+            keys = image_keys(job.spec, extractor.info)
+            maps, where = self.cache.get(keys, job.spec.layers) if keys else (None, "miss")
+            self.metrics.cache_lookups.labels(result=where).inc()
+            if maps is None:
+                left.append(job)
+            else:
+                self._put(self._post, stages.from_cache(job, maps, extractor))
+        return left
+
+    def _remember(self, computed: stages.Computed) -> None:
+        """Keep what a forward computed for each image, for the next time it comes."""
+        if self.cache is None or computed.cached:
+            return
+        info = computed.extractor.info
+        batch = computed.prepared.batch
+        for job, rows in zip(batch.jobs, batch.rows()):
+            keys = image_keys(job.spec, info)
+            if keys:
+                self.cache.put(keys, stages.image_maps(computed, rows))
+        if self.cache.memory is not None:
+            self.metrics.cache_bytes.set(self.cache.memory.used)
 
     def _count_retries(self, jobs: list[Job], dead: int) -> list[Job]:
         self.metrics.retried.inc(len(jobs))
@@ -159,7 +188,11 @@ class Worker:
 
     def _core(self) -> None:
         while True:
+            replaced = self.model.current.info
             if self.model.maybe_swap():  # between batches only: a batch never mixes versions
+                if self.cache is not None:
+                    log.info("dropped %d cached maps of %s %s", self.cache.invalidate(replaced),
+                             replaced.name, replaced.version)
                 self._publish_model()
             try:
                 prepared = self._pre.get(timeout=POLL_S)
@@ -198,6 +231,7 @@ class Worker:
     def _results(self, computed: stages.Computed) -> list[Answer]:
         try:
             answers = stages.results(computed)
+            self._remember(computed)
         except Exception:
             return [(job, stages.internal_error(job.spec.id, "post-processing"))
                     for job in computed.prepared.batch.jobs]

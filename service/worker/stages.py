@@ -62,6 +62,7 @@ class Computed:
     features: dict[str, torch.Tensor]
     extractor: Extractor  # the exact model (version) that produced them
     inference_s: float = 0.0
+    cached: bool = False  # read from the feature cache, not computed
     outputs: dict[int, Output] = field(default_factory=dict)  # by job index in the batch
     events: tuple[Any, Any] | None = None  # CUDA (forward start, copies done)
 
@@ -94,6 +95,20 @@ def forward(prepared: Prepared, extractor: Extractor) -> Computed:
     return computed
 
 
+def from_cache(job: Job, maps: list[dict[str, torch.Tensor]], extractor: Extractor) -> Computed:
+    """A job whose maps the cache held: it goes to the post stage without a forward."""
+    started = time.time()
+    features = {key: torch.stack([m[key] for m in maps]) for key in job.spec.layers}
+    prepared = Prepared(Batch([job], list(job.spec.layers)), torch.empty(0), started)
+    return Computed(prepared, features, extractor, cached=True)
+
+
+def image_maps(computed: Computed, rows: slice) -> list[dict[str, torch.Tensor]]:
+    """Every computed layer of each image of a job (what the cache keeps)."""
+    return [{key: feats[row] for key, feats in computed.features.items()}
+            for row in range(rows.start, rows.stop)]
+
+
 def _event() -> Any:
     event = torch.cuda.Event(enable_timing=True)
     event.record()
@@ -104,7 +119,7 @@ def stage_outputs(computed: Computed) -> dict[int, Output]:
     """Each features job's tensors, reduced and converted on their device and copied into
     one host buffer per job: one copy per tensor, no Python bytes in between."""
     batch, outputs = computed.prepared.batch, {}
-    pin = computed.extractor.device.type == "cuda"
+    pin = next(iter(computed.features.values())).is_cuda  # cached maps live on the host
     for index, (job, rows) in enumerate(zip(batch.jobs, batch.rows())):
         if job.spec.kind != "features":
             continue
@@ -173,7 +188,7 @@ def job_result(job: Job, index: int, rows: slice, computed: Computed) -> Result:
         "inference": round(computed.inference_s * 1000, 3),
     }
     meta = ResultMeta(job_id=spec.id, model=info.name, model_version=info.version,
-                      timings_ms=timings)
+                      timings_ms=timings, cached=computed.cached)
     result = Result(meta)
     try:
         if spec.kind == "correspond":

@@ -29,7 +29,16 @@ def settings(redis_url, demo_dir, cache_dir) -> Settings:
     return Settings(redis_url=redis_url, model=str(demo_dir), cache_dir=cache_dir,
                     device="cpu", queue_prefix=f"test-{uuid.uuid4().hex[:8]}",
                     worker_port=0, request_timeout_s=30, heartbeat_s=0.2,
-                    max_batch=8, inline_result_bytes=0)  # every feature result: direct
+                    max_batch=8, inline_result_bytes=0,  # every feature result: direct
+                    # Tests count forward passes of repeated images: the feature cache is
+                    # off here and on in the tests about it (`cached_settings`).
+                    feature_cache_bytes=0, feature_cache_shared_bytes=0)
+
+
+@pytest.fixture
+def cached_settings(settings) -> Settings:
+    return settings.model_copy(update={"feature_cache_bytes": 64 << 20,
+                                       "feature_cache_shared_bytes": 64 << 20})
 
 
 @pytest.fixture

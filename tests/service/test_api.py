@@ -68,7 +68,8 @@ def test_safetensors_metadata(service, jpeg):
     header_len = int.from_bytes(path.read(8), "little")
     meta = json.loads(path.read(header_len))["__metadata__"]
     assert meta == {"model": "cleandift-demo", "model_version": "demo-seed0",
-                    "image_width": "320", "image_height": "240", "input_size": "256"}
+                    "image_width": "320", "image_height": "240", "input_size": "256",
+                    "layout": "map"}
     assert safe_open  # the format is the one safetensors reads (checked above)
 
 

@@ -55,3 +55,57 @@ def test_retries_honour_retry_after_then_raise(settings, photo):
         waited = time.monotonic() - start
     assert err.value.status == 503 and "model" in err.value.detail
     assert waited >= 2.0  # two retries, one second apart
+
+
+def test_client_outputs_targets_and_many(cached_settings, extractor, photo, photo2):
+    from cleandift.client import Features
+    from tests.corpus import textured_image
+
+    with (running_service(cached_settings, extractor) as (http, _),
+          Client(str(http.base_url)) as client):
+        full = client.features(photo, layers="us6", dtype="float32")
+        assert isinstance(full, Features) and full.model_version == "demo-seed0"
+        assert full.layout == "map" and full.image_size == photo.size and not full.cached
+        points = client.features(photo, layers="us6", points=[(10, 20), (100.5, 50)])
+        assert points.layout == "points" and points["us6"].shape == (2, 64)
+        int8 = client.features(photo, layers="us6", dtype="int8")  # dequantized for us
+        assert int8["us6"].dtype == np.float32 and set(int8) == {"us6"} and int8.cached
+        cosine = (int8["us6"] * full["us6"]).sum(0) / (
+            np.linalg.norm(int8["us6"], axis=0) * np.linalg.norm(full["us6"], axis=0))
+        assert cosine.mean() > 0.999
+        raw = client.features(photo, layers="us6", dtype="int8", raw=True)
+        assert raw["us6"].dtype == np.int8 and raw["us6.scale"].shape == (64,)
+        grid = client.features(photo, layers="us6", grid=2, dtype="bfloat16")
+        assert grid["us6"].shape == (64, 2, 2) and grid["us6"].dtype == np.float32
+        body = client.correspond(photo, targets=[photo2, photo], points=[(10, 20)])
+        assert len(body["results"]) == 2
+        images = [textured_image(40 + 10 * i, 30, seed=i) for i in range(5)]
+        many = client.features_many(images, concurrency=3, layers="us6")
+        assert [f.image_size for f in many] == [im.size for im in images]
+
+
+def test_wait_ready_and_connection_retries(settings, extractor, photo):
+    import threading
+
+    from cleandift.service.processes.redis_server import free_port
+    from tests.service.service_helpers import WorkerThread
+
+    with WorkerThread(settings, extractor):  # the model description reaches Redis
+        pass
+    late = settings.model_copy(update={"port": free_port()})
+    server = ApiServer(late)
+    server.port, server.url = late.port, f"http://127.0.0.1:{late.port}"
+    import uvicorn
+
+    from cleandift.service.api.app import create_app
+
+    server.server = uvicorn.Server(uvicorn.Config(create_app(late), host="127.0.0.1",
+                                                  port=late.port, log_level="warning"))
+    server.server.install_signal_handlers = lambda: None
+    server.thread = threading.Thread(target=server.server.run, daemon=True)
+    threading.Timer(0.6, server.thread.start).start()  # nothing listens for 0.6 s
+    with Client(server.url, retries=6, backoff=0.2) as client:
+        assert client.models()["name"] == "cleandift-demo"  # after refused connections
+        with WorkerThread(late, extractor):
+            assert client.wait_ready(timeout=30)["status"] == "ready"
+    server.__exit__()

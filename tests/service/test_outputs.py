@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from cleandift.matching import sample_points
-from cleandift.reduce import dequantize_int8
-from cleandift.tensors import bfloat16_to_float32, read_safetensors
+from cleandift.tensors import bfloat16_to_float32, dequantize_int8, read_safetensors
 from tests.corpus import encode
 from tests.service.service_helpers import expected_features
 

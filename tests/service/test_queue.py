@@ -95,7 +95,8 @@ def worker_process(settings, demo_dir, worker_id: str) -> subprocess.Popen:
     env = {**os.environ, "CLEANDIFT_REDIS_URL": settings.redis_url,
            "CLEANDIFT_QUEUE_PREFIX": settings.queue_prefix, "CLEANDIFT_MODEL": str(demo_dir),
            "CLEANDIFT_DEVICE": "cpu", "CLEANDIFT_WORKER_ID": worker_id,
-           "CLEANDIFT_MAX_BATCH": "2", "CLEANDIFT_WORKER_PORT": "0"}
+           "CLEANDIFT_MAX_BATCH": "2", "CLEANDIFT_WORKER_PORT": "0",
+           "CLEANDIFT_FEATURE_CACHE_BYTES": "0", "CLEANDIFT_FEATURE_CACHE_SHARED_BYTES": "0"}
     return subprocess.Popen([sys.executable, "-m", "cleandift.cli", "worker"], env=env)
 
 

@@ -162,3 +162,27 @@ def test_publish_command_checks_the_file_against_its_base(demo_dir, unet_files, 
     with pytest.raises(typer.BadParameter, match="missing"):
         publish_existing(tmp_path, "official", bad, str(demo_dir), 261.0, None, "c", cache_dir)
     assert registry.list_versions(tmp_path, "official") == ["v1"]
+
+
+def test_a_reload_drops_exactly_the_old_versions_cached_maps(
+    cached_settings, extractor, demo_dir, unet_files, tmp_path, photo, redis_url
+):
+    import redis as redis_lib
+
+    reg = tmp_path / "reg"
+    image = encode(photo, "PNG")
+    with watched_service(cached_settings, reg, demo_dir, unet_files[0], 0.1) as (client, threads):
+        worker = threads[0].worker
+        assert client.post("/features", files={"image": image}).headers["x-cache"] == "miss"
+        assert client.post("/features", files={"image": image}).headers["x-cache"] == "hit"
+        # An entry of another model stays whatever happens to m.
+        worker.cache.put(["other|v7|x|256|clean|p"], [{"us6": torch.ones(3)}])
+        publish(reg, unet_files[1], demo_dir)
+        serve_until(client, image, "v2")
+        memory = list(worker.cache.memory._entries)
+        shared = redis_lib.Redis.from_url(redis_url)
+        index = f"{cached_settings.queue_prefix}:cache:index:"
+        assert not any(key.startswith("m|v1|") for key in memory)
+        assert any(key.startswith("other|v7|") for key in memory)
+        assert not shared.exists(index + "m|v1|") and shared.exists(index + "other|v7|")
+        assert client.post("/features", files={"image": image}).headers["x-cache"] == "hit"
