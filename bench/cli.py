@@ -15,8 +15,9 @@ def bench(
     = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the figures here")]
     = None,
-    parts: Annotated[str, typer.Option(help="comma-separated: model, service, transport")]
-    = "model,service,transport",
+    parts: Annotated[str, typer.Option(help="comma-separated: model, service, transport, "
+                                       "outputs")]
+    = "model,service,transport,outputs",
 ) -> None:
     """Measure extractor, service, transport and trainer side by side on this machine."""
     from .cpu import PARTS, run_bench, table, write_json

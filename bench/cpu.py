@@ -14,6 +14,7 @@ from cleandift.settings import Settings
 
 from . import measure
 from .load import features_request, run_load
+from .outputs import OUTPUT_DESCRIPTIONS, cache_figures, output_figures
 from .stack import service_stack
 from .transport import TRANSPORT_DESCRIPTIONS, bench_jpeg, transport_figures
 
@@ -37,6 +38,7 @@ DESCRIPTIONS = {
     "train_once_vs_thrice": "trainer step speed-up, student once vs three times",
     "train_once_vs_thrice_flops": "the same as a FLOP ratio",
     **TRANSPORT_DESCRIPTIONS,
+    **OUTPUT_DESCRIPTIONS,
 }
 
 
@@ -69,7 +71,7 @@ def service_figures(model: str, jpeg: bytes, quick: bool, batch: int) -> dict[st
     }
 
 
-PARTS = ("model", "service", "transport")
+PARTS = ("model", "service", "transport", "outputs")
 
 
 def run_bench(model: str | None, quick: bool, parts: tuple[str, ...] = PARTS
@@ -89,6 +91,10 @@ def run_bench(model: str | None, quick: bool, parts: tuple[str, ...] = PARTS
             figures.update(transport_figures(path, quick, bench_jpeg(768, 768)))
             log.info("transport through %s measured in %.1fs", path, time.perf_counter() - start)
         figures.update(camera_figures(quick))
+    if "outputs" in parts:
+        figures.update(output_figures(model, bench_jpeg(640, 480), 16 if quick else 48))
+        new_images = [_jpeg(image) for image in bench_images(49 if quick else 97)]
+        figures.update(cache_figures(model, new_images, 200 if quick else 600))
     return {key: round(float(value), 4) for key, value in figures.items()}
 
 

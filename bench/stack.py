@@ -79,7 +79,11 @@ def _spawn(command: str, env: dict[str, str], module: str = "cleandift.cli"
 def service_stack(model: str, *, workers: int = 1, redis_url: str | None = None,
                   worker_module: str = "cleandift.cli", ready_timeout_s: float = 120.0,
                   **settings: str):
-    """A ready stack: API + `workers` workers on `model`; settings as CLEANDIFT_* values."""
+    """A ready stack: API + `workers` workers on `model`; settings as CLEANDIFT_* values.
+
+    The feature cache is off unless asked for: the benchmarks send one image again and
+    again, and would otherwise measure the cache instead of the path they are about."""
+    settings = {"feature_cache_bytes": "0", "feature_cache_shared_bytes": "0", **settings}
     redis = None if redis_url else start_redis_server()
     url = redis_url or redis.url  # type: ignore[union-attr]
     env = {**os.environ, "CLEANDIFT_REDIS_URL": url, "CLEANDIFT_MODEL": model,

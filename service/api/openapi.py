@@ -46,9 +46,33 @@ def request_body(model: type[BaseModel], files: tuple[str, ...]) -> dict:
     }
 
 
+def _header(description: str, type_: str = "string") -> dict:
+    return {"description": description, "schema": {"type": type_}}
+
+
+HEADERS = {
+    "X-Model-Version": _header("The version of the weights that computed this answer."),
+    "ETag": _header("Weak validator of this answer (pixels, model version, options, format): "
+                    "send it back in If-None-Match to skip a recomputation."),
+    "X-Cache": _header("hit: the features came from the feature cache; miss: computed."),
+    "Retry-After": _header("Seconds to wait before retrying.", "integer"),
+}
+_ERROR_HEADERS = {412: ("ETag",), 429: ("Retry-After",), 503: ("Retry-After",)}
+
+
 def errors(*statuses: int) -> dict:
     content = {MEDIA_TYPE: {"schema": PROBLEM_SCHEMA}}
-    return {status: {"description": "Problem details", "content": content} for status in statuses}
+    return {status: {"description": "Problem details", "content": content,
+                     "headers": {h: HEADERS[h] for h in _ERROR_HEADERS.get(status, ())}}
+            for status in statuses}
+
+
+def success(*headers: str, content: dict | None = None) -> dict:
+    """The 200 answer's documented headers (and extra media types)."""
+    out: dict = {"headers": {h: HEADERS[h] for h in headers}}
+    if content:
+        out["content"] = content
+    return {200: out}
 
 
 FEATURES_BODY = request_body(FeaturesBody, ("image",))

@@ -58,6 +58,7 @@ class Limits(BaseModel):
     max_size: int = Field(description="Largest model input side (`size`).")
     max_points: int = Field(description="Source points of one /correspond.")
     max_matches: int
+    max_targets: int = Field(description="Targets of one /correspond.")
     max_prompt_chars: int
     request_timeout_s: float = Field(description="Deadline of a request (504 after it).")
     match_refine_patches: int = Field(description="Feature patches refined per point: the "
@@ -69,7 +70,8 @@ class Limits(BaseModel):
         return cls(max_body_bytes=settings.max_body_bytes,
                    max_image_pixels=settings.max_image_pixels, min_size=settings.min_size,
                    max_size=settings.max_size, max_points=settings.max_points,
-                   max_matches=settings.max_matches, max_prompt_chars=settings.max_prompt_chars,
+                   max_matches=settings.max_matches, max_targets=settings.max_targets,
+                   max_prompt_chars=settings.max_prompt_chars,
                    request_timeout_s=settings.request_timeout_s,
                    match_refine_patches=MATCH_REFINE_PATCHES)
 

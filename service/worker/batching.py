@@ -35,6 +35,14 @@ class Batch:
     def images(self) -> list[np.ndarray]:
         return [image for job in self.jobs for image in job.images]
 
+    def noise_seeds(self) -> list[int] | None:
+        """DIFT's noise seeded by each image's content hash: a DIFT answer depends on the
+        image alone (not on its batch neighbours), so it can be cached and reproduced."""
+        contents = [c for job in self.jobs for c in job.spec.content]
+        if self.mode != "dift" or len(contents) != len(self.images):
+            return None
+        return [int(content[:15], 16) for content in contents]
+
     def rows(self) -> list[slice]:
         """The rows of the batch tensor that belong to each job, in job order."""
         out, start = [], 0

@@ -85,7 +85,8 @@ def forward(prepared: Prepared, extractor: Extractor) -> Computed:
     cuda = extractor.device.type == "cuda"
     start = time.perf_counter()
     begin = _event() if cuda else None
-    feats = extractor.features(prepared.pixels, batch.layers, batch.prompt, mode=batch.mode)
+    feats = extractor.features(prepared.pixels, batch.layers, batch.prompt, mode=batch.mode,
+                               seeds=batch.noise_seeds())
     computed = Computed(prepared, feats, extractor)
     if cuda:
         computed.outputs = stage_outputs(computed)  # same stream: ordered after the forward

@@ -100,3 +100,19 @@ def test_the_shape_only_extractor_is_unreachable_from_the_service():
                 names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [
                     a.name for a in node.names]
                 assert not any("bench" in n for n in names), f"{path} imports {names}"
+
+
+@pytest.mark.integration
+def test_output_and_cache_figures_on_the_real_stack(demo_dir, images):
+    """Sizes follow from the shapes (demo us6 at 256 px: 64 x 16 x 16); the cache part
+    really hits (the worker's counters would show a forward per request otherwise)."""
+    from cleandift.bench.outputs import cache_figures, output_figures
+
+    figures = output_figures(str(demo_dir), encode(images[0], "JPEG"), total=4, side=256)
+    full = 64 * 16 * 16 * 2
+    assert full < figures["outputs_full_bytes"] < full + 1024
+    assert 100 * 64 * 2 < figures["outputs_points100_bytes"] < 100 * 64 * 2 + 1024
+    assert figures["outputs_full_vs_int8_bytes"] == pytest.approx(2, rel=0.1)
+    assert all(figures[f"outputs_{v}_images_per_s"] > 0 for v in ("full", "grid16", "int8"))
+    cache = cache_figures(str(demo_dir), [encode(im, "JPEG") for im in images], hits=12)
+    assert cache["cache_hit_requests_per_s"] > 0 and cache["cache_miss_requests_per_s"] > 0

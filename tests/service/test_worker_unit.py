@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
+import torch
 
 from cleandift.service.messages import Heartbeat, Job, JobSpec, Result
 from cleandift.service.metrics import WorkerMetrics
@@ -236,3 +237,21 @@ def test_the_probe_port_binds_loopback_unless_told_otherwise():
         assert server.server_address[0] == "127.0.0.1"
     finally:
         server.shutdown()
+
+
+def test_dift_answers_depend_on_the_image_alone(extractor):
+    """The noise of mode=dift is seeded by the image's content hash: an image gives the
+    same features alone or beside another, so the answer can be cached and reproduced."""
+    from cleandift.service.worker.batching import Batch
+    from cleandift.service.worker.stages import forward, prepare
+
+    def dift(value: int, content: str) -> Job:
+        spec = JobSpec(kind="features", input_size=SIZE, layers=["us6"], mode="dift",
+                       image_sizes=[(SIZE, SIZE)], content=[content])
+        return Job(spec=spec, images=[np.full((SIZE, SIZE, 3), value, np.uint8)])
+
+    a, b = dift(90, "a1" * 16), dift(170, "b2" * 16)
+    alone = forward(prepare(Batch([a], ["us6"]), pin=False), extractor).features["us6"]
+    beside = forward(prepare(Batch([b, a], ["us6"]), pin=False), extractor).features["us6"]
+    again = forward(prepare(Batch([a], ["us6"]), pin=False), extractor).features["us6"]
+    assert torch.allclose(alone[0], beside[1], atol=1e-4) and torch.equal(alone, again)
