@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .dtypes import canonical_dtype
@@ -84,7 +84,9 @@ class Settings(BaseSettings):
         512 * 1024 * 1024, ge=1024 * 1024,
         description="Memory an API process may hold in images being decoded at once; "
         "uploads beyond it wait for room.")
-    api_key: str | None = None
+    api_key: SecretStr | None = Field(
+        None, description="Clients must send it (Authorization: Bearer KEY or X-API-Key); "
+        "set it by environment or a secret, never on a command line.")
 
     # Processes
     host: str = "127.0.0.1"
@@ -123,10 +125,27 @@ class Settings(BaseSettings):
     )
     reload_poll_s: float = Field(5.0, gt=0, description="Registry LATEST check period.")
 
+    # Observability
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Root log level of the service's processes.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text, or json: one object per line with the request id.")
+    tracing: Literal["off", "otlp", "console"] = Field(
+        "off", description="OpenTelemetry spans: otlp (the standard OTEL_EXPORTER_OTLP_* "
+        "variables say where) or console; needs the tracing extra.")
+    metrics_dir: Path | None = Field(
+        None, description="Where several API processes keep their shared metrics files "
+        "(emptied at start); a fresh temporary directory when unset.")
+
     def extractor_args(self) -> dict[str, object]:
         """The keyword arguments of `load_extractor` that these settings choose."""
         return {"spec": self.model, "unet": self.unet, "device": self.device,
                 "dtype": self.dtype, "cache_dir": self.cache_dir, "demo_seed": self.demo_seed}
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_case(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("dtype", mode="before")
     @classmethod

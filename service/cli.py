@@ -1,4 +1,8 @@
-"""`cleandift api | worker | serve`: flags override CLEANDIFT_* settings."""
+"""`cleandift api | worker | serve`: flags override CLEANDIFT_* settings.
+
+Each option shows its variable in --help; every other setting (docs/deploy.md) is a
+variable only. The API key has no flag on purpose: a command line shows in `ps`.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +13,29 @@ import typer
 
 from cleandift.cli import DeviceOpt, DtypeOpt, ModelOpt, UnetOpt, settings_with
 
-RedisOpt = Annotated[str | None, typer.Option(help="Redis URL; serve starts its own if unset")]
-HostOpt = Annotated[str | None, typer.Option(help="bind address (default 127.0.0.1)")]
-PortOpt = Annotated[int | None, typer.Option(help="HTTP port (default 8000)")]
-BatchOpt = Annotated[int | None, typer.Option(help="images per forward pass at most")]
-KeyOpt = Annotated[str | None, typer.Option(help="require this API key")]
-ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads per worker (torch)")]
+RedisOpt = Annotated[str | None, typer.Option(
+    envvar=["CLEANDIFT_REDIS_URL", "REDIS_URL"], help="Redis URL; serve starts its own if unset")]
+HostOpt = Annotated[str | None, typer.Option(envvar="CLEANDIFT_HOST",
+                                             help="bind address (default 127.0.0.1)")]
+PortOpt = Annotated[int | None, typer.Option(envvar="CLEANDIFT_PORT",
+                                             help="HTTP port (default 8000)")]
+BatchOpt = Annotated[int | None, typer.Option(envvar="CLEANDIFT_MAX_BATCH",
+                                              help="images per forward pass at most")]
+ThreadsOpt = Annotated[int | None, typer.Option(envvar="CLEANDIFT_TORCH_THREADS",
+                                                help="CPU threads per worker (torch)")]
+KEY_NOTE = " Clients must send CLEANDIFT_API_KEY when it is set (environment only)."
 
 
 def api(redis_url: RedisOpt = None, host: HostOpt = None, port: PortOpt = None,
-        api_key: KeyOpt = None,
-        processes: Annotated[int | None, typer.Option(help="API processes (default 1)")] = None,
+        processes: Annotated[int | None, typer.Option(
+            envvar="CLEANDIFT_API_WORKERS", help="API processes (default 1)")] = None,
         ) -> None:
-    """Run the HTTP API (FastAPI + uvicorn) in front of the Redis queue."""
     from .processes.launch import run_api
 
-    run_api(settings_with(redis_url=redis_url, host=host, port=port, api_key=api_key,
-                          api_workers=processes))
+    run_api(settings_with(redis_url=redis_url, host=host, port=port, api_workers=processes))
+
+
+api.__doc__ = "Run the HTTP API (FastAPI + uvicorn) in front of the Redis queue." + KEY_NOTE
 
 
 def worker(
@@ -36,6 +46,7 @@ def worker(
     redis_url: RedisOpt = None,
     max_batch: BatchOpt = None,
     port: Annotated[int | None, typer.Option(
+        envvar="CLEANDIFT_WORKER_PORT",
         help="the worker's own port (probes, metrics, results); 0: any free port")] = None,
     torch_threads: ThreadsOpt = None,
 ) -> None:
@@ -53,21 +64,25 @@ def serve(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     redis_url: RedisOpt = None,
-    redis_server: Annotated[Path | None, typer.Option(help="redis-server binary")] = None,
+    redis_server: Annotated[Path | None, typer.Option(envvar="CLEANDIFT_REDIS_SERVER",
+                                                      help="redis-server binary")] = None,
     host: HostOpt = None,
     port: PortOpt = None,
     max_batch: BatchOpt = None,
-    api_key: KeyOpt = None,
-    workers: Annotated[int | None, typer.Option(help="worker processes (default 1)")] = None,
+    workers: Annotated[int | None, typer.Option(envvar="CLEANDIFT_WORKERS",
+                                                help="worker processes (default 1)")] = None,
     torch_threads: ThreadsOpt = None,
 ) -> None:
-    """All in one: API + worker(s) (+ a private redis-server without REDIS_URL)."""
     from .processes.serve import run_serve
 
     run_serve(settings_with(model=model, unet=unet, device=device, dtype=dtype,
                             redis_url=redis_url, host=host, port=port, max_batch=max_batch,
-                            api_key=api_key, workers=workers, torch_threads=torch_threads,
+                            workers=workers, torch_threads=torch_threads,
                             redis_server=str(redis_server) if redis_server else None))
+
+
+serve.__doc__ = ("All in one: API + worker(s) (+ a private redis-server without REDIS_URL)."
+                 + KEY_NOTE)
 
 
 def register(app: typer.Typer) -> None:

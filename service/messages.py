@@ -74,6 +74,10 @@ class JobSpec(BaseModel):
     reply_to: str = ""
     id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     enqueued_at: float = Field(default_factory=time.time)
+    # Observability, ignored by readers that predate them: the request's id for log lines
+    # and its W3C trace context (empty while tracing is off).
+    request_id: str = ""
+    trace: dict[str, str] = Field(default_factory=dict)
 
     def group_key(self) -> tuple[int, str, str]:
         """Jobs with the same key can share one forward pass."""

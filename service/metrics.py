@@ -1,24 +1,74 @@
 """Every Prometheus metric of the service, one prefix (`cleandift_`), one module.
 
-Workers keep their own registry (served on their own port) and also ship its text in
-their heartbeat, so the API's /metrics shows the whole system, labelled by worker.
+One view per process kind, each correct by construction, so `sum()` over scrapes adds up:
+- API: the counters and histograms of every uvicorn process of a replica. With several
+  processes they live in prometheus_client's multiprocess files (PROMETHEUS_MULTIPROC_DIR,
+  set by `run_api` before the processes start), so whichever process answers a scrape
+  answers with the sum of all of them. What describes the queue rather than a process
+  (depth, pending jobs, live workers, the served model) is read from Redis at scrape time
+  and never stored per process.
+- Worker: each worker process serves its own registry on its own port. The API does not
+  re-export it (every API replica would count each worker again); `/metrics/workers` on
+  the API is a human view of the workers' heartbeats, not a scrape target.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 PREFIX = "cleandift"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 
+@dataclass
+class QueueState:
+    """The queue as Redis describes it at scrape time (None: Redis unreachable)."""
+
+    depth: int | None = None
+    pending: int | None = None
+    workers_alive: int = 0
+    model: tuple[str, str] | None = None  # (name, version)
+
+
+class QueueStateCollector:
+    """Gauges of the whole queue, from the state read for this scrape."""
+
+    def __init__(self, state: Callable[[], QueueState]) -> None:
+        self._state = state
+
+    def collect(self) -> Iterator[Metric]:
+        state = self._state()
+        if state.depth is not None:
+            yield GaugeMetricFamily(f"{PREFIX}_queue_depth", "Jobs in the stream",
+                                    value=state.depth)
+        if state.pending is not None:
+            yield GaugeMetricFamily(f"{PREFIX}_queue_pending",
+                                    "Jobs delivered to a worker, not yet acknowledged",
+                                    value=state.pending)
+        yield GaugeMetricFamily(f"{PREFIX}_workers_alive", "Workers with a recent heartbeat",
+                                value=state.workers_alive)
+        info = GaugeMetricFamily(f"{PREFIX}_model_info", "Served model", labels=["name",
+                                                                                 "version"])
+        if state.model is not None:
+            info.add_metric(list(state.model), 1)
+        yield info
+
+
 class ApiMetrics:
-    def __init__(self) -> None:
+    """What an API process records; `render` answers for every process of the replica."""
+
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -26,23 +76,68 @@ class ApiMetrics:
             registry=r,
         )
         self.latency = Histogram(
-            f"{PREFIX}_request_seconds", "HTTP request latency", ["route"],
+            f"{PREFIX}_request_duration_seconds", "HTTP request latency by route", ["route"],
             buckets=LATENCY_BUCKETS, registry=r,
         )
-        self.queue_depth = Gauge(f"{PREFIX}_queue_depth", "Jobs in the stream", registry=r)
-        self.queue_pending = Gauge(
-            f"{PREFIX}_queue_pending", "Jobs delivered to a worker, not yet acknowledged",
-            registry=r,
+        self.layer_requests = Counter(
+            f"{PREFIX}_layer_requests", "Feature maps asked for, by request kind and layer",
+            ["kind", "layer"], registry=r,
         )
-        self.workers_alive = Gauge(f"{PREFIX}_workers_alive", "Workers with a recent heartbeat",
-                                   registry=r)
-        self.model_info = Gauge(f"{PREFIX}_model_info", "Served model", ["name", "version"],
-                                registry=r)
-        self.worker_snapshots: dict[str, str] = {}
-        r.register(WorkerMetricsCollector(lambda: self.worker_snapshots))
+        self.state = QueueState()
+        directory = multiprocess_dir or os.environ.get(MULTIPROC_ENV)
+        if directory:  # every process's files, summed at each scrape
+            self.exposed = CollectorRegistry()
+            MultiProcessCollector(self.exposed, path=directory)
+        else:
+            self.exposed = self.registry
+        self.exposed.register(QueueStateCollector(lambda: self.state))
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def count_layers(self, kind: str, layers: list[str]) -> None:
+        for layer in layers:
+            self.layer_requests.labels(kind=kind, layer=layer).inc()
+
+    def render(self, state: QueueState) -> bytes:
+        self.state = state
+        return generate_latest(self.exposed)
+
+
+GpuReader = Callable[[], dict[str, float]]
+
+
+class GpuCollector:
+    """GPU memory (and utilisation where the driver tells) of this worker's device."""
+
+    NAMES = {
+        "allocated": ("gpu_memory_allocated_bytes", "Memory held by tensors"),
+        "reserved": ("gpu_memory_reserved_bytes", "Memory held by the caching allocator"),
+        "total": ("gpu_memory_total_bytes", "The device's memory"),
+        "utilization": ("gpu_utilization_ratio", "Busy fraction of the last sample period"),
+    }
+
+    def __init__(self, read: GpuReader, device: str) -> None:
+        self._read, self._device = read, device
+
+    def collect(self) -> Iterator[Metric]:
+        for key, value in self._read().items():
+            name, doc = self.NAMES[key]
+            family = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=["device"])
+            family.add_metric([self._device], value)
+            yield family
+
+
+def torch_gpu_reader(index: int) -> GpuReader:
+    """Reads torch's allocator figures; utilisation only when NVML answers."""
+    import torch
+
+    def read() -> dict[str, float]:
+        figures = {"allocated": float(torch.cuda.memory_allocated(index)),
+                   "reserved": float(torch.cuda.memory_reserved(index)),
+                   "total": float(torch.cuda.get_device_properties(index).total_memory)}
+        with contextlib.suppress(Exception):  # no pynvml / NVML: memory only
+            figures["utilization"] = torch.cuda.utilization(index) / 100.0
+        return figures
+
+    return read
 
 
 class WorkerMetrics:
@@ -50,10 +145,15 @@ class WorkerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.batch_size = Histogram(
-            f"{PREFIX}_batch_size", "Images per forward pass", buckets=BATCH_BUCKETS, registry=r
+            f"{PREFIX}_batch_size_images", "Images per forward pass", buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.inference = Histogram(
-            f"{PREFIX}_inference_seconds", "Forward pass time per batch",
+            f"{PREFIX}_inference_duration_seconds", "Forward pass time per batch",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_wait = Histogram(
+            f"{PREFIX}_queue_wait_seconds", "Time from enqueue to a worker taking the job",
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.images = Counter(f"{PREFIX}_images_processed", "Images through the model",
@@ -79,6 +179,9 @@ class WorkerMetrics:
         self.model_info = Gauge(f"{PREFIX}_worker_model_info", "Model a worker serves",
                                 ["name", "version"], registry=r)
 
+    def watch_gpu(self, read: GpuReader, device: str) -> None:
+        self.registry.register(GpuCollector(read, device))
+
     def value(self, name: str, **labels: str) -> float:
         """One sample of this worker's registry by its exposed name (0 when absent)."""
         return self.registry.get_sample_value(name, labels) or 0.0
@@ -91,15 +194,20 @@ class WorkerMetrics:
         return generate_latest(self.registry)
 
 
-class WorkerMetricsCollector:
-    """Re-exposes the workers' heartbeat snapshots with a `worker` label."""
+def merge_worker_snapshots(snapshots: dict[str, str]) -> bytes:
+    """The workers' heartbeat snapshots as one text, each sample labelled by worker."""
+    registry = CollectorRegistry()
+    registry.register(_Snapshots(snapshots))
+    return generate_latest(registry)
 
-    def __init__(self, snapshots: Callable[[], dict[str, str]]) -> None:
+
+class _Snapshots:
+    def __init__(self, snapshots: dict[str, str]) -> None:
         self._snapshots = snapshots
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         merged: dict[str, Metric] = {}
-        for worker, text in sorted(self._snapshots().items()):
+        for worker, text in sorted(self._snapshots.items()):
             for family in text_string_to_metric_families(text):
                 out = merged.get(family.name)
                 if out is None:

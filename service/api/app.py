@@ -19,7 +19,12 @@ from .decoding import MemoryBudget
 from .deps import Services
 from .fetch import ResultFetcher
 from .malloc import return_memory_promptly
-from .middleware import BodyLimitMiddleware, CatchAllMiddleware, MetricsMiddleware
+from .middleware import (
+    BodyLimitMiddleware,
+    CatchAllMiddleware,
+    MetricsMiddleware,
+    RequestContextMiddleware,
+)
 from .problems import install_handlers
 from .routes import STATIC_DIR, router
 
@@ -58,10 +63,15 @@ def create_app(settings: Settings) -> FastAPI:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(CatchAllMiddleware)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts all
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # counts all
+    app.add_middleware(RequestContextMiddleware)  # outermost: every answer has its id
     return app
 
 
 def app_from_env() -> FastAPI:
     """Factory for `uvicorn --factory` with several API processes (settings from env)."""
-    return create_app(Settings())
+    from ..processes.launch import observe
+
+    settings = Settings()
+    observe(settings, "cleandift-api")
+    return create_app(settings)

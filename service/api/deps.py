@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from cleandift.settings import Settings
 
@@ -40,15 +41,23 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def require_api_key(request: Request, services: ServicesDep) -> None:
+# Declared as security schemes, so OpenAPI (and the Authorize button of /docs) shows them;
+# checked below only when a key is configured.
+BEARER = HTTPBearer(auto_error=False, description="Authorization: Bearer KEY")
+API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Key: KEY")
+
+
+def require_api_key(
+    services: ServicesDep,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
+    header: Annotated[str | None, Depends(API_KEY_HEADER)],
+) -> None:
     """Bearer token or X-API-Key, only when a key is configured."""
-    key = services.settings.api_key
+    secret = services.settings.api_key
+    key = secret.get_secret_value() if secret is not None else ""
     if not key:
         return
-    given = request.headers.get("x-api-key", "")
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        given = auth[7:].strip()
+    given = bearer.credentials.strip() if bearer is not None else (header or "")
     if not given or not hmac.compare_digest(given.encode(), key.encode()):
         raise Problem(401, "missing or wrong API key (Authorization: Bearer KEY or X-API-Key)",
                       headers={"WWW-Authenticate": "Bearer"})

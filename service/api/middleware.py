@@ -1,14 +1,17 @@
-"""ASGI middleware of the API: request metrics, a catch-all that keeps connections open,
-and the body size limit."""
+"""ASGI middleware of the API: the request's id and trace span, request metrics, a
+catch-all that keeps connections open, and the body size limit."""
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .. import tracing
+from ..logs import request_id_var
 from ..metrics import ApiMetrics
 from .problems import BodyTooLarge, problem_response
 
@@ -42,6 +45,42 @@ class BodyLimitMiddleware:
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         detail = f"the request body is over the limit of {self.limit} bytes"
         await problem_response(413, detail, "payload-too-large")(scope, receive, send)
+
+
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+
+
+class RequestContextMiddleware:
+    """X-Request-ID (the client's when well-formed, else a new one) in the log context
+    and every response; the request's root span (a no-op while tracing is off)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        given = headers.get("x-request-id", "")
+        request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        name = f"{scope.get('method', 'GET')} {scope.get('path', '')}"
+
+        async def tag(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"],
+                                      (b"x-request-id", request_id.encode())]
+                root.set_attribute("http.response.status_code", message["status"])
+            await send(message)
+
+        try:
+            with tracing.server_span(name, headers, **{"http.request.method": scope.get(
+                    "method", ""), "url.path": scope.get("path", ""),
+                    "cleandift.request_id": request_id}) as root:
+                await self.app(scope, receive, tag)
+        finally:
+            request_id_var.reset(token)
 
 
 class MetricsMiddleware:

@@ -56,6 +56,8 @@ HEADERS = {
                     "send it back in If-None-Match to skip a recomputation."),
     "X-Cache": _header("hit: the features came from the feature cache; miss: computed."),
     "Retry-After": _header("Seconds to wait before retrying.", "integer"),
+    "X-Request-ID": _header("The request's id (the client's X-Request-ID when it sent a "
+                            "well-formed one): in every answer and every log line about it."),
 }
 _ERROR_HEADERS = {412: ("ETag",), 429: ("Retry-After",), 503: ("Retry-After",)}
 
@@ -63,13 +65,14 @@ _ERROR_HEADERS = {412: ("ETag",), 429: ("Retry-After",), 503: ("Retry-After",)}
 def errors(*statuses: int) -> dict:
     content = {MEDIA_TYPE: {"schema": PROBLEM_SCHEMA}}
     return {status: {"description": "Problem details", "content": content,
-                     "headers": {h: HEADERS[h] for h in _ERROR_HEADERS.get(status, ())}}
+                     "headers": {h: HEADERS[h] for h in ("X-Request-ID",
+                                                         *_ERROR_HEADERS.get(status, ()))}}
             for status in statuses}
 
 
 def success(*headers: str, content: dict | None = None) -> dict:
     """The 200 answer's documented headers (and extra media types)."""
-    out: dict = {"headers": {h: HEADERS[h] for h in headers}}
+    out: dict = {"headers": {h: HEADERS[h] for h in ("X-Request-ID", *headers)}}
     if content:
         out["content"] = content
     return {200: out}

@@ -15,7 +15,9 @@ from fastapi.responses import FileResponse, Response
 
 from cleandift.contract import ModelInfo
 
+from .. import tracing
 from ..messages import Job, Result
+from ..metrics import CONTENT_TYPE, QueueState, merge_worker_snapshots
 from ..queue.errors import QueueUnavailable
 from ..queue.producer import JobProducer
 from . import openapi, parsing, responses
@@ -54,6 +56,7 @@ async def run(producer: JobProducer, job: Job) -> Result:
                **openapi.errors(400, 401, 412, 413, 415, 422, 429, 503, 504)},
     openapi_extra=openapi.FEATURES_BODY,
     summary="Per-layer feature maps of one image",
+    operation_id="features",
 )
 async def features(
     request: Request,
@@ -66,16 +69,20 @@ async def features(
 ) -> Response:
     fmt = negotiate(format, request.headers.get("accept"))
     producer = services.producer
+    await producer.admit()  # no worker: 503 at once, and a call for workers
     model = await served_model(producer)
-    await producer.admit()
-    job = await parsing.features_job(request, services.settings, model, services.budget, dtype)
+    with tracing.span("parse"):
+        job = await parsing.features_job(request, services.settings, model, services.budget,
+                                         dtype)
+    services.metrics.count_layers("features", job.spec.layers)
     if fmt == "npy" and (len(job.spec.layers) != 1 or job.spec.dtype not in NPY_DTYPES):
         raise Problem(422, "npy holds exactly one float16 or float32 array; ask for one "
                       "layer, or use safetensors or json")
     responses.check_not_modified(request.headers, responses.answer_etag(job.spec, model.version,
                                                                         fmt))
     result, raw = await responses.obtain(producer, services.fetcher, job)
-    return responses.features_response(result, raw, fmt, job.spec)
+    with tracing.span("respond"):
+        return responses.features_response(result, raw, fmt, job.spec)
 
 
 @router.post(
@@ -86,16 +93,21 @@ async def features(
                **openapi.errors(400, 401, 413, 415, 422, 429, 503, 504)},
     openapi_extra=openapi.CORRESPOND_BODY,
     summary="Matches from a source image to a target image",
+    operation_id="correspond",
 )
 async def correspond(request: Request, services: ServicesDep) -> Response:
-    model = await served_model(services.producer)
     await services.producer.admit()
-    job = await parsing.correspond_job(request, services.settings, model, services.budget)
-    return responses.correspond_response(await run(services.producer, job))
+    model = await served_model(services.producer)
+    with tracing.span("parse"):
+        job = await parsing.correspond_job(request, services.settings, model, services.budget)
+    services.metrics.count_layers("correspond", job.spec.layers)
+    result = await run(services.producer, job)
+    with tracing.span("respond"):
+        return responses.correspond_response(result)
 
 
 @router.get("/v1/models", dependencies=Protected, response_model=ModelsOut,
-            responses=openapi.errors(401, 503))
+            responses=openapi.errors(401, 503), operation_id="models")
 async def models(services: ServicesDep) -> ModelsOut:
     """The served model (during a reload, the version most recently loaded by a worker)
     and the limits of one request."""
@@ -109,12 +121,24 @@ async def page() -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
 
-@router.get("/healthz", response_model=HealthOut)
+@router.get("/healthz", response_model=HealthOut, operation_id="healthz")
 async def healthz() -> HealthOut:
     return HealthOut(status="ok")
 
 
-@router.get("/readyz", response_model=ReadyOut, responses=openapi.errors(503))
+@router.get("/readyz/api", response_model=HealthOut, responses=openapi.errors(503),
+            operation_id="readyz_api")
+async def readyz_api(services: ServicesDep) -> HealthOut:
+    """This API process can take requests: its queue (Redis) answers. Workers may be
+    scaled to zero meanwhile (requests then get 503 with Retry-After and wake them): the
+    readiness probe of API pods, where /readyz would take every pod out of the Service."""
+    if not await services.producer.ping():
+        raise Problem(503, "the queue (Redis) is unreachable", kind="not-ready", headers=RETRY)
+    return HealthOut(status="ok")
+
+
+@router.get("/readyz", response_model=ReadyOut, responses=openapi.errors(503),
+            operation_id="readyz")
 async def readyz(services: ServicesDep) -> ReadyOut:
     producer = services.producer
     if not await producer.ping():
@@ -131,19 +155,26 @@ async def readyz(services: ServicesDep) -> ReadyOut:
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(services: ServicesDep) -> Response:
-    producer, api_metrics = services.producer, services.metrics
+    """This replica's API metrics (all its processes) and the queue as Redis sees it."""
+    producer, state = services.producer, QueueState()
     try:
-        depth, pending = await producer.queue_state()
-        api_metrics.queue_depth.set(depth)
-        api_metrics.queue_pending.set(pending)
-        api_metrics.workers_alive.set(len(await producer.live_workers()))
-        beats = await producer.heartbeats()
-        api_metrics.worker_snapshots = {beat.id: beat.metrics for beat in beats}
+        state.depth, state.pending = await producer.queue_state()
+        state.workers_alive = len(await producer.live_workers())
         model = await producer.model_info()
-        api_metrics.model_info.clear()
-        if model:
-            api_metrics.model_info.labels(name=model.name, version=model.version).set(1)
+        state.model = (model.name, model.version) if model else None
     except QueueUnavailable:  # metrics stay available while Redis is down
-        api_metrics.workers_alive.set(0)
-    return Response(api_metrics.render(), media_type="text/plain; version=0.0.4")
+        pass
+    return Response(services.metrics.render(state), media_type=CONTENT_TYPE)
 
+
+@router.get("/metrics/workers", include_in_schema=False)
+async def worker_metrics(services: ServicesDep) -> Response:
+    """Every live worker's metrics from its last heartbeat, labelled by worker: a view for
+    people and for setups without a scraper per worker. Scrape the workers' own ports
+    instead: this view repeats on every API replica."""
+    try:
+        beats = await services.producer.heartbeats()
+    except QueueUnavailable as exc:
+        raise Problem(503, "the queue (Redis) is unreachable", kind="not-ready") from exc
+    snapshots = {beat.id: beat.metrics for beat in beats}
+    return Response(merge_worker_snapshots(snapshots), media_type=CONTENT_TYPE)

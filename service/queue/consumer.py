@@ -166,6 +166,7 @@ class JobConsumer:
         pipe.set(self.keys.worker(self.consumer), beat.model_dump_json(), px=int(ttl_s * 1000))
         pipe.zadd(self.keys.workers, {self.consumer: now})
         pipe.zremrangebyscore(self.keys.workers, 0, now - 10 * ttl_s)
+        pipe.delete(self.keys.wake)  # awake: the autoscaler's wake-up call is answered
         pipe.execute()
 
     @_owns_errors

@@ -28,6 +28,12 @@ class Keys:
         return f"{self.prefix}:workers"
 
     @property
+    def wake(self) -> str:
+        """A list the API pushes to while no worker lives: what an autoscaler (KEDA's
+        redis list trigger) watches to start workers from zero."""
+        return f"{self.prefix}:wake"
+
+    @property
     def model(self) -> str:
         return f"{self.prefix}:model"
 

@@ -25,6 +25,8 @@ from pydantic import ValidationError
 
 from cleandift.contract import ModelInfo
 
+from .. import tracing
+from ..logs import request_id_var
 from ..messages import Heartbeat, Job, Result
 from .errors import DeadlineExceeded, NoLiveWorker, QueueFull, QueueUnavailable
 from .keys import Keys
@@ -40,6 +42,8 @@ RESULT_POLL_S = 1.0
 MODEL_CACHE_S = 1.0
 MONITOR_S = 0.25
 LISTENER_BACKOFF_S = 0.5
+WAKE_KEEP = 100  # wake-up calls kept at most (only the list's length matters)
+WAKE_TTL_S = 600  # a call nobody answered in this long is forgotten
 
 
 @contextlib.asynccontextmanager
@@ -109,6 +113,7 @@ class JobProducer:
             return
         await self._look()
         if self.view.live_workers == 0:
+            await self._wake()
             raise NoLiveWorker
         if self.view.depth >= self.max_queue:
             raise QueueFull
@@ -117,10 +122,13 @@ class JobProducer:
         """Enqueue and wait for the answer until the job's deadline. `again`: a job that
         was accepted before (its result was lost) is never refused for room."""
         job.spec.reply_to = self.reply_channel
-        entry = await self._enqueue(job, bounded=not again)
+        job.spec.request_id, job.spec.trace = request_id_var.get(), tracing.carrier()
+        with tracing.span("enqueue", **{"cleandift.job_id": job.spec.id}):
+            entry = await self._enqueue(job, bounded=not again)
         waiter = self._waiters[job.spec.id] = _Waiter(job, entry, self.view.epoch)
         try:
-            return await self._await(waiter)
+            with tracing.span("wait"):
+                return await self._await(waiter)
         finally:
             self._waiters.pop(job.spec.id, None)
 
@@ -214,6 +222,15 @@ class JobProducer:
             except QueueUnavailable:
                 self.view.reachable = False
             await asyncio.sleep(MONITOR_S)
+
+    async def _wake(self) -> None:
+        """Ask for workers (scaled to zero, or all dead): a bounded, expiring list."""
+        async with _redis_errors():
+            pipe = self.r.pipeline(transaction=False)
+            pipe.rpush(self.keys.wake, str(time.time()))
+            pipe.ltrim(self.keys.wake, -WAKE_KEEP, -1)
+            pipe.expire(self.keys.wake, WAKE_TTL_S)
+            await pipe.execute()
 
     async def _look(self) -> None:
         since = time.time() - self.worker_ttl_s

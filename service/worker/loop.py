@@ -229,9 +229,11 @@ class Worker:
             del computed
 
     def _results(self, computed: stages.Computed) -> list[Answer]:
+        post_started = time.time()
         try:
             answers = stages.results(computed)
             self._remember(computed)
+            stages.trace(computed, post_started)
         except Exception:
             return [(job, stages.internal_error(job.spec.id, "post-processing"))
                     for job in computed.prepared.batch.jobs]
@@ -257,6 +259,8 @@ class Worker:
     def _live(self, jobs: list[Job]) -> list[Job]:
         """Drop (and answer 504) jobs whose deadline passed: they never reach the GPU."""
         now = time.time()
+        for job in jobs:
+            self.metrics.queue_wait.observe(max(0.0, now - job.spec.enqueued_at))
         expired = [j for j in jobs if j.spec.deadline and j.spec.deadline < now]
         if expired:
             self.metrics.expired.inc(len(expired))
@@ -265,7 +269,11 @@ class Worker:
 
     def _answer(self, answers: list[Answer]) -> None:
         for job, result in answers:
-            self.metrics.jobs.labels(kind=job.spec.kind, status=str(result.meta.status)).inc()
+            status = result.meta.status
+            self.metrics.jobs.labels(kind=job.spec.kind, status=str(status)).inc()
+            if status >= 500:
+                log.warning("job %s answered %d: %s", job.spec.id, status, result.meta.error,
+                            extra={"request_id": job.spec.request_id or "-"})
         deadline = time.monotonic() + self.settings.request_timeout_s
         while True:
             try:

@@ -21,6 +21,7 @@ from cleandift.extractor import Extractor
 from cleandift.matching import DeadlinePassed, correspond, similarity_map
 from cleandift.reduce import SCALE_SUFFIX, at_points, pooled, quantize_int8
 
+from .. import tracing
 from ..messages import (
     Heatmap,
     Job,
@@ -45,6 +46,7 @@ class Prepared:
     batch: Batch
     pixels: torch.Tensor
     started: float  # when the worker began this batch (end of queueing)
+    marks: dict[str, tuple[float, float]] = field(default_factory=dict)  # stage: start, end
 
 
 @dataclass
@@ -74,7 +76,8 @@ def prepare(batch: Batch, pin: bool) -> Prepared:
     pixels = torch.from_numpy(np.stack(batch.images))
     if pin:
         pixels = pixels.pin_memory()
-    return Prepared(batch=batch, pixels=pixels, started=started)
+    return Prepared(batch=batch, pixels=pixels, started=started,
+                    marks={"pre": (started, time.time())})
 
 
 def forward(prepared: Prepared, extractor: Extractor) -> Computed:
@@ -83,7 +86,7 @@ def forward(prepared: Prepared, extractor: Extractor) -> Computed:
     on to the next batch at once; the post stage waits for the copies' event."""
     batch = prepared.batch
     cuda = extractor.device.type == "cuda"
-    start = time.perf_counter()
+    start, wall = time.perf_counter(), time.time()
     begin = _event() if cuda else None
     feats = extractor.features(prepared.pixels, batch.layers, batch.prompt, mode=batch.mode,
                                seeds=batch.noise_seeds())
@@ -91,8 +94,10 @@ def forward(prepared: Prepared, extractor: Extractor) -> Computed:
     if cuda:
         computed.outputs = stage_outputs(computed)  # same stream: ordered after the forward
         computed.events = (begin, _event())
+        prepared.marks["forward"] = (wall, wall)  # ends when its copies are done (finish)
     else:
         computed.inference_s = time.perf_counter() - start
+        prepared.marks["forward"] = (wall, time.time())
     return computed
 
 
@@ -167,6 +172,8 @@ def finish(computed: Computed) -> None:
         begin, done = computed.events
         done.synchronize()
         computed.inference_s = begin.elapsed_time(done) / 1000
+        wall = computed.prepared.marks["forward"][0]
+        computed.prepared.marks["forward"] = (wall, wall + computed.inference_s)
     else:
         computed.outputs = stage_outputs(computed)
 
@@ -178,6 +185,19 @@ def results(computed: Computed) -> list[tuple[Job, Result]]:
     batch = computed.prepared.batch
     return [(job, job_result(job, index, rows, computed))
             for index, (job, rows) in enumerate(zip(batch.jobs, batch.rows()))]
+
+
+def trace(computed: Computed, post_started: float) -> None:
+    """Each job's worker stages as spans of its request's trace (no-op when untraced)."""
+    prepared = computed.prepared
+    worker_stages = [(name, *span) for name, span in prepared.marks.items()]
+    worker_stages.append(("post", post_started, time.time()))
+    for job in prepared.batch.jobs:
+        tracing.record_stages(
+            job.spec.trace, [("queue wait", job.spec.enqueued_at, prepared.started),
+                             *worker_stages],
+            **{"cleandift.job_id": job.spec.id, "cleandift.cached": computed.cached,
+               "cleandift.batch_images": len(prepared.batch.images)})
 
 
 def job_result(job: Job, index: int, rows: slice, computed: Computed) -> Result:

@@ -70,7 +70,7 @@ def merge(base, override):
 
 
 def k8s_documents():
-    for path in sorted((ROOT / "k8s").glob("*.yaml")):
+    for path in sorted((ROOT / "k8s").glob("**/*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc:
                 yield path.name, doc
@@ -104,33 +104,50 @@ def test_gpu_by_default_cpu_with_the_override():
 def test_kubernetes_manifests_validate_strictly():
     checked = 0
     for _name, doc in k8s_documents():
-        if doc["kind"] in ("Kustomization", "ScaledObject"):
-            continue  # no schema bundled for these: checked below
+        if doc["kind"] in ("Kustomization", "ScaledObject", "PodMonitor", "PrometheusRule"):
+            continue  # no schema bundled for these: checked below and in test_k8s_policy
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
         checked += 1
     assert checked >= 12
 
 
-def test_kustomization_lists_every_manifest():
-    kustomization = yaml.safe_load((ROOT / "k8s" / "kustomization.yaml").read_text())
-    files = {p.name for p in (ROOT / "k8s").glob("*.yaml")} - {"kustomization.yaml"}
-    assert set(kustomization["resources"]) == files
+# Applied once, on their own (docs/deploy.md): a re-apply of the kustomization must not
+# reset the secret (switching auth off) nor publish the seed version again.
+APPLIED_ONCE = {"secret.example.yaml", "seed-job.yaml"}
+
+
+def test_kustomization_lists_every_manifest_but_the_secret_and_the_seed():
+    for folder in (ROOT / "k8s", ROOT / "k8s" / "monitoring"):
+        kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+        files = {p.name for p in folder.glob("*.yaml")} - {"kustomization.yaml"}
+        assert set(kustomization["resources"]) == files - APPLIED_ONCE
+    kinds = {doc["kind"] for name, doc in k8s_documents() if name not in APPLIED_ONCE}
+    assert "Secret" not in kinds
 
 
 def test_keda_scaledobject_targets_the_real_stream():
     """KEDA's CRD schema is not bundled with kubernetes-validate (it checks built-in kinds
     only), so the ScaledObject's fields that matter are checked against the code."""
     docs = dict(k8s_documents())
-    scaled = docs["worker-scaledobject.yaml"]
+    scaled, worker = docs["worker-scaledobject.yaml"], docs["worker.yaml"]
     assert scaled["apiVersion"] == "keda.sh/v1alpha1"
-    assert scaled["spec"]["scaleTargetRef"]["name"] == docs["worker.yaml"]["metadata"]["name"]
-    [trigger] = scaled["spec"]["triggers"]
+    assert scaled["spec"]["scaleTargetRef"]["name"] == worker["metadata"]["name"]
+    assert scaled["spec"]["minReplicaCount"] == 0  # scale to zero: the wake list starts one
+    streams, wake = scaled["spec"]["triggers"]
     keys = Keys(Settings().queue_prefix)
-    assert trigger["type"] == "redis-streams"
-    assert trigger["metadata"]["stream"] == keys.jobs
-    assert trigger["metadata"]["consumerGroup"] == keys.group
-    assert trigger["metadata"]["address"].startswith("redis.cleandift.svc")
-    assert int(trigger["metadata"]["lagCount"]) > 0
+    assert streams["type"] == "redis-streams"
+    assert streams["metadata"]["stream"] == keys.jobs
+    assert streams["metadata"]["consumerGroup"] == keys.group
+    assert int(streams["metadata"]["lagCount"]) > 0
+    assert wake["type"] == "redis" and wake["metadata"]["listName"] == keys.wake
+    assert wake["metadata"]["activationListLength"] == "0"
+    # Address and password from the worker's own environment, never a copy.
+    [container] = worker["spec"]["template"]["spec"]["containers"]
+    env = {e["name"] for e in container["env"]} | set(docs["configmap.yaml"]["data"])
+    for trigger in (streams, wake):
+        assert "address" not in trigger["metadata"]
+        assert {trigger["metadata"]["addressFromEnv"], trigger["metadata"]["passwordFromEnv"]} \
+            <= env
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)

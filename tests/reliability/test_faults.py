@@ -104,7 +104,7 @@ def test_corrupt_version_is_refused_while_serving(demo_dir, extractor, tmp_path,
         _, broken = registry.publish(reg, "m", {registry.UNET_FILE: tmp_path / "unet.safetensors"},
                                      manifest)
         (broken / registry.UNET_FILE).write_bytes(b"torn")
-        wait_for(lambda: 'result="failed"' in httpx.get(stack.url + "/metrics").text, 30,
+        wait_for(lambda: 'result="failed"' in httpx.get(stack.url + "/metrics/workers").text, 30,
                  "the refusal", interval=0.2)
         result = load.join()
         version = httpx.get(stack.url + "/v1/models").json()["version"]

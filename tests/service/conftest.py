@@ -12,6 +12,7 @@ import pytest
 
 from cleandift.service.processes.redis_server import start_redis_server
 from cleandift.settings import Settings
+from tests.corpus import encode
 from tests.service.service_helpers import running_service
 
 
@@ -39,6 +40,11 @@ def settings(redis_url, demo_dir, cache_dir) -> Settings:
 def cached_settings(settings) -> Settings:
     return settings.model_copy(update={"feature_cache_bytes": 64 << 20,
                                        "feature_cache_shared_bytes": 64 << 20})
+
+
+@pytest.fixture(scope="module")
+def jpeg(photo) -> bytes:
+    return encode(photo, "JPEG", quality=92)
 
 
 @pytest.fixture

@@ -95,12 +95,15 @@ def metric(text: str, name: str, /, **labels: str) -> float:
     return total
 
 
+WORKERS = "/metrics/workers"  # the workers' figures, from their heartbeats
+
+
 def wait_metric(client: httpx.Client, name: str, value: float, /, timeout: float = 10,
-                **labels: str) -> str:
-    """Scrape /metrics until `name` reaches `value` (worker figures arrive by heartbeat)."""
+                path: str = WORKERS, **labels: str) -> str:
+    """Scrape `path` until `name` reaches `value` (worker figures arrive by heartbeat)."""
     deadline = time.monotonic() + timeout
     while True:
-        text = client.get("/metrics").text
+        text = client.get(path).text
         if metric(text, name, **labels) >= value or time.monotonic() > deadline:
             return text
         time.sleep(0.1)

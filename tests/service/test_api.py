@@ -9,17 +9,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from pydantic import SecretStr
 from safetensors.numpy import load as load_safetensors
 
 from tests.corpus import bad_images, encode, png_bomb
 from tests.service.service_helpers import expected_features, running_service
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def jpeg(photo) -> bytes:
-    return encode(photo, "JPEG", quality=92)
 
 
 def post_features(client, data: bytes, **fields):
@@ -157,7 +153,7 @@ def test_error_contract(service, jpeg, settings):
 
 
 def test_api_key(settings, extractor, jpeg):
-    keyed = settings.model_copy(update={"api_key": "s3cret"})
+    keyed = settings.model_copy(update={"api_key": SecretStr("s3cret")})
     with running_service(keyed, extractor) as (client, _):
         problem(post_features(client, jpeg), 401)
         problem(post_features(client, jpeg, headers={"Authorization": "Bearer nope"}), 401)

@@ -47,13 +47,13 @@ def test_async_client(settings, extractor, photo, photo2):
 
 
 def test_retries_honour_retry_after_then_raise(settings, photo):
-    # An API with no worker ever started answers 503 (no model) with Retry-After: 1.
+    # An API with no worker ever started answers 503 (no worker) with Retry-After: 1.
     with ApiServer(settings) as api, Client(api.url, retries=2) as client:
         start = time.monotonic()
         with pytest.raises(NotReady) as err:
             client.features(photo)
         waited = time.monotonic() - start
-    assert err.value.status == 503 and "model" in err.value.detail
+    assert err.value.status == 503 and "worker" in err.value.detail
     assert waited >= 2.0  # two retries, one second apart
 
 

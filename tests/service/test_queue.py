@@ -73,12 +73,14 @@ def test_concurrent_requests_are_batched(settings, extractor, jpeg):
     with running_service(settings, extractor) as (client, _):
         responses = parallel(16, lambda: post(client, jpeg))
         assert all(r.status_code == 200 for r in responses)
-        text = wait_metric(client, "cleandift_batch_size_sum", 16)
-    batches = metric(text, "cleandift_batch_size_count")
-    images = metric(text, "cleandift_batch_size_sum")
+        text = wait_metric(client, "cleandift_batch_size_images_sum", 16)
+        api = client.get("/metrics").text
+    batches = metric(text, "cleandift_batch_size_images_count")
+    images = metric(text, "cleandift_batch_size_images_sum")
     assert images == 16 and batches < 16, "some forward passes held several images"
-    assert metric(text, "cleandift_requests_total", route="/features", status="200") == 16
+    assert metric(api, "cleandift_requests_total", route="/features", status="200") == 16
     assert metric(text, "cleandift_images_processed_total") == 16
+    assert metric(text, "cleandift_queue_wait_seconds_count") == 16
 
 
 def test_two_workers_share_the_load(settings, extractor, jpeg):
@@ -242,15 +244,20 @@ def test_readiness_follows_workers_and_redis(settings, extractor):
         assert models.status_code == 503 and "127.0.0.1" not in models.text
 
 
-def test_worker_metrics_reach_the_api_with_a_worker_label(settings, extractor, jpeg):
+def test_api_metrics_count_the_api_and_workers_stay_on_their_own(settings, extractor, jpeg):
+    """/metrics: this API's figures and the queue's; worker figures are not re-exported
+    there (each API replica would count them again), only in /metrics/workers."""
     with running_service(settings, extractor) as (client, threads):
         assert post(client, jpeg).status_code == 200
-        text = wait_metric(client, "cleandift_images_processed_total", 1)
+        workers = wait_metric(client, "cleandift_images_processed_total", 1)
+        api = client.get("/metrics").text
     worker_id = threads[0].worker.jobs.consumer
-    assert metric(text, "cleandift_images_processed_total", worker=worker_id) == 1
-    assert metric(text, "cleandift_workers_alive") == 1
-    assert metric(text, "cleandift_model_info", name="cleandift-demo", version="demo-seed0") == 1
-    assert metric(text, "cleandift_request_seconds_count", route="/features") == 1
+    assert metric(workers, "cleandift_images_processed_total", worker=worker_id) == 1
+    assert "cleandift_images_processed_total" not in api
+    assert metric(api, "cleandift_workers_alive") == 1
+    assert metric(api, "cleandift_model_info", name="cleandift-demo", version="demo-seed0") == 1
+    assert metric(api, "cleandift_request_duration_seconds_count", route="/features") == 1
+    assert metric(api, "cleandift_layer_requests_total", kind="features", layer="us6") == 1
 
 
 def test_sigterm_finishes_and_acknowledges_what_the_worker_holds(settings, extractor, jpeg,

@@ -1,0 +1,79 @@
+"""OpenTelemetry tracing, off unless configured (`CLEANDIFT_TRACING=otlp|console`).
+
+The API opens a span per request and one per stage it runs (parse, enqueue, wait,
+respond); the trace context travels inside the job (`JobSpec.trace`, W3C traceparent),
+and the worker records its stages (queue wait, pre, forward, post) as children of the
+request's span. A worker runs many requests in one batch, so its spans are recorded per
+job after the batch, with the batch's timestamps.
+
+Only the OpenTelemetry API is used outside `configure_tracing`: without a configured SDK
+every call here is a no-op and no context is carried.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Span
+
+TRACER = "cleandift"
+
+
+def configure_tracing(exporter: str, service_name: str) -> None:
+    """Install the SDK's provider with an OTLP (standard OTEL_* variables) or console
+    exporter; needs the `tracing` extra."""
+    if exporter == "off":
+        return
+    try:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    except ImportError as exc:
+        raise SystemExit("CLEANDIFT_TRACING needs the tracing extra: "
+                         "pip install 'cleandift-service[tracing]'") from exc
+    if exporter == "otlp":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        span_exporter: Any = OTLPSpanExporter()
+    else:
+        span_exporter = ConsoleSpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    provider.add_span_processor(BatchSpanProcessor(span_exporter))
+    trace.set_tracer_provider(provider)
+
+
+def tracer() -> trace.Tracer:
+    return trace.get_tracer(TRACER)
+
+
+@contextmanager
+def span(name: str, **attributes: Any) -> Iterator[Span]:
+    with tracer().start_as_current_span(name, attributes=attributes) as current:
+        yield current
+
+
+def server_span(name: str, headers: Mapping[str, str], **attributes: Any) -> Any:
+    """A request's root span, continuing the client's trace when it sent a traceparent."""
+    return tracer().start_as_current_span(name, context=propagate.extract(headers),
+                                          kind=trace.SpanKind.SERVER, attributes=attributes)
+
+
+def carrier() -> dict[str, str]:
+    """The current trace context to put in a job (empty while tracing is off)."""
+    out: dict[str, str] = {}
+    propagate.inject(out)
+    return out
+
+
+def record_stages(context: Mapping[str, str], stages: Sequence[tuple[str, float, float]],
+                  **attributes: Any) -> None:
+    """Spans (name, start, end in epoch seconds) under the job's carried context."""
+    if not context:
+        return
+    parent, t = propagate.extract(context), tracer()
+    for name, start, end in stages:
+        recorded = t.start_span(name, context=parent, start_time=int(start * 1e9),
+                                attributes=attributes)
+        recorded.end(end_time=int(max(start, end) * 1e9))
