@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from .method import DIFT_PROMPT
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -41,11 +43,16 @@ def _root(
 
 ModelOpt = Annotated[
     str | None,
-    typer.Option("--model", "-m", help="diffusers folder, hub id or registry DIR/NAME (demo)"),
+    typer.Option("--model", "-m", envvar="CLEANDIFT_MODEL",
+                 help="diffusers folder, hub id or registry DIR/NAME (demo)"),
 ]
-UnetOpt = Annotated[Path | None, typer.Option(help="flat UNet safetensors, e.g. CleanDIFT's")]
-DeviceOpt = Annotated[str | None, typer.Option(help="cuda, cpu, ...; auto if unset")]
-DtypeOpt = Annotated[str | None, typer.Option(help="float16, bfloat16, float32; auto if unset")]
+UnetOpt = Annotated[str | None, typer.Option(
+    envvar="CLEANDIFT_UNET",
+    help="UNet file (flat or official full checkpoint), or hf://OWNER/REPO/FILE")]
+DeviceOpt = Annotated[str | None, typer.Option(envvar="CLEANDIFT_DEVICE",
+                                               help="cuda, cpu, mps, ...; auto if unset")]
+DtypeOpt = Annotated[str | None, typer.Option(envvar="CLEANDIFT_DTYPE",
+                                              help="float16, bfloat16, float32; auto if unset")]
 SizeOpt = Annotated[int | None, typer.Option(help="model input side in px (multiple of 64)")]
 
 
@@ -63,7 +70,7 @@ def settings_with(**overrides: Any) -> Settings:
         raise typer.Exit(2) from exc
 
 
-def _load(model: str | None, unet: Path | None, device: str | None,
+def _load(model: str | None, unet: str | None, device: str | None,
           dtype: str | None) -> tuple[Extractor, Settings]:
     from .loading import ModelLoadError, load_extractor
 
@@ -79,11 +86,11 @@ def _load(model: str | None, unet: Path | None, device: str | None,
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Bad arguments end the command with a message and exit code 2, not a traceback."""
-    from .contract import RequestError
+    from .contract import RequestError, UsageError
 
     try:
         yield
-    except (json.JSONDecodeError, RequestError) as exc:
+    except (json.JSONDecodeError, RequestError, UsageError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
 
@@ -226,28 +233,110 @@ def eval_spair(
     split: str = "test",
     layer: Annotated[str | None, typer.Option(help="feature key; the model's default")] = None,
     size: SizeOpt = None,
-    prompt: Annotated[str | None, typer.Option(help="'{category}' is filled in")] = None,
+    prompt: Annotated[str, typer.Option(
+        help="the prompt of both modes, '{category}' filled in; '' for none")] = DIFT_PROMPT,
+    pck: Annotated[str, typer.Option(
+        help="le: distance <= alpha*side (DIFT); lt: < (GeoAware-SC)")] = "le",
+    seed: Annotated[int, typer.Option(help="base of the per-image DIFT noise seeds")] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")]
     = None,
     model: ModelOpt = None,
     unet: UnetOpt = None,
     device: DeviceOpt = None,
+    dtype: Annotated[str, typer.Option(
+        help="evaluation precision: float32 (default) or bfloat16; float16 on request")]
+    = "float32",
 ) -> None:
     """PCK@0.05/0.10/0.15 on SPair-71k with the DIFT protocol; prints a JSON report."""
     from .spair import evaluate, load_pairs
 
-    extractor, _ = _load(model, unet, device, None)
+    extractor, _ = _load(model, unet, device, dtype)
     try:
         pairs = load_pairs(data, split=split, category=category, limit=limit)
     except FileNotFoundError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     with user_errors():
-        report = evaluate(extractor, pairs, mode=mode, layer=layer, size=size, prompt=prompt)
+        report = evaluate(extractor, pairs, mode=mode, layer=layer, size=size, prompt=prompt,
+                          pck=pck, seed=seed)
     text = json.dumps(report, indent=2)
     if json_out:
         json_out.write_text(text + "\n")
     typer.echo(text)
+
+
+@app.command("extract-dataset")
+def extract_dataset(
+    source: Annotated[str, typer.Argument(
+        help="image folder, list file (paths or URLs, one per line) or shards 'd/{0..9}.tar'")],
+    out: Annotated[Path, typer.Option(help="output folder (resumed when it exists)")],
+    layers: Annotated[str | None, typer.Option(help="comma-separated keys; the model's "
+                                               "default layers")] = None,
+    size: SizeOpt = None,
+    out_dtype: Annotated[str, typer.Option(
+        "--out-dtype", help="float16, bfloat16, float32, or int8 (per-channel scales)")]
+    = "float16",
+    grid: Annotated[int | None, typer.Option(help="pool each map to GRID x GRID")] = None,
+    mode: Annotated[str, typer.Option(help="clean or dift")] = "clean",
+    prompt: str = "",
+    shard_size: Annotated[int, typer.Option(help="images per shard file")] = 256,
+    batch_size: Annotated[int, typer.Option(help="images per forward pass (local)")] = 8,
+    service: Annotated[str | None, typer.Option(
+        help="a running service's URL: it computes, this command writes")] = None,
+    concurrency: Annotated[int, typer.Option(help="requests in flight (--service)")] = 16,
+    model: ModelOpt = None,
+    unet: UnetOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Features of a whole dataset as sharded safetensors + index (streaming, resumable;
+    read them with cleandift.dataset.FeatureDataset)."""
+    from .bulk import DTYPES, Options
+    from .bulk import extract_dataset as run
+
+    if out_dtype not in (*DTYPES, "int8"):
+        raise typer.BadParameter(f"--out-dtype must be one of {[*DTYPES, 'int8']}")
+    compute, info, side, keys = _dataset_backend(service, concurrency, model, unet, device,
+                                                 dtype, size, layers)
+    options = Options(source=source, layers=keys, size=side, dtype=out_dtype, grid=grid,
+                      mode=mode, prompt=prompt, shard_size=shard_size,
+                      batch_size=concurrency if service else batch_size)
+    try:
+        with user_errors():
+            counts = run(out, options, compute(options), info)
+    except FileNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(json.dumps(counts))
+
+
+def _dataset_backend(service: str | None, concurrency: int, model: str | None,
+                     unet: str | None, device: str | None, dtype: str | None,
+                     size: int | None, layers: str | None) -> tuple[Any, dict, int, list[str]]:
+    """(compute factory, model name/version, input size, layers) of a service or a model."""
+    from . import bulk_compute
+
+    if service:
+        from .client import Client
+
+        client = Client(service, api_key=_client_api_key(), timeout=600)
+        client.wait_ready(timeout=300)
+        served = client.models()
+        info = {"model": served["name"], "model_version": served["version"]}
+        keys = layers.split(",") if layers else list(served["default_layers"])
+        side = size or int(served["input_size"])
+        return (lambda o: bulk_compute.service_compute(client, o, concurrency)), info, side, keys
+    extractor, _ = _load(model, unet, device, dtype)
+    info = {"model": extractor.info.name, "model_version": extractor.info.version}
+    keys = layers.split(",") if layers else list(extractor.info.default_layers)
+    return ((lambda o: bulk_compute.local_compute(extractor, o)), info,
+            _input_size(extractor, size), keys)
+
+
+def _client_api_key() -> str | None:
+    """The client's key: the same CLEANDIFT_API_KEY the service reads."""
+    key = settings_with().api_key
+    return key.get_secret_value() if key is not None else None
 
 
 def main() -> None:

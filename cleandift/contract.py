@@ -27,6 +27,10 @@ class RequestError(ValueError):
     """A request parameter breaks a rule of the contract (HTTP 422, CLI exit 2)."""
 
 
+class UsageError(ValueError):
+    """A command's options cannot work together, or do not fit its inputs (CLI exit 2)."""
+
+
 class UnknownLayerError(RequestError):
     """A requested feature key is not one of the 11 public keys."""
 

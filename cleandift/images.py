@@ -149,11 +149,11 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
     return ImageSource(data, max_bytes=max_bytes, max_pixels=max_pixels).decode()
 
 
-def decode_for_model(data: bytes, size: int, *, max_bytes: int,
-                     max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
+def decode_for_model(data: bytes, size: int, *, max_bytes: int, max_pixels: int,
+                     resample: str = "bicubic") -> tuple[np.ndarray, tuple[int, int]]:
     """(the model's s x s uint8 view of the image, its displayed (width, height))."""
     source = ImageSource(data, max_bytes=max_bytes, max_pixels=max_pixels)
-    return resize_rgb(source.decode(reduce_to=size), size), source.size
+    return resize_rgb(source.decode(reduce_to=size), size, resample), source.size
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -174,10 +174,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def resize_rgb(image: Image.Image, size: int) -> np.ndarray:
+RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+def resize_rgb(image: Image.Image, size: int, resample: str = "bicubic") -> np.ndarray:
     """The model's view of an image: s x s (no crop, aspect not kept), uint8 HWC."""
     if image.size != (size, size):  # (PIL would copy an image already that size)
-        image = image.resize((size, size), Image.Resampling.BICUBIC)
+        image = image.resize((size, size), RESAMPLE[resample])
     return np.asarray(image, dtype=np.uint8)
 
 

@@ -18,11 +18,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from . import registry
+from . import official, registry
 from .demo import METADATA_FILE, ensure_model
 from .dtypes import torch_dtype
 from .extractor import Extractor, model_info
-from .hf import quiet_progress_bars
+from .hf import HF_SCHEME, hub_file, quiet_progress_bars
 from .prompts import EMPTY_PROMPT_FILE, PromptEncoder
 from .settings import default_cache_dir
 
@@ -107,11 +107,18 @@ def _weights(cls: Any, spec: ResolvedSpec, subfolder: str, dtype: torch.dtype) -
 
 
 def load_unet_state(unet: torch.nn.Module, path: Path) -> dict[str, str]:
-    """Strictly load a flat diffusers-named safetensors state dict; returns its metadata."""
+    """Strictly load a flat diffusers-named safetensors state dict, or the student UNet of
+    an official full checkpoint (whose learned timestep then serves); returns metadata."""
     try:
         with safe_open(str(path), framework="pt") as fh:
-            metadata = fh.metadata() or {}
-        state = load_file(str(path))
+            metadata = dict(fh.metadata() or {})
+            full = official.is_full(set(fh.keys()))
+        if full:
+            checkpoint = official.read_full(path)
+            state = checkpoint.unet
+            metadata["student_timestep"] = str(checkpoint.timestep)
+        else:
+            state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read UNet weights {path}: {exc}") from exc
     expected = unet.state_dict()
@@ -131,10 +138,34 @@ def load_unet_state(unet: torch.nn.Module, path: Path) -> dict[str, str]:
     return metadata
 
 
+def unet_path(unet: str | Path) -> Path:
+    """A local UNet file, or an `hf://OWNER/REPO/FILE` reference fetched into the
+    Hugging Face cache."""
+    text = str(unet)
+    if not text.startswith(HF_SCHEME):
+        return Path(unet)
+    try:
+        return Path(hub_file(text))
+    except (ValueError, OSError) as exc:
+        raise ModelLoadError(str(exc)) from exc
+
+
+def check_device(dev: torch.device) -> None:
+    """A clear error for an accelerator this machine or PyTorch build does not have."""
+    mps = getattr(torch.backends, "mps", None)
+    if dev.type == "mps" and not (mps is not None and mps.is_available()):
+        raise ModelLoadError("--device mps: this PyTorch build or machine has no MPS backend "
+                             "(Apple silicon, macOS 12.3+); use cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {dev}: no CUDA device is visible to PyTorch "
+                             "(a CPU-only build, or no driver); use cpu")
+
+
 def pick_device_dtype(
     device: str | torch.device | None, dtype: str | torch.dtype | None
 ) -> tuple[torch.device, torch.dtype]:
-    """fp16 on CUDA, fp32 on CPU unless asked otherwise (bf16 is opt-in)."""
+    """CUDA when present, else CPU (Apple's MPS when asked for); fp16 on CUDA, fp32
+    elsewhere unless asked (bf16 is opt-in)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
         return dev, torch.float16 if dev.type == "cuda" else torch.float32
@@ -157,7 +188,8 @@ def load_extractor(
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     resolved = resolve_spec(spec, cache, demo_seed)
     dev, dt = pick_device_dtype(device, dtype)
-    unet_file = Path(unet) if unet is not None else resolved.unet_file
+    check_device(dev)
+    unet_file = unet_path(unet) if unet is not None else resolved.unet_file
     student = _weights(UNet2DConditionModel, resolved, "unet", dt)
     metadata = dict(resolved.metadata)
     version = resolved.version

@@ -33,7 +33,9 @@ class Settings(BaseSettings):
         None, description="Model spec: diffusers folder, hub id or registry DIR/NAME[/VERSION]; "
         "the built-in demo model when unset."
     )
-    unet: Path | None = Field(None, description="Flat UNet safetensors (e.g. CleanDIFT's).")
+    unet: str | None = Field(
+        None, description="UNet weights on top of the model: a flat safetensors file (e.g. "
+        "CleanDIFT's), an official full checkpoint, or hf://OWNER/REPO/FILE from the hub.")
     device: str | None = Field(None, pattern=DEVICE_PATTERN,
                                description="cpu, cuda, cuda:1, mps; auto when unset.")
     dtype: Literal["float16", "bfloat16", "float32"] | None = Field(

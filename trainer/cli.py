@@ -12,7 +12,7 @@ from typing import Annotated, Any, get_type_hints
 
 import typer
 
-from cleandift.cli import settings_with
+from cleandift.cli import settings_with, user_errors
 from cleandift.method import STUDENT_TIMESTEP
 
 from .config import TrainConfig
@@ -27,7 +27,8 @@ def _train(**options: Any) -> None:
     settings = settings_with()
     cfg = TrainConfig(**options, cache_dir=settings.cache_dir, redis_url=settings.redis_url,
                       channel=reg.announce_channel(settings.queue_prefix))
-    published = run(cfg)
+    with user_errors():  # a bad option (e.g. an indivisible batch): a message, exit 2
+        published = run(cfg)
     if published:
         version, path = published
         manifest = json.loads((path / "manifest.json").read_text())

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from cleandift.contract import UsageError
 from cleandift.registry import announce_channel
 
 
@@ -24,11 +25,14 @@ class TrainConfig:
     name: str = field(metadata={"help": "model NAME in the registry"})
     teacher: str | None = _opt(None, "base model spec; the demo model if unset")
     steps: int = _opt(400, "optimiser steps")
-    batch_size: int = _opt(8, "images per step")
+    batch_size: int = _opt(8, "images per optimiser step over all processes (the "
+                           "recipe's 8); each of N processes takes batch_size / N")
     lr: float = _opt(1e-5, "peak learning rate (Adam)")
     warmup: int = _opt(2000, "linear warm-up steps")
     size: int | None = _opt(None, "input side; the model's if unset")
-    precision: Literal["bf16", "fp32"] = _opt("bf16", "bf16 or fp32 (bf16 on GPU only)")
+    precision: Literal["fp32", "bf16"] = _opt(
+        "fp32", "fp32 with TF32 matmuls (the official code) or bf16 autocast (GPU); the "
+        "noise schedule, add_noise and the Fourier features are fp32 either way")
     grad_checkpointing: bool = _opt(False, "recompute activations in the backward pass")
     compile: bool = _opt(False, "torch.compile the UNet blocks")
     save_every: int = _opt(100, "checkpoint every K steps (0: never)")
@@ -36,10 +40,27 @@ class TrainConfig:
     seed: int = _opt(0, "seed of the data order, timesteps and noise")
     holdout: int = _opt(8, "held-out images for the fidelity metric")
     output_dir: Path | None = _opt(None, "checkpoints and log.jsonl (default REGISTRY/NAME/.runs)")
+    init_from: Path | None = _opt(None, "start from an official full checkpoint "
+                                  "(cleandift_*_full.safetensors): student, heads, timestep")
+    # Parity with the official code, where it differs and the paper says it does not matter.
+    latent: Literal["mean", "sample"] = _opt(
+        "mean", "clean latent: the VAE posterior mean, or a sample as the official code")
+    t_range: Literal["full", "official"] = _opt(
+        "full", "teacher timesteps: full = [0, 999]; official = [1, 998] as its code draws")
+    resize: Literal["bicubic", "bilinear"] = _opt(
+        "bicubic", "training resize; bilinear as the official data loader")
     # From the settings, not the command line:
     cache_dir: Path | None = field(default=None, metadata={"cli": False})
     redis_url: str | None = field(default=None, metadata={"cli": False})
     channel: str = field(default=announce_channel("cleandift"), metadata={"cli": False})
+
+    def per_process_batch(self, world: int) -> int:
+        """The global batch split over `world` processes; it must divide evenly."""
+        if self.batch_size % world:
+            nearest = world * max(1, self.batch_size // world)
+            raise UsageError(f"--batch-size {self.batch_size} is the global batch and must "
+                             f"divide by the {world} processes (e.g. {nearest})")
+        return self.batch_size // world
 
     @property
     def run_dir(self) -> Path:

@@ -51,12 +51,28 @@ class Student(nn.Module):
         return self.heads(feats, t)
 
 
+# Teacher timesteps [low, high): all of the schedule, or the official code's draw
+# (t_min = 1, t_max = 999, truncated: 1 ... 998).
+T_RANGES = {"full": (0, TRAIN_TIMESTEPS), "official": (1, TRAIN_TIMESTEPS - 1)}
+
+
 def stratified_timesteps(batch: int, generator: torch.Generator, n: int = TIMESTEPS_PER_IMAGE,
-                         total: int = TRAIN_TIMESTEPS) -> torch.Tensor:
-    """t_k ~ U(k T/n, (k+1) T/n) for k < n, independently per image; [batch * n] image-major."""
+                         t_range: str = "full") -> torch.Tensor:
+    """t_k ~ U(low + k R/n, low + (k+1) R/n) for k < n, independently per image, R = high -
+    low; [batch * n] image-major."""
+    low, high = T_RANGES[t_range]
     u = torch.rand(batch, n, generator=generator)
     strata = torch.arange(n, dtype=torch.float32)
-    return ((strata + u) * total / n).floor().long().clamp_(max=total - 1).flatten()
+    t = (low + (strata + u) * (high - low) / n).floor().long()
+    return t.clamp_(min=low, max=high - 1).flatten()
+
+
+def add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise, computed in fp32 whatever the teacher's
+    dtype, then cast to it. In bf16 the schedule itself rounds: sqrt(1 - a_t) is 0 at
+    t in {0, 1} (no noise at all) and off by up to 100% below t = 50."""
+    noisy = scheduler.add_noise(x0.float(), noise.float(), t.to(x0.device))
+    return noisy.to(x0.dtype)
 
 
 @torch.no_grad()
@@ -64,7 +80,7 @@ def teacher_features(teacher: nn.Module, scheduler, x0: torch.Tensor, context: t
                      t: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
     per_image = t.shape[0] // x0.shape[0]
     x0 = x0.repeat_interleave(per_image, 0)
-    noisy = scheduler.add_noise(x0, noise.to(x0.dtype), t.to(x0.device))
+    noisy = add_noise(scheduler, x0, noise, t)
     ctx = context.repeat_interleave(per_image, 0)
     return unet_features(teacher, noisy, t.to(x0.device), ctx, list(LAYER_KEYS))
 
@@ -79,12 +95,12 @@ def alignment(pred: dict[str, torch.Tensor], target: dict[str, torch.Tensor]):
 
 def distill_loss(student: nn.Module, teacher: nn.Module, scheduler, x0: torch.Tensor,
                  context: torch.Tensor, generator: torch.Generator, autocast=None,
-                 repeat_student: bool = False):
+                 repeat_student: bool = False, t_range: str = "full"):
     """One batch of the objective: stratified timesteps, teacher on x_t, student on x0.
 
     Returns (loss, per-key mean cosine). `autocast` is a context factory (mixed precision).
     """
-    t = stratified_timesteps(len(x0), generator).to(x0.device)
+    t = stratified_timesteps(len(x0), generator, t_range=t_range).to(x0.device)
     noise = torch.randn((len(t), *x0.shape[1:]), generator=generator).to(x0.device)
     target = teacher_features(teacher, scheduler, x0, context, t, noise)
     with autocast() if autocast else torch.autocast(x0.device.type, enabled=False):

@@ -45,8 +45,10 @@ class FourierFeatures(nn.Module):
         self.register_buffer("weight", torch.randn(out_features // 2, 1) * std)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        f = 2 * math.pi * t[:, None].float() @ self.weight.T
-        return torch.cat([f.cos(), f.sin()], dim=-1)
+        # fp32 even under autocast: bf16 would round t * w (up to ~1e2 rad) by ~0.5 rad.
+        with torch.autocast(t.device.type, enabled=False):
+            f = 2 * math.pi * t[:, None].float() @ self.weight.float().T
+            return torch.cat([f.cos(), f.sin()], dim=-1)
 
 
 class RMSNorm(nn.Module):

@@ -17,13 +17,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from cleandift import official
 from cleandift.extractor import Extractor
 from cleandift.loading import load_extractor
 from cleandift.optimize import compile_blocks
+from cleandift.sources import load_records
 
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import BatchStream, load_records
+from .data import BatchStream
 from .distill import (
     FIDELITY_TIMESTEPS,
     Student,
@@ -55,16 +57,23 @@ def build(cfg: TrainConfig) -> Setup:
     from accelerate import Accelerator
 
     cuda = torch.cuda.is_available()
-    accelerator = Accelerator(cpu=not cuda,
-                              mixed_precision="bf16" if cuda and cfg.precision == "bf16" else "no")
-    teacher_dtype = torch.bfloat16 if cuda and cfg.precision == "bf16" else torch.float32
+    bf16 = cfg.precision == "bf16"  # CPUs run bf16 autocast too (slowly): to compare
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
+    per_process = cfg.per_process_batch(accelerator.num_processes)
+    if cuda and not bf16:  # the official recipe: fp32 weights, TF32 matmuls
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    teacher_dtype = torch.bfloat16 if bf16 else torch.float32
     extractor = load_extractor(cfg.teacher, device=accelerator.device, dtype=teacher_dtype,
                                cache_dir=cfg.cache_dir)
     size = cfg.size or extractor.info.input_size
     torch.manual_seed(cfg.seed)  # the heads' Fourier frequencies
     unet = copy.deepcopy(extractor.unet).float().requires_grad_(True).train()
     channels = {k: v.channels for k, v in extractor.info.layers.items()}
-    student = Student(unet, channels, extractor.info.student_timestep).to(accelerator.device)
+    student = Student(unet, channels, extractor.info.student_timestep)
+    if cfg.init_from is not None:
+        init_from_full(student, cfg.init_from)
+    student = student.to(accelerator.device)
     frozen = freeze_unused(student, unet.config.in_channels, unet.config.cross_attention_dim)
     log.info("%d UNet modules after the last key are frozen (never run)", len(frozen))
     if cfg.grad_checkpointing:
@@ -78,30 +87,50 @@ def build(cfg: TrainConfig) -> Setup:
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(cfg.seed))
     held = [records[i] for i in order[: min(cfg.holdout, len(records) - 1)].tolist()]
     train_records = [records[i] for i in order[len(held):].tolist()]
-    stream = BatchStream(train_records, size=size, batch_size=cfg.batch_size, seed=cfg.seed,
-                         rank=accelerator.process_index, world=accelerator.num_processes)
-    holdout_stream = BatchStream(held, size=size, batch_size=len(held), seed=cfg.seed)
+    stream = BatchStream(train_records, size=size, batch_size=per_process, seed=cfg.seed,
+                         rank=accelerator.process_index, world=accelerator.num_processes,
+                         resample=cfg.resize)
+    holdout_stream = BatchStream(held, size=size, batch_size=len(held), seed=cfg.seed,
+                                 resample=cfg.resize)
     holdout = holdout_stream.next_batch()
     stream.skipped = holdout_stream.skipped  # corrupt held-out images count too
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + accelerator.process_index)
     return Setup(accelerator, extractor, student, optimizer, stream, holdout, generator, size)
 
 
-def encode(setup: Setup, pixels: torch.Tensor, captions: list[str]):
-    """Clean latents (posterior mean x scaling factor) and caption embeddings."""
+def init_from_full(student: Student, path: Path) -> None:
+    """Student UNet, heads and learned timestep of an official full checkpoint."""
+    checkpoint = official.read_full(path, heads=True)
+    student.unet.load_state_dict(checkpoint.unet, strict=True)
+    assert checkpoint.heads is not None
+    student.heads.load_state_dict(checkpoint.heads, strict=True)
+    with torch.no_grad():
+        student.timestep.fill_(checkpoint.timestep)
+    log.info("started from %s (student timestep %.2f)", path, checkpoint.timestep)
+
+
+def encode(setup: Setup, pixels: torch.Tensor, captions: list[str], latent: str = "mean"):
+    """Clean latents (posterior mean, or a sample, x scaling factor) and caption
+    embeddings."""
     ex = setup.extractor
     with torch.no_grad():
         posterior = ex.vae.encode(pixels.to(ex.device, ex.dtype)).latent_dist
-        x0 = posterior.mean * ex.vae.config.scaling_factor
+        if latent == "sample":
+            eps = torch.randn(posterior.mean.shape, generator=setup.generator)
+            z = posterior.mean + posterior.std * eps.to(posterior.mean)
+        else:
+            z = posterior.mean
+        x0 = z * ex.vae.config.scaling_factor
         context = torch.cat([ex.prompts(c) for c in captions])
     return x0, context
 
 
-def train_step(setup: Setup, pixels: torch.Tensor, captions: list[str], lr: float):
+def train_step(setup: Setup, cfg: TrainConfig, pixels: torch.Tensor, captions: list[str],
+               lr: float):
     ex, acc = setup.extractor, setup.accelerator
-    x0, context = encode(setup, pixels, captions)
+    x0, context = encode(setup, pixels, captions, cfg.latent)
     loss, per_key = distill_loss(setup.student, ex.unet, ex.noise_scheduler, x0, context,
-                                 setup.generator, acc.autocast)
+                                 setup.generator, acc.autocast, t_range=cfg.t_range)
     acc.backward(loss)
     for group in setup.optimizer.param_groups:
         group["lr"] = lr
@@ -153,7 +182,7 @@ def train(cfg: TrainConfig) -> tuple[str, Path] | None:
         for step in bar:
             pixels, captions = setup.stream.next_batch()
             lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
-            loss, per_key = train_step(setup, pixels, captions, lr)
+            loss, per_key = train_step(setup, cfg, pixels, captions, lr)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", skipped=setup.stream.skipped)
             state = TrainState(step + 1, setup.stream.cursor, setup.stream.skipped,
                                state.fidelity_before)
@@ -186,7 +215,8 @@ def publish(cfg: TrainConfig, setup: Setup, state: TrainState) -> tuple[str, Pat
         "fidelity_before": before.get("mean"),
         "fidelity_after": after["mean"],
         "fidelity": {"before": before.get("per_timestep"), "after": after["per_timestep"]},
-        "data": {"source": cfg.data, "skipped": state.skipped},
+        "data": {"source": cfg.data, "skipped": state.skipped, "samples": state.cursor,
+                 "processes": setup.accelerator.num_processes},
         "training": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()
                      if k != "redis_url"},
     }

@@ -137,3 +137,41 @@ def test_pickled_weights_are_refused_never_unpickled(demo_dir, tmp_path):
 def test_public_base_name_hides_local_paths(extractor, demo_dir):
     assert extractor.info.base == demo_dir.name and "/" not in extractor.info.base
     assert extractor.base_spec == str(demo_dir.resolve())
+
+
+def test_hub_unet_reference_offline_fails_clearly(demo_dir):
+    with pytest.raises(ModelLoadError, match="hub repository CompVis/cleandift.*Offline"):
+        load_extractor(demo_dir, unet="hf://CompVis/cleandift/cleandift_sd21_unet.safetensors",
+                       device="cpu")
+    with pytest.raises(ModelLoadError, match="expected hf://OWNER/REPO/PATH"):
+        load_extractor(demo_dir, unet="hf://just-a-name", device="cpu")
+
+
+def test_hub_unet_reference_goes_through_the_hub_cache(demo_dir, extractor, tmp_path,
+                                                       monkeypatch):
+    """`hf://OWNER/REPO/PATH@REV` asks huggingface_hub for that file (its cache answers
+    offline); what it returns is loaded like a local file."""
+    import huggingface_hub
+
+    local = tmp_path / "unet.safetensors"
+    save_file({k: v.contiguous() for k, v in extractor.unet.state_dict().items()}, str(local))
+    asked = []
+
+    def download(repo_id, filename, revision=None, **_kw):
+        asked.append((repo_id, filename, revision))
+        return str(local)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    ex = load_extractor(demo_dir, unet="hf://owner/repo/sub/unet.safetensors@v2", device="cpu")
+    assert asked == [("owner/repo", "sub/unet.safetensors", "v2")]
+    assert ex.info.version.startswith("unet-")
+
+
+def test_an_absent_accelerator_is_a_clear_error(demo_dir):
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="no CUDA device"):
+            load_extractor(demo_dir, device="cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is None or not mps.is_available():
+        with pytest.raises(ModelLoadError, match="no MPS backend"):
+            load_extractor(demo_dir, device="mps")

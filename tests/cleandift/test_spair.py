@@ -59,8 +59,52 @@ def test_resized_pairs_score_high_in_both_modes(spair, extractor):
     assert report["overall"]["pck_bbox"]["0.10"]["per_keypoint"] >= 90
     assert set(report["per_category"]) == {"cat", "dog"}
     dift = evaluate(extractor, load_pairs(spair, limit=1), mode="dift")
-    assert dift["prompt"] == "a photo of a {category}"
+    assert dift["prompt"] == report["prompt"] == "a photo of a {category}"
     assert dift["overall"]["pck_img"]["0.15"]["per_image"] >= 75
+
+
+def spy(extractor, monkeypatch) -> list[tuple[str, str, list | None]]:
+    """Records (mode, prompt, seeds) of every real forward pass."""
+    calls = []
+    real = extractor.features
+
+    def features(pixels, keys, prompt="", *, mode="clean", seeds=None, **kw):
+        calls.append((mode, prompt, seeds))
+        return real(pixels, keys, prompt, mode=mode, seeds=seeds, **kw)
+
+    monkeypatch.setattr(extractor, "features", features)
+    return calls
+
+
+def test_both_modes_get_the_same_prompt_policy(spair, extractor, monkeypatch):
+    calls = spy(extractor, monkeypatch)
+    evaluate(extractor, load_pairs(spair, category="cat", limit=1), mode="clean")
+    evaluate(extractor, load_pairs(spair, category="cat", limit=1), mode="dift")
+    assert [prompt for _, prompt, _ in calls] == ["a photo of a cat"] * 4
+    calls.clear()
+    report = evaluate(extractor, load_pairs(spair, category="cat", limit=1), prompt="")
+    assert [prompt for _, prompt, _ in calls] == ["", ""] and report["prompt"] == ""
+
+
+def test_dift_noise_is_fresh_per_image_and_reproducible(spair, extractor, monkeypatch):
+    calls = spy(extractor, monkeypatch)
+    pairs = load_pairs(spair)
+    first = evaluate(extractor, pairs, mode="dift")
+    seeds = [s[0] for _, _, s in calls]
+    assert len(seeds) == 6 and len(set(seeds)) == 6  # every image its own noise
+    calls.clear()
+    again = evaluate(extractor, pairs, mode="dift")
+    assert [s[0] for _, _, s in calls] == seeds and again["overall"] == first["overall"]
+    calls.clear()
+    evaluate(extractor, pairs, mode="dift", seed=1)
+    assert set(s[0] for _, _, s in calls).isdisjoint(seeds)  # the base seed moves them all
+
+
+def test_pck_rule_decides_the_boundary():
+    exactly = pck_hits([(10, 0)], [[0, 0]], [0, 0, 100, 50], (200, 100))  # 0.10 * 100 = 10
+    assert exactly["bbox"][0.10] == [True]
+    strict = pck_hits([(10, 0)], [[0, 0]], [0, 0, 100, 50], (200, 100), rule="lt")
+    assert strict["bbox"][0.10] == [False] and strict["bbox"][0.15] == [True]
 
 
 def test_cli_writes_the_report(spair, demo_dir, tmp_path):
@@ -68,4 +112,12 @@ def test_cli_writes_the_report(spair, demo_dir, tmp_path):
     result = CliRunner().invoke(app, ["eval-spair", "--data", str(spair), "--model", str(demo_dir),
                                       "--category", "cat", "--json", str(out)])
     assert result.exit_code == 0, result.output
-    assert json.loads(out.read_text())["overall"]["pairs"] == 2
+    report = json.loads(out.read_text())
+    assert report["overall"]["pairs"] == 2
+    assert report["dtype"] == "float32" and report["pck"] == "<="
+    result = CliRunner().invoke(app, ["eval-spair", "--data", str(spair), "--model", str(demo_dir),
+                                      "--category", "dog", "--dtype", "bfloat16", "--pck", "lt",
+                                      "--prompt", "", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert (report["dtype"], report["pck"], report["prompt"]) == ("bfloat16", "<", "")

@@ -5,17 +5,15 @@ every metric they use is one the service exports."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
 
 from cleandift.service.metrics import ApiMetrics, QueueState, WorkerMetrics
 from tests.deploy.test_deploy import load_compose
+from tests.tools import require
 
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "monitoring"
@@ -24,12 +22,7 @@ SUFFIXES = ("_bucket", "_count", "_sum", "_total", "_created")
 
 
 def promtool() -> str:
-    found = shutil.which("promtool")
-    if found is None and os.environ.get("CI"):
-        pytest.fail("CI installs promtool (Debian's prometheus package)")
-    if found is None:
-        pytest.skip("promtool not installed (apt-get install prometheus)")
-    return found
+    return require("promtool", "prometheus")
 
 
 def run(*argv: str) -> None:

@@ -4,7 +4,6 @@ call for workers scaled to zero, and what OpenAPI declares."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from cleandift.service.metrics import ApiMetrics, QueueState, WorkerMetrics
 from cleandift.service.processes.redis_server import free_port
 from cleandift.service.queue.keys import Keys
 from tests.service.service_helpers import ApiServer, WorkerThread, metric, running_service
+from tests.tools import require
 
 pytestmark = pytest.mark.integration
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -65,12 +65,7 @@ def test_metrics_of_several_api_processes_add_up(api_processes):
 
 
 def promtool() -> str:
-    found = shutil.which("promtool")
-    if found is None and os.environ.get("CI"):
-        pytest.fail("CI installs promtool (Debian's prometheus package)")
-    if found is None:
-        pytest.skip("promtool not installed (apt-get install prometheus)")
-    return found
+    return require("promtool", "prometheus")
 
 
 def test_promtool_accepts_the_api_and_worker_metrics(settings, extractor, jpeg):

@@ -84,3 +84,23 @@ def test_resume_continues_identically(tmp_path, data, cache_dir):
     hb = load_file(str(path / "heads.safetensors"))
     for key in ha:
         torch.testing.assert_close(ha[key], hb[key], rtol=0, atol=0, msg=key)
+
+
+def test_batch_size_is_global_over_two_processes(tmp_path, cache_dir):
+    """Two CPU processes (torch.distributed, as `accelerate launch` starts them): a global
+    batch of 4 is 2 per process, so 2 steps draw 8 samples, not 16."""
+    data = tmp_path / "data"
+    list(write_images(data, 12, 96, seed=1))
+    env = {**os.environ, "CLEANDIFT_CACHE_DIR": str(cache_dir)}
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "-m", "cleandift.cli", "train", "--data", str(data), "--registry",
+            str(tmp_path / "reg"), "--name", "s", "--steps", "2", "--size", "64",
+            "--holdout", "2", "--warmup", "2", "--save-every", "0"]
+    done = subprocess.run([*base, "--batch-size", "4"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((tmp_path / "reg" / "s" / "v1" / "manifest.json").read_text())
+    assert manifest["data"]["processes"] == 2 and manifest["data"]["samples"] == 8
+    odd = subprocess.run([*base, "--batch-size", "3"], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert odd.returncode != 0 and "global batch and must divide by the 2" in odd.stderr

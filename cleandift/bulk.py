@@ -1,0 +1,177 @@
+"""`cleandift extract-dataset`: features of every image of a folder, list or shard set,
+written as sharded safetensors with an index (format and loader: `cleandift.dataset`).
+
+Streaming and resumable by construction: items are taken in input order, a shard's worth
+at a time (memory: one shard), and a shard is committed (file renamed into place, then its
+index lines appended) only when whole. A killed run leaves at most a stray temporary file;
+run again, it skips the committed items and continues at the next shard, with the same
+batches as an uninterrupted run, so the output is byte-identical.
+
+The features come from a local model, or from a running service (`--service URL`) with
+several requests in flight (429 and Retry-After honoured by the client), so a GPU fleet
+does the work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .contract import UsageError
+from .dataset import INDEX, MANIFEST, SCALE, SHARD, read_index, tensor_name
+from .reduce import pooled, quantize_int8
+from .sources import Record, load_records, read_image_bytes
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the features are; a resumed run must ask for the same."""
+
+    source: str
+    layers: list[str]
+    size: int
+    dtype: str = "float16"  # float16, bfloat16, float32 or int8
+    grid: int | None = None
+    mode: str = "clean"
+    prompt: str = ""
+    shard_size: int = 256
+    batch_size: int = 8
+
+
+# Features of one image (layer -> [C, h, w]) and its (width, height), or why it failed.
+Result = tuple[dict[str, torch.Tensor], tuple[int, int]] | str
+# The encoded images of one batch -> one result each, in order.
+Compute = Callable[[list[bytes]], list[Result]]
+
+
+@dataclass
+class Outcome:
+    key: str
+    features: dict[str, torch.Tensor] | None = None
+    image_size: tuple[int, int] | None = None
+    error: str | None = None
+
+
+def prepare_folder(out: Path, options: Options, model: dict[str, str]) -> list[dict[str, Any]]:
+    """Create or reopen the output; returns the committed index rows."""
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"options": asdict(options), "model": model,
+                "layers": options.layers, "format": 1}
+    path = out / MANIFEST
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before["options"] != manifest["options"] or before["model"] != model:
+            raise UsageError(f"{out} holds features made differently ({before['options']}, "
+                             f"{before['model']}); use another --out or the same options")
+    else:
+        path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    for stray in out.glob("*.tmp"):  # a shard that a killed run did not commit
+        stray.unlink()
+    return read_index(out)
+
+
+def shard_outcomes(records: Sequence[Record], options: Options,
+                   compute: Compute) -> list[Outcome]:
+    """Read a shard's images (failures become error rows) and compute them in batches
+    that start at the shard's first item, so a resumed run batches identically."""
+    outcomes = [Outcome(r.key) for r in records]
+    readable: list[tuple[int, bytes]] = []
+    for i, record in enumerate(records):
+        try:
+            readable.append((i, read_image_bytes(record)))
+        except (OSError, KeyError) as exc:
+            outcomes[i].error = str(exc) or type(exc).__name__
+    for start in range(0, len(readable), options.batch_size):
+        chunk = readable[start:start + options.batch_size]
+        for (i, _), result in zip(chunk, compute([data for _, data in chunk])):
+            if isinstance(result, str):
+                outcomes[i].error = result
+            else:
+                outcomes[i].features, outcomes[i].image_size = result
+    return outcomes
+
+
+def reduce_map(feat: torch.Tensor, options: Options) -> dict[str, torch.Tensor]:
+    """One layer of one image as stored: pooled to the grid, in the output dtype."""
+    value = pooled(feat, options.grid) if options.grid else feat.float()
+    if options.dtype == "int8":
+        quantized, scale = quantize_int8(value, channel_axis=0)
+        return {"": quantized, SCALE: scale}
+    return {"": value.to(DTYPES[options.dtype]).contiguous()}
+
+
+def commit_shard(out: Path, number: int, outcomes: list[Outcome], options: Options,
+                 model: dict[str, str]) -> None:
+    """Write the shard (temp file, fsync, rename), then append its index lines."""
+    name = SHARD.format(number)
+    tensors: dict[str, torch.Tensor] = {}
+    rows: list[dict[str, Any]] = []
+    for entry, outcome in enumerate(outcomes):
+        if outcome.features is None:
+            rows.append({"key": outcome.key, "error": outcome.error})
+            continue
+        shapes = {}
+        for layer in options.layers:
+            for suffix, value in reduce_map(outcome.features[layer], options).items():
+                tensors[tensor_name(entry, layer, suffix)] = value
+            shapes[layer] = list(tensors[tensor_name(entry, layer)].shape)
+        rows.append({"key": outcome.key, "shard": name, "entry": entry, "shapes": shapes,
+                     "image_size": list(outcome.image_size or ()), **model})
+    if tensors:
+        temp = out / (name + ".tmp")
+        save_file(tensors, str(temp), metadata={"model_version": model["model_version"]})
+        _fsync(temp)
+        os.replace(temp, out / name)
+    with open(out / INDEX, "a") as index:
+        index.write("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+        index.flush()
+        os.fsync(index.fileno())
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def pending_shards(records: list[Record], done: int, shard_size: int
+                   ) -> Iterator[tuple[int, list[Record]]]:
+    """(shard number, its records) after the `done` committed items (whole shards)."""
+    if done % shard_size and done != len(records):
+        raise UsageError(f"the index holds {done} items, not whole shards of {shard_size}: "
+                         "was --shard-size changed?")
+    for start in range(done, len(records), shard_size):
+        yield start // shard_size, records[start:start + shard_size]
+
+
+def extract_dataset(out: Path, options: Options, compute: Compute,
+                    model: dict[str, str], progress: bool = True) -> dict[str, int]:
+    """Run (or resume) an extraction; returns counts of done, failed and skipped items."""
+    records = load_records(options.source)
+    committed = prepare_folder(out, options, model)
+    if [r["key"] for r in committed] != [r.key for r in records[:len(committed)]]:
+        raise UsageError(f"{out} was made from other inputs (its keys differ from "
+                         f"{options.source}'s)")
+    bar = tqdm(total=len(records), initial=len(committed), unit="img", desc="extract",
+               disable=not progress, smoothing=0.1)
+    failed = sum("error" in row for row in committed)
+    for number, shard in pending_shards(records, len(committed), options.shard_size):
+        outcomes = shard_outcomes(shard, options, compute)
+        commit_shard(out, number, outcomes, options, model)
+        failed += sum(o.error is not None for o in outcomes)
+        bar.update(len(shard))
+        bar.set_postfix(failed=failed)
+    bar.close()
+    return {"items": len(records), "resumed_after": len(committed), "failed": failed}

@@ -1,0 +1,33 @@
+"""`cleandift extract-dataset --service URL`: a running service computes, the command
+writes the same dataset format as a local run."""
+
+from __future__ import annotations
+
+import torch
+from typer.testing import CliRunner
+
+from cleandift.cli import app
+from cleandift.dataset import FeatureDataset
+from tests.cleandift.test_bulk import write_folder
+from tests.service.service_helpers import running_service
+
+
+def test_through_a_service_equals_local_extraction(settings, extractor, demo_dir, tmp_path):
+    root = write_folder(tmp_path / "images", 5)
+    common = ["--layers", "us6", "--size", "64", "--shard-size", "4"]
+    with running_service(settings, extractor) as (client, _):
+        remote = CliRunner().invoke(app, ["extract-dataset", str(root), "--out",
+                                          str(tmp_path / "remote"), "--service",
+                                          str(client.base_url), "--concurrency", "3", *common])
+    assert remote.exit_code == 0, remote.output
+    local = CliRunner().invoke(app, ["extract-dataset", str(root), "--out",
+                                     str(tmp_path / "local"), "--model", str(demo_dir), *common])
+    assert local.exit_code == 0, local.output
+    a, b = FeatureDataset(tmp_path / "remote"), FeatureDataset(tmp_path / "local")
+    assert a.keys() == b.keys() and len(a) == 5
+    assert [e["key"] for e in a.errors] == [e["key"] for e in b.errors] == ["b/zz-corrupt.jpg"]
+    assert a.errors[0]["error"].startswith("400")
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.features["us6"].float(), y.features["us6"].float(),
+                                   atol=2e-3, rtol=1e-2)
+        assert x.meta["image_size"] == y.meta["image_size"]
