@@ -82,7 +82,7 @@ def run_serve(settings: Settings) -> None:
     if not settings.redis_url:
         private = PrivateRedis(settings.redis_server)
         settings = settings.model_copy(update={"redis_url": private.url})
-        children.append(Child("redis-server", private.start))
+        children.append(Child("redis-server", private.start, tier=0))
         log.info("started a private redis-server at %s", private.url)
     assert settings.redis_url
     client = sync_client(settings.redis_url, socket_timeout=2.0)

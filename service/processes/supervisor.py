@@ -31,6 +31,7 @@ class Child:
     start: Callable[[], subprocess.Popen[bytes]]
     on_exit: Callable[[], None] | None = None  # e.g. forget a dead worker in Redis
     heartbeat_age: Callable[[], float | None] | None = None  # seconds, None when unknown
+    tier: int = 1  # stopped after every child of a higher tier (Redis 0: workers drain into it)
     process: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     restart_at: float = 0.0
@@ -60,17 +61,20 @@ class Supervisor:
         self._thread.start()
 
     def stop(self) -> None:
-        """SIGTERM every child (workers finish what they hold), then wait, then kill."""
+        """SIGTERM the children tier by tier, highest first (workers finish what they hold
+        and answer it into Redis before Redis stops), waiting for each tier, then kill."""
         self._stopping.set()
         self._thread.join(timeout=5)
-        running = [c.process for c in self.children if c.process and c.process.poll() is None]
-        for process in running:
-            process.send_signal(signal.SIGTERM)
-        for process in running:
-            try:
-                process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        for tier in sorted({c.tier for c in self.children}, reverse=True):
+            running = [c.process for c in self.children
+                       if c.tier == tier and c.process and c.process.poll() is None]
+            for process in running:
+                process.send_signal(signal.SIGTERM)
+            for process in running:
+                try:
+                    process.wait(timeout=STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    process.kill()
 
     def _run(self) -> None:
         while not self._stopping.wait(POLL_S):
