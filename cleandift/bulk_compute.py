@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .bulk import Compute, Options, Result
+from .contract import UsageError
 from .images import ImageError, decode_for_model
 
 if TYPE_CHECKING:
@@ -55,8 +56,11 @@ def local_compute(extractor: Extractor, options: Options) -> Compute:
     return compute
 
 
-def service_compute(client: Client, options: Options, concurrency: int) -> Compute:
-    """`concurrency` requests in flight; the client retries 429/503 after Retry-After."""
+def service_compute(client: Client, options: Options, concurrency: int,
+                    model_version: str) -> Compute:
+    """`concurrency` requests in flight; the client retries 429/503 after Retry-After.
+    A dataset holds one model version: if the service's changes (a hot reload), the run
+    stops with what it committed, and a new --out takes the new version."""
     from .wire import BadImage, InvalidParameters, TooLarge, UnsupportedMediaType
 
     wire_dtype = options.dtype if options.dtype in ("float16", "bfloat16") else "float32"
@@ -69,6 +73,10 @@ def service_compute(client: Client, options: Options, concurrency: int) -> Compu
                                      mode=options.mode, grid=options.grid)
         except (BadImage, TooLarge, UnsupportedMediaType, InvalidParameters) as exc:
             return f"{exc.status}: {exc.detail}"
+        if answer.model_version != model_version:
+            raise UsageError(f"the service now serves {answer.model_version}, not "
+                             f"{model_version}: this dataset holds one version (the items "
+                             "committed so far are kept); extract into a new --out")
         maps = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in answer.items()}
         return maps, answer.image_size
 

@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -325,7 +326,9 @@ def _dataset_backend(service: str | None, concurrency: int, model: str | None,
         info = {"model": served["name"], "model_version": served["version"]}
         keys = layers.split(",") if layers else list(served["default_layers"])
         side = size or int(served["input_size"])
-        return (lambda o: bulk_compute.service_compute(client, o, concurrency)), info, side, keys
+        compute = partial(bulk_compute.service_compute, client, concurrency=concurrency,
+                          model_version=info["model_version"])
+        return compute, info, side, keys
     extractor, _ = _load(model, unet, device, dtype)
     info = {"model": extractor.info.name, "model_version": extractor.info.version}
     keys = layers.split(",") if layers else list(extractor.info.default_layers)

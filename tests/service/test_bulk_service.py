@@ -31,3 +31,20 @@ def test_through_a_service_equals_local_extraction(settings, extractor, demo_dir
         torch.testing.assert_close(x.features["us6"].float(), y.features["us6"].float(),
                                    atol=2e-3, rtol=1e-2)
         assert x.meta["image_size"] == y.meta["image_size"]
+
+
+def test_a_model_change_during_a_run_stops_it(settings, extractor, jpeg):
+    """A hot reload mid-run would mix versions in one dataset: the run stops instead."""
+    import pytest
+
+    from cleandift.bulk import Options
+    from cleandift.bulk_compute import service_compute
+    from cleandift.client import Client
+    from cleandift.contract import UsageError
+
+    options = Options(source="-", layers=["us6"], size=64)
+    with running_service(settings, extractor) as (client, _), Client(str(client.base_url)) as c:
+        ok = service_compute(c, options, 2, extractor.info.version)([jpeg])
+        assert ok[0][0]["us6"].shape == (64, 4, 4)
+        with pytest.raises(UsageError, match="one version"):
+            service_compute(c, options, 2, "v-before-a-reload")([jpeg])
