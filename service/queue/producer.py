@@ -64,6 +64,7 @@ class QueueView:
     run_id: str = ""
     epoch: int = 0  # bumped when Redis restarted (a new run_id)
     no_worker_since: float | None = None
+    restarted_at: float | None = None  # monotonic time a new Redis run was first seen
     seen_at: float = field(default_factory=time.monotonic)
 
 
@@ -247,10 +248,18 @@ class JobProducer:
                         info["run_id"][:8])
             for waiter in list(self._waiters.values()):
                 waiter.event.set()
+            view.restarted_at, view.no_worker_since = time.monotonic(), None
         view.run_id, view.reachable = info["run_id"], True
         view.live_workers, view.depth = int(live), int(depth)
-        view.no_worker_since = (view.no_worker_since or time.monotonic()) if live == 0 else None
-        view.seen_at = time.monotonic()
+        now = time.monotonic()
+        # An empty Redis knows no worker until each heartbeats again (a period plus its
+        # reconnection): only after worker_ttl_s does "none registered" mean "none alive".
+        registering = view.restarted_at is not None and now - view.restarted_at < self.worker_ttl_s
+        if live or registering:
+            view.no_worker_since = None
+        else:
+            view.no_worker_since = view.no_worker_since or now
+        view.seen_at = now
 
     # -- state ------------------------------------------------------------------------
     async def ping(self) -> bool:
