@@ -7,7 +7,6 @@ error row, not the end of the run).
 
 from __future__ import annotations
 
-import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -16,20 +15,12 @@ import torch
 
 from .bulk import Compute, Options, Result
 from .contract import UsageError
-from .images import ImageError, decode_for_model
+from .images import ImageError, decode_for_model, noise_seed, pixels_digest
+from .sources import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 
 if TYPE_CHECKING:
     from .client import Client
     from .extractor import Extractor
-
-MAX_IMAGE_BYTES = 64 * 1024 * 1024
-MAX_IMAGE_PIXELS = 100_000_000
-
-
-def noise_seed(pixels: np.ndarray) -> int:
-    """DIFT mode's seed of one image: its pixels, as the service derives it."""
-    return int.from_bytes(hashlib.sha256(pixels.tobytes()).digest()[:8], "little") % 2**63
-
 
 def local_compute(extractor: Extractor, options: Options) -> Compute:
     def compute(images: list[bytes]) -> list[Result]:
@@ -45,7 +36,8 @@ def local_compute(extractor: Extractor, options: Options) -> Compute:
                 results.append(str(exc))
         if decoded:
             batch = torch.from_numpy(np.stack([p for _, p, _ in decoded]))
-            seeds = [noise_seed(p) for _, p, _ in decoded] if options.mode == "dift" else None
+            seeds = ([noise_seed(pixels_digest(p)) for _, p, _ in decoded]
+                     if options.mode == "dift" else None)
             with torch.inference_mode():
                 feats = extractor.features(batch, options.layers, options.prompt,
                                            mode=options.mode, seeds=seeds)

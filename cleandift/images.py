@@ -10,6 +10,7 @@ photo costs 2.3 MB instead of 147 MB.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 from typing import TYPE_CHECKING
@@ -190,3 +191,16 @@ def to_pixels(arrays: list[np.ndarray]) -> torch.Tensor:
 
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     return batch.float().div_(127.5).sub_(1.0)
+
+
+def pixels_digest(pixels: np.ndarray) -> str:
+    """Content hash of an image's model-sized pixels (C-contiguous uint8): the feature
+    cache's key and the source of its DIFT noise seed, wherever the features are made."""
+    return hashlib.sha256(np.ascontiguousarray(pixels).data).hexdigest()[:32]
+
+
+def noise_seed(digest: str) -> int:
+    """DIFT mode's noise seed of an image, from `pixels_digest`: the same noise for the same
+    image in the service, its cache and `extract-dataset`."""
+    return int(digest[:15], 16)
+

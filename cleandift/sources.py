@@ -21,6 +21,9 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 LIST_EXTS = (".txt", ".lst", ".list")
 URL = re.compile(r"^https?://", re.I)
 FETCH_TIMEOUT_S = 60.0
+# Limits of one image read from a dataset (decoding stops beyond them: an error row).
+MAX_IMAGE_BYTES = 64 * 1024 * 1024
+MAX_IMAGE_PIXELS = 100_000_000
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,7 @@ import numpy as np
 import torch
 
 from cleandift.images import ImageError, decode_for_model, to_pixels
-from cleandift.sources import Record, read_image_bytes
-
-MAX_IMAGE_BYTES = 64 * 1024 * 1024
-MAX_IMAGE_PIXELS = 100_000_000
+from cleandift.sources import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, Record, read_image_bytes
 
 
 class BatchStream:

@@ -9,7 +9,6 @@ of large PNGs waits for room instead of holding gigabytes at once.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from cleandift.images import ImageError, ImageSource, resize_rgb
+from cleandift.images import ImageError, ImageSource, pixels_digest, resize_rgb
 from cleandift.settings import Settings
 
 from .problems import Problem
@@ -69,4 +68,4 @@ async def decode_upload(name: str, data: bytes, size: int, settings: Settings,
 
 def _model_view(source: ImageSource, size: int) -> tuple[np.ndarray, str]:
     pixels = resize_rgb(source.decode(size), size)
-    return pixels, hashlib.sha256(pixels.data).hexdigest()[:32]
+    return pixels, pixels_digest(pixels)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cleandift.contract import validate_layers
+from cleandift.images import noise_seed
 from cleandift.method import DIFT_ENSEMBLE
 
 from ..messages import Job
@@ -41,7 +42,7 @@ class Batch:
         contents = [c for job in self.jobs for c in job.spec.content]
         if self.mode != "dift" or len(contents) != len(self.images):
             return None
-        return [int(content[:15], 16) for content in contents]
+        return [noise_seed(content) for content in contents]
 
     def rows(self) -> list[slice]:
         """The rows of the batch tensor that belong to each job, in job order."""

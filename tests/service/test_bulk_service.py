@@ -3,6 +3,7 @@ writes the same dataset format as a local run."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -12,9 +13,12 @@ from tests.cleandift.test_bulk import write_folder
 from tests.service.service_helpers import running_service
 
 
-def test_through_a_service_equals_local_extraction(settings, extractor, demo_dir, tmp_path):
+@pytest.mark.parametrize("mode", ["clean", "dift"])
+def test_through_a_service_equals_local_extraction(settings, extractor, demo_dir, tmp_path,
+                                                   mode):
+    """DIFT too: both sides seed each image's noise from the same digest of its pixels."""
     root = write_folder(tmp_path / "images", 5)
-    common = ["--layers", "us6", "--size", "64", "--shard-size", "4"]
+    common = ["--layers", "us6", "--size", "64", "--shard-size", "4", "--mode", mode]
     with running_service(settings, extractor) as (client, _):
         remote = CliRunner().invoke(app, ["extract-dataset", str(root), "--out",
                                           str(tmp_path / "remote"), "--service",
@@ -35,8 +39,6 @@ def test_through_a_service_equals_local_extraction(settings, extractor, demo_dir
 
 def test_a_model_change_during_a_run_stops_it(settings, extractor, jpeg):
     """A hot reload mid-run would mix versions in one dataset: the run stops instead."""
-    import pytest
-
     from cleandift.bulk import Options
     from cleandift.bulk_compute import service_compute
     from cleandift.client import Client
