@@ -28,7 +28,7 @@ from tqdm import tqdm
 from .contract import UsageError
 from .dataset import INDEX, MANIFEST, SCALE, SHARD, read_index, tensor_name
 from .reduce import pooled, quantize_int8
-from .sources import Record, load_records, read_image_bytes
+from .sources import ReadLimits, Record, load_records, read_image_bytes
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -80,16 +80,16 @@ def prepare_folder(out: Path, options: Options, model: dict[str, str]) -> list[d
     return read_index(out)
 
 
-def shard_outcomes(records: Sequence[Record], options: Options,
-                   compute: Compute) -> list[Outcome]:
-    """Read a shard's images (failures become error rows) and compute them in batches
-    that start at the shard's first item, so a resumed run batches identically."""
+def shard_outcomes(records: Sequence[Record], options: Options, compute: Compute,
+                   limits: ReadLimits = ReadLimits()) -> list[Outcome]:
+    """Read a shard's images within `limits` (failures become error rows) and compute them
+    in batches that start at the shard's first item, so a resumed run batches identically."""
     outcomes = [Outcome(r.key) for r in records]
     readable: list[tuple[int, bytes]] = []
     for i, record in enumerate(records):
         try:
-            readable.append((i, read_image_bytes(record)))
-        except (OSError, KeyError) as exc:
+            readable.append((i, read_image_bytes(record, limits)))
+        except OSError as exc:  # every failure to read one item (sources.ItemError)
             outcomes[i].error = str(exc) or type(exc).__name__
     for start in range(0, len(readable), options.batch_size):
         chunk = readable[start:start + options.batch_size]
@@ -156,9 +156,11 @@ def pending_shards(records: list[Record], done: int, shard_size: int
         yield start // shard_size, records[start:start + shard_size]
 
 
-def extract_dataset(out: Path, options: Options, compute: Compute,
-                    model: dict[str, str], progress: bool = True) -> dict[str, int]:
-    """Run (or resume) an extraction; returns counts of done, failed and skipped items."""
+def extract_dataset(out: Path, options: Options, compute: Compute, model: dict[str, str],
+                    progress: bool = True, limits: ReadLimits = ReadLimits()) -> dict[str, int]:
+    """Run (or resume) an extraction; returns counts of done, failed and skipped items.
+    `limits` bound the reading of each item; they are not in the manifest (they decide
+    which items fail, not what the features are), so a resumed run may change them."""
     records = load_records(options.source)
     committed = prepare_folder(out, options, model)
     if [r["key"] for r in committed] != [r.key for r in records[:len(committed)]]:
@@ -168,7 +170,7 @@ def extract_dataset(out: Path, options: Options, compute: Compute,
                disable=not progress, smoothing=0.1)
     failed = sum("error" in row for row in committed)
     for number, shard in pending_shards(records, len(committed), options.shard_size):
-        outcomes = shard_outcomes(shard, options, compute)
+        outcomes = shard_outcomes(shard, options, compute, limits)
         commit_shard(out, number, outcomes, options, model)
         failed += sum(o.error is not None for o in outcomes)
         bar.update(len(shard))

@@ -236,11 +236,12 @@ def eval_spair(
     size: SizeOpt = None,
     prompt: Annotated[str, typer.Option(
         help="the prompt of both modes, '{category}' filled in; '' for none")] = DIFT_PROMPT,
-    pck: Annotated[str, typer.Option(
-        help="le: distance <= alpha*side (DIFT); lt: < (GeoAware-SC)")] = "le",
     seed: Annotated[int, typer.Option(help="base of the per-image DIFT noise seeds")] = 0,
-    json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")]
-    = None,
+    allow_approximate: Annotated[bool, typer.Option(
+        help="report PCK even when some matches stopped early (labelled approximate)")]
+    = False,
+    json_out: Annotated[Path | None, typer.Option(
+        "--json", help="write the full JSON report (per category too) here")] = None,
     model: ModelOpt = None,
     unet: UnetOpt = None,
     device: DeviceOpt = None,
@@ -248,8 +249,9 @@ def eval_spair(
         help="evaluation precision: float32 (default) or bfloat16; float16 on request")]
     = "float32",
 ) -> None:
-    """PCK@0.05/0.10/0.15 on SPair-71k with the DIFT protocol; prints a JSON report."""
-    from .spair import evaluate, load_pairs
+    """PCK@0.05/0.10/0.15 on SPair-71k with DIFT's matching, along every protocol axis
+    (<= or <, target bbox or image, per image or per keypoint); prints a table."""
+    from .spair import evaluate, format_report, load_pairs
 
     extractor, _ = _load(model, unet, device, dtype)
     try:
@@ -259,11 +261,10 @@ def eval_spair(
         raise typer.Exit(2) from exc
     with user_errors():
         report = evaluate(extractor, pairs, mode=mode, layer=layer, size=size, prompt=prompt,
-                          pck=pck, seed=seed)
-    text = json.dumps(report, indent=2)
+                          seed=seed, allow_approximate=allow_approximate)
     if json_out:
-        json_out.write_text(text + "\n")
-    typer.echo(text)
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
+    typer.echo(format_report(report))
 
 
 @app.command("extract-dataset")
@@ -285,6 +286,9 @@ def extract_dataset(
     service: Annotated[str | None, typer.Option(
         help="a running service's URL: it computes, this command writes")] = None,
     concurrency: Annotated[int, typer.Option(help="requests in flight (--service)")] = 16,
+    fetch_timeout: Annotated[float | None, typer.Option(
+        min=0.001, help="seconds one URL may take in all, then it is an error row "
+        "(default: cleandift.sources.FETCH_TIMEOUT_S)")] = None,
     model: ModelOpt = None,
     unet: UnetOpt = None,
     device: DeviceOpt = None,
@@ -294,9 +298,11 @@ def extract_dataset(
     read them with cleandift.dataset.FeatureDataset)."""
     from .bulk import DTYPES, Options
     from .bulk import extract_dataset as run
+    from .sources import ReadLimits
 
     if out_dtype not in (*DTYPES, "int8"):
         raise typer.BadParameter(f"--out-dtype must be one of {[*DTYPES, 'int8']}")
+    limits = ReadLimits() if fetch_timeout is None else ReadLimits(fetch_timeout_s=fetch_timeout)
     compute, info, side, keys = _dataset_backend(service, concurrency, model, unet, device,
                                                  dtype, size, layers)
     options = Options(source=source, layers=keys, size=side, dtype=out_dtype, grid=grid,
@@ -304,7 +310,7 @@ def extract_dataset(
                       batch_size=concurrency if service else batch_size)
     try:
         with user_errors():
-            counts = run(out, options, compute(options), info)
+            counts = run(out, options, compute(options), info, limits=limits)
     except FileNotFoundError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -320,7 +326,8 @@ def _dataset_backend(service: str | None, concurrency: int, model: str | None,
     if service:
         from .client import Client
 
-        client = Client(service, api_key=_client_api_key(), timeout=600)
+        # A long run rides through worker restarts and short outages (503, Retry-After).
+        client = Client(service, api_key=_client_api_key(), timeout=600, retry_budget_s=300)
         client.wait_ready(timeout=300)
         served = client.models()
         info = {"model": served["name"], "model_version": served["version"]}
@@ -350,11 +357,13 @@ def main() -> None:
 
 
 def _register_optional_commands() -> None:
-    """Service, trainer and bench commands live with their packages; a command whose
-    extra is not installed (e.g. `serve` without fastapi) is simply absent."""
+    """Service, trainer and bench commands live with their packages (eval-warps in its own
+    module, to keep this one small); a command whose extra is not installed (e.g. `serve`
+    without fastapi) is simply absent."""
     from importlib import import_module
 
-    for module in ("cleandift.service.cli", "cleandift.trainer.cli", "cleandift.bench.cli"):
+    for module in ("cleandift.warps_cli", "cleandift.service.cli", "cleandift.trainer.cli",
+                   "cleandift.bench.cli"):
         try:
             import_module(module).register(app)
         except ModuleNotFoundError as exc:

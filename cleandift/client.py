@@ -4,8 +4,11 @@ Features travel as safetensors (raw values, no base64) and come back as numpy ar
 `Features` dict that also says which model version made them. Problems (problem+json)
 become typed exceptions. 429 and 503 are retried honouring Retry-After, and dropped or
 refused connections with exponential back-off, a bounded number of times (every call is
-safe to repeat: nothing the service does has side effects). Right after `cleandift
-serve`, `wait_ready()` waits for the model to load.
+safe to repeat: nothing the service does has side effects): `retries` times at least,
+and beyond that while the next try starts within `retry_budget_s` of the first (60 s by
+default), so a call rides through a worker restart (about 15 s under `serve`, 503 with
+Retry-After meanwhile). Right after `cleandift serve`, `wait_ready()` waits for the model
+to load.
 
     with Client("http://localhost:8000") as client:
         client.wait_ready()
@@ -55,34 +58,53 @@ TRANSIENT = (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.Remote
              httpx.PoolTimeout, httpx.ConnectTimeout)
 
 
+RETRY_BUDGET_S = 60.0
+
+
 class _Base:
     def __init__(self, url: str, api_key: str | None, timeout: float, retries: int,
-                 backoff: float) -> None:
+                 backoff: float, retry_budget_s: float = RETRY_BUDGET_S) -> None:
         self.url, self.retries, self.timeout = url.rstrip("/"), retries, timeout
-        self.backoff = backoff
+        self.backoff, self.retry_budget_s = backoff, retry_budget_s
         self.headers = {"X-API-Key": api_key} if api_key else {}
+
+    def _retry_in(self, response: httpx.Response | None, attempt: int, started: float
+                  ) -> float | None:
+        """Seconds to wait before the next try, or None to give up: after `retries` tries,
+        only while the next one would start within `retry_budget_s` of the first."""
+        if response is not None and response.status_code not in RETRYABLE:
+            return None
+        delay = retry_delay(response, attempt, self.backoff)
+        if attempt < self.retries or time.monotonic() + delay - started <= self.retry_budget_s:
+            return delay
+        return None
 
 
 class Client(_Base):
     """Blocking client: `Client("http://localhost:8000").features("photo.jpg")`."""
 
     def __init__(self, url: str = "http://localhost:8000", api_key: str | None = None,
-                 timeout: float = 120.0, retries: int = 3, backoff: float = 0.5) -> None:
-        super().__init__(url, api_key, timeout, retries, backoff)
+                 timeout: float = 120.0, retries: int = 3, backoff: float = 0.5,
+                 retry_budget_s: float = RETRY_BUDGET_S) -> None:
+        super().__init__(url, api_key, timeout, retries, backoff, retry_budget_s)
         self._http = httpx.Client(base_url=self.url, headers=self.headers, timeout=timeout)
 
     def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        for attempt in range(self.retries + 1):
+        started, attempt = time.monotonic(), 0
+        while True:
             try:
                 response: httpx.Response | None = self._http.request(method, url, **kwargs)
             except TRANSIENT:
-                if attempt == self.retries:
+                delay = self._retry_in(None, attempt, started)
+                if delay is None:
                     raise
                 response = None
-            if response is not None and (response.status_code not in RETRYABLE
-                                         or attempt == self.retries):
-                break
-            time.sleep(retry_delay(response, attempt, self.backoff))
+            else:
+                delay = self._retry_in(response, attempt, started)
+                if delay is None:
+                    break
+            time.sleep(delay)
+            attempt += 1
         assert response is not None
         raise_for_problem(response)
         return response
@@ -150,23 +172,28 @@ class AsyncClient(_Base):
     """The same calls, awaitable: `await AsyncClient(url).features(image)`."""
 
     def __init__(self, url: str = "http://localhost:8000", api_key: str | None = None,
-                 timeout: float = 120.0, retries: int = 3, backoff: float = 0.5) -> None:
-        super().__init__(url, api_key, timeout, retries, backoff)
+                 timeout: float = 120.0, retries: int = 3, backoff: float = 0.5,
+                 retry_budget_s: float = RETRY_BUDGET_S) -> None:
+        super().__init__(url, api_key, timeout, retries, backoff, retry_budget_s)
         self._http = httpx.AsyncClient(base_url=self.url, headers=self.headers, timeout=timeout)
 
     async def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        for attempt in range(self.retries + 1):
+        started, attempt = time.monotonic(), 0
+        while True:
             try:
                 response: httpx.Response | None = await self._http.request(method, url,
                                                                            **kwargs)
             except TRANSIENT:
-                if attempt == self.retries:
+                delay = self._retry_in(None, attempt, started)
+                if delay is None:
                     raise
                 response = None
-            if response is not None and (response.status_code not in RETRYABLE
-                                         or attempt == self.retries):
-                break
-            await asyncio.sleep(retry_delay(response, attempt, self.backoff))
+            else:
+                delay = self._retry_in(response, attempt, started)
+                if delay is None:
+                    break
+            await asyncio.sleep(delay)
+            attempt += 1
         assert response is not None
         raise_for_problem(response)
         return response

@@ -18,9 +18,15 @@ from .method import CORRESPONDENCE_LAYER, LAYER_KEYS, LAYER_MODULES, SIZE_MULTIP
 # int8 answers carry each layer's per-channel scales as the tensor KEY + SCALE_SUFFIX.
 SCALE_SUFFIX = ".scale"
 
-# Feature patches (2 x 2 cells) refined per correspondence point at most: the bound on
-# matching cost per point, whatever the target's pixel count (see refine.py).
-MATCH_REFINE_PATCHES = 16
+# Characters of a client's value that an error message repeats at most.
+ECHO_CHARS = 200
+
+
+def shown(value: object, limit: int = ECHO_CHARS) -> str:
+    """repr(value) cut to `limit` characters: an error names the offending input without
+    sending a megabyte of it back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"… ({len(text)} characters)"
 
 
 class RequestError(ValueError):
@@ -71,7 +77,7 @@ def validate_layers(layers: Iterable[str] | None, default: Iterable[str]) -> lis
     unknown = [k for k in wanted if k not in LAYER_MODULES]
     if unknown:
         raise UnknownLayerError(
-            f"unknown layer(s) {unknown}; valid keys are {list(LAYER_KEYS)}"
+            f"unknown layer(s) {shown(unknown)}; valid keys are {list(LAYER_KEYS)}"
         )
     if not wanted:
         raise UnknownLayerError("at least one layer must be requested")
@@ -92,6 +98,9 @@ def validate_points(points: object, size: tuple[int, int], max_points: int) -> l
     width, height = size
     if not isinstance(points, list | tuple):
         raise InvalidPointsError("points must be a list of [x, y] pairs")
+    if not points:  # nothing to read or match at: leave points out for the whole map
+        raise InvalidPointsError("points is empty: give at least one [x, y] pair, or leave "
+                                 "points out (the whole map; mutual matches on /correspond)")
     if len(points) > max_points:
         raise InvalidPointsError(f"{len(points)} points given; at most {max_points} allowed")
     out = []
@@ -99,13 +108,14 @@ def validate_points(points: object, size: tuple[int, int], max_points: int) -> l
         ok = isinstance(point, list | tuple) and len(point) == 2
         ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) for v in point)
         if not ok:
-            raise InvalidPointsError(f"point {i} is not an [x, y] pair of numbers: {point!r}")
+            raise InvalidPointsError(
+                f"point {i} is not an [x, y] pair of numbers: {shown(point)}")
         try:
             x, y = float(point[0]), float(point[1])
         except OverflowError as exc:  # a 400-digit integer
-            raise InvalidPointsError(f"point {i} is out of range: {point!r}") from exc
+            raise InvalidPointsError(f"point {i} is out of range: {shown(point)}") from exc
         if not (math.isfinite(x) and math.isfinite(y)):
-            raise InvalidPointsError(f"point {i} is not finite: {point!r}")
+            raise InvalidPointsError(f"point {i} is not finite: {shown(point)}")
         if not (-0.5 <= x <= width - 0.5 and -0.5 <= y <= height - 0.5):
             raise InvalidPointsError(
                 f"point {i} ({x}, {y}) is outside the {width}x{height} source image"

@@ -16,6 +16,12 @@ from .layers import probe_layers, unet_features
 from .method import CORRESPONDENCE_LAYER, DIFT_ENSEMBLE, DIFT_TIMESTEP, MODES, STUDENT_TIMESTEP
 from .prompts import PromptEncoder
 
+StopCheck = Callable[[], bool]
+
+
+class Stopped(Exception):
+    """`should_stop` said so between two UNet passes: nobody waits for the rest."""
+
 
 class Extractor:
     """One loaded model: VAE encoder, UNet (student or base) and the text conditioning.
@@ -66,8 +72,11 @@ class Extractor:
         timestep: float | None = None,
         ensemble: int = DIFT_ENSEMBLE,
         seeds: Sequence[int] | None = None,
+        should_stop: StopCheck | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Device stage: a pixel batch -> {key: [N, C, h, w]} on the model's device."""
+        """Device stage: a pixel batch -> {key: [N, C, h, w]} on the model's device.
+        `should_stop` is asked before the UNet and between the passes of a DIFT ensemble
+        (a job whose deadline passed); True raises `Stopped`."""
         keys = validate_layers(layers, self.info.default_layers)
         pixels = self.model_input(pixels)
         check_size(pixels.shape[-1])
@@ -77,10 +86,13 @@ class Extractor:
         if mode == "clean":
             t = self.info.student_timestep if timestep is None else timestep
             latents = posterior.mean * scale
+            if should_stop is not None and should_stop():
+                raise Stopped
             return unet_features(self.unet, latents, self._t(t, len(pixels)), context, keys)
         if mode == "dift":
             t = DIFT_TIMESTEP if timestep is None else timestep
-            return self._dift(posterior, scale, keys, context, int(t), ensemble, seeds)
+            return self._dift(posterior, scale, keys, context, int(t), ensemble, seeds,
+                              should_stop or _never)
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
     def model_input(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -114,11 +126,15 @@ class Extractor:
             return self._base_unet
 
     def _dift(self, posterior: Any, scale: float, keys: list[str], context: torch.Tensor,
-              t: int, ensemble: int, seeds: Sequence[int] | None) -> dict[str, torch.Tensor]:
+              t: int, ensemble: int, seeds: Sequence[int] | None, should_stop: StopCheck
+              ) -> dict[str, torch.Tensor]:
         """DIFT: average the features of `ensemble` noisy copies at timestep t.
 
         Each image is encoded once; members resample the latent posterior and the noise,
-        which is the distribution of the reference's `ensemble` separate encodes.
+        which is the distribution of the reference's `ensemble` separate encodes. The
+        UNet runs on a few members of every image at a time (at most max(n, ensemble)
+        latents a pass), asking `should_stop` before each pass: a 17-image ensemble is 8
+        passes that can be abandoned, not one that cannot.
         """
         n = posterior.mean.shape[0]
         per_image: list[int | None] = list(seeds) if seeds is not None else [None] * n
@@ -130,14 +146,31 @@ class Extractor:
             eps_z = torch.randn(shape, generator=gen).to(self.device, self.dtype)
             latents.append((posterior.mean[i] + posterior.std[i] * eps_z) * scale)
             noise.append(torch.randn(shape, generator=gen).to(self.device, self.dtype))
-        latents_b, noise_b = torch.cat(latents), torch.cat(noise)
-        ts = torch.full((len(latents_b),), t, device=self.device, dtype=torch.long)
-        noisy = self.noise_scheduler.add_noise(latents_b, noise_b, ts)
-        feats = unet_features(self.base_unet(), noisy, ts, context, keys)
-        return {k: v.reshape(n, ensemble, *v.shape[1:]).mean(1) for k, v in feats.items()}
+        latents_b, noise_b = torch.cat(latents), torch.cat(noise)  # image-major
+        ts_all = torch.full((len(latents_b),), t, device=self.device, dtype=torch.long)
+        noisy = self.noise_scheduler.add_noise(latents_b, noise_b, ts_all)
+        noisy = noisy.reshape(n, ensemble, *noisy.shape[1:])
+        members = max(1, max(n, ensemble) // n)  # per pass, of every image
+        sums: dict[str, torch.Tensor] = {}  # float32 whatever the model's dtype
+        dtypes: dict[str, torch.dtype] = {}
+        for first in range(0, ensemble, members):
+            if should_stop():
+                raise Stopped
+            chunk = noisy[:, first:first + members]
+            ts = torch.full((chunk.shape[0] * chunk.shape[1],), t, device=self.device,
+                            dtype=torch.long)
+            feats = unet_features(self.base_unet(), chunk.flatten(0, 1), ts, context, keys)
+            for k, v in feats.items():
+                part = v.reshape(n, chunk.shape[1], *v.shape[1:]).sum(1, dtype=torch.float32)
+                sums[k], dtypes[k] = (sums[k] + part if k in sums else part), v.dtype
+        return {k: (v / ensemble).to(dtypes[k]) for k, v in sums.items()}
 
     def _t(self, t: float, n: int) -> torch.Tensor:
         return torch.full((n,), float(t), device=self.device, dtype=torch.float32)
+
+
+def _never() -> bool:
+    return False
 
 
 def model_info(

@@ -1,11 +1,12 @@
 """Semantic correspondence by cosine similarity of feature maps (the DIFT protocol).
 
 DIFT upsamples both maps to the original image sizes and takes the argmax of the cosine.
-We return the same argmax without holding anything at full resolution, at a cost that
-depends on the points and the feature grid, not on the target's pixel count (refine.py):
-a 1000-point query on a 50-megapixel target costs about what it costs on a small one.
+We return exactly that argmax without holding anything at full resolution (refine.py): a
+branch and bound over the feature grid's patches whose typical cost depends on the points
+and the grid, and whose worst case grows with the target's rows, not its pixel count.
 Every function works on the features' device (the GPU in a worker) and checks an
-optional deadline between chunks, so a long request can be abandoned cleanly.
+optional deadline between chunks, so a long request can be abandoned cleanly; `Limits`
+stops a search early with the matches it could not prove marked `exact=False`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .contract import MATCH_REFINE_PATCHES as MAX_REFINE
-from .refine import Refinement, Target, argmax_upsampled
+from .refine import Limits, Refinement, Target, argmax_upsampled
 
 DEFAULT_BUDGET = 1 << 24  # elements held at once in any intermediate
 
@@ -26,14 +26,20 @@ class DeadlinePassed(Exception):
     """The caller's deadline passed between two chunks of matching work."""
 
 
+class NonFiniteFeatures(ValueError):
+    """A feature map holds inf or NaN (an fp16 overflow, say): matching is undefined."""
+
+
 @dataclass(frozen=True)
 class Match:
     source: tuple[float, float]
     target: tuple[float, float]
     score: float
+    exact: bool = True
 
     def to_json(self) -> dict[str, object]:
-        return {"source": list(self.source), "target": list(self.target), "score": self.score}
+        return {"source": list(self.source), "target": list(self.target), "score": self.score,
+                "exact": self.exact}
 
 
 def _check(deadline: float | None) -> None:
@@ -41,19 +47,22 @@ def _check(deadline: float | None) -> None:
         raise DeadlinePassed
 
 
-def sample_points(feat: torch.Tensor, points: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def sample_points(feat: torch.Tensor, points: torch.Tensor, size: tuple[int, int],
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Bilinear features [P, C] at pixel points [P, 2] of an image of size (W, H).
 
     Identical to reading the map upsampled to (H, W) at those pixels (half-pixel centres,
-    border clamping), as F.interpolate(align_corners=False) does.
+    border clamping), as F.interpolate(align_corners=False) does; matching asks for
+    float64, so that its query is that value to rounding.
     """
     width, height = size
-    grid = torch.empty_like(points, dtype=torch.float32)
-    grid[:, 0] = (points[:, 0] + 0.5) / width * 2 - 1
-    grid[:, 1] = (points[:, 1] + 0.5) / height * 2 - 1
+    pts = points.to(torch.float64)
+    grid = torch.empty_like(pts)
+    grid[:, 0] = (pts[:, 0] + 0.5) / width * 2 - 1
+    grid[:, 1] = (pts[:, 1] + 0.5) / height * 2 - 1
     out = F.grid_sample(
-        feat[None].float(),
-        grid.to(feat.device)[None, None],
+        feat[None].to(dtype),
+        grid.to(device=feat.device, dtype=dtype)[None, None],
         mode="bilinear",
         padding_mode="border",
         align_corners=False,
@@ -68,26 +77,33 @@ def match_points(
     source_size: tuple[int, int],
     target_size: tuple[int, int],
     *,
-    refine: int = MAX_REFINE,
     budget: int = DEFAULT_BUDGET,
     deadline: float | None = None,
+    limits: Limits = Limits(),
     stats: Refinement | None = None,
 ) -> list[Match]:
-    """For each source point (x, y), the target pixel of highest cosine similarity."""
+    """For each source point (x, y), the target pixel of highest cosine similarity: DIFT's
+    argmax, `exact` unless `limits` stopped its search first (then the best pixel of the
+    patches it evaluated). Past `deadline` it raises DeadlinePassed (nobody is waiting)."""
     pts = torch.as_tensor(points, dtype=torch.float32).reshape(-1, 2)
     if len(pts) == 0:
         return []
     stats = stats if stats is not None else Refinement()
-    query = F.normalize(sample_points(source, pts, source_size), dim=1)
+    if not (bool(torch.isfinite(source).all()) and bool(torch.isfinite(target).all())):
+        raise NonFiniteFeatures("the feature maps hold inf or NaN: no cosine is defined")
+    query = F.normalize(sample_points(source, pts, source_size, torch.float64), dim=1)
     prepared = Target(target, target_size)
+    origin = stats.pixels  # the candidate limit counts for the whole call
     width = target_size[0]
-    per_chunk = max(1, budget // (16 * max(prepared.patch_cost, prepared.h * prepared.w)))
+    per_chunk = max(1, budget // (8 * prepared.h * prepared.w))  # corner dots and bounds
     matches: list[Match] = []
     for start in range(0, len(pts), per_chunk):
         _check(deadline)
-        score, flat = argmax_upsampled(prepared, query[start:start + per_chunk], refine, stats)
-        for p, s, f in zip(pts[start:start + per_chunk].tolist(), score.tolist(), flat.tolist()):
-            matches.append(Match((p[0], p[1]), (float(f % width), float(f // width)), s))
+        score, flat, exact = argmax_upsampled(prepared, query[start:start + per_chunk], stats,
+                                              budget=budget, limits=limits, origin=origin)
+        for p, s, f, e in zip(pts[start:start + per_chunk].tolist(), score.tolist(),
+                              flat.tolist(), exact.tolist()):
+            matches.append(Match((p[0], p[1]), (float(f % width), float(f // width)), s, e))
     return matches
 
 
@@ -155,13 +171,16 @@ def correspond(
     *,
     max_matches: int,
     deadline: float | None = None,
+    limits: Limits = Limits(),
+    stats: Refinement | None = None,
 ) -> list[Match]:
     """Matches for given source points, or mutual nearest neighbours when there are none."""
     if points is None:
         return mutual_matches(source, target, source_size, target_size,
                               max_matches=max_matches, deadline=deadline)
-    return match_points(source, target, points, source_size, target_size, deadline=deadline)
+    return match_points(source, target, points, source_size, target_size, deadline=deadline,
+                        limits=limits, stats=stats)
 
 
-__all__ = ["MAX_REFINE", "DeadlinePassed", "Match", "Refinement", "correspond", "match_points",
-           "mutual_matches", "sample_points", "similarity_map"]
+__all__ = ["DeadlinePassed", "Limits", "Match", "NonFiniteFeatures", "Refinement", "correspond",
+           "match_points", "mutual_matches", "sample_points", "similarity_map"]

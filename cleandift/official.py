@@ -62,6 +62,12 @@ def is_full(keys: set[str] | list[str]) -> bool:
     return any(k.startswith(STUDENT) for k in keys) and TIMESTEP in keys
 
 
+def is_full_file(path: Path) -> bool:
+    """Whether a safetensors file is a full checkpoint (reads its header only)."""
+    with safe_open(str(path), framework="pt") as fh:
+        return is_full(set(fh.keys()))
+
+
 def head_name(official: str) -> str | None:
     """Our name of an official head tensor (None: not a head tensor)."""
     return _rename(official, official_to_ours=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -17,16 +18,38 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .contract import UsageError
+
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
 UNET_FILE = "unet.safetensors"
 HEADS_FILE = "heads.safetensors"
 _VERSION = re.compile(r"^v(\d+)$")
+# Names and versions are one path segment of a safe alphabet: never "..", never a "/",
+# never hidden (the staging folders are), so nothing they name leaves DIR/NAME.
+SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SHARED_DIR_MODE, SHARED_FILE_MODE = 0o755, 0o644
+
+log = logging.getLogger(__name__)
+_WARNED: set[str] = set()
 
 
 class RegistryError(RuntimeError):
     pass
+
+
+class InvalidName(RegistryError, UsageError):
+    """A model name or version that is not one safe path segment (CLI exit 2)."""
+
+
+def check_segment(value: str, what: str = "model name") -> str:
+    """`value` if it is one path segment of letters, digits and `._-` (not starting with
+    a dot); else InvalidName. Every function taking a name or a version checks it."""
+    if not isinstance(value, str) or not SEGMENT.fullmatch(value):
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:80] + "…"
+        raise InvalidName(f"invalid {what} {shown}: one path segment of letters, digits and "
+                          "'._-', not starting with '.'")
+    return value
 
 
 def announce_channel(prefix: str) -> str:
@@ -46,10 +69,25 @@ def is_registry_path(path: Path) -> bool:
     return (path / LATEST).is_file() or (path / MANIFEST).is_file()
 
 
-def latest_version(model_dir: Path) -> str | None:
+def read_latest(model_dir: Path) -> str | None:
+    """The version LATEST names (None without one); InvalidName when it names anything
+    but a version folder of this model (`../../elsewhere/v9`)."""
     try:
-        return (Path(model_dir) / LATEST).read_text().strip() or None
+        text = (Path(model_dir) / LATEST).read_text(errors="replace").strip()
     except FileNotFoundError:
+        return None
+    return check_segment(text, f"version in {Path(model_dir) / LATEST}") if text else None
+
+
+def latest_version(model_dir: Path) -> str | None:
+    """As read_latest, for watchers: an invalid LATEST counts as none (logged), so a
+    worker keeps serving what it serves instead of following it out of the registry."""
+    try:
+        return read_latest(model_dir)
+    except InvalidName as exc:
+        if str(exc) not in _WARNED:  # once, not at every poll
+            _WARNED.add(str(exc))
+            log.warning("ignoring %s", exc)
         return None
 
 
@@ -58,7 +96,7 @@ def resolve(path: Path) -> Path:
     path = Path(path)
     if (path / MANIFEST).is_file():
         return path
-    version = latest_version(path)
+    version = read_latest(path)
     if version is None:
         raise RegistryError(f"{path} is not a registry model: no {LATEST} or {MANIFEST}")
     if not (path / version / MANIFEST).is_file():
@@ -95,6 +133,7 @@ def _next_version(model_dir: Path) -> str:
 
 
 def _write_latest(model_dir: Path, version: str) -> None:
+    check_segment(version, "version")
     fd, tmp = tempfile.mkstemp(prefix=".latest-", dir=model_dir)
     with os.fdopen(fd, "w") as fh:
         fh.write(version + "\n")
@@ -113,9 +152,7 @@ def publish(
     make_latest: bool = True,
 ) -> tuple[str, Path]:
     """Copy `files` into a new version of NAME with its manifest; returns (version, folder)."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise RegistryError(f"invalid model name {name!r}")
-    model_dir = Path(registry) / name
+    model_dir = Path(registry) / check_segment(name)
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
     os.chmod(staging, SHARED_DIR_MODE)  # trainer and workers may run as different users
@@ -151,11 +188,11 @@ def publish(
 
 def promote(registry: Path, name: str, version: str) -> None:
     """Make an existing (verified) version LATEST again: the rollback path."""
-    model_dir = Path(registry) / name
-    read_manifest(model_dir / version)
+    model_dir = Path(registry) / check_segment(name)
+    read_manifest(model_dir / check_segment(version, "version"))
     _write_latest(model_dir, version)
 
 
 def list_versions(registry: Path, name: str) -> list[str]:
-    numbers = _version_numbers(Path(registry) / name)
+    numbers = _version_numbers(Path(registry) / check_segment(name))
     return [numbers[n] for n in sorted(numbers)]

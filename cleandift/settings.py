@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from .dtypes import canonical_dtype
 
 DEVICE_PATTERN = r"^(cpu|mps|cuda(:\d+)?)$"
+GATE_MARGIN = 0.02  # absolute warp PCK@0.10 a new version may lose against the live one
 
 
 def default_cache_dir() -> Path:
@@ -24,8 +25,11 @@ def default_cache_dir() -> Path:
 
 class Settings(BaseSettings):
     # Empty variables count as unset (compose and k8s often pass VAR="" for "default").
+    # populate_by_name: Settings(worker_port=0) must mean it even where a field has env
+    # aliases (without it the keyword was dropped, and every test worker took port 9001).
     model_config = SettingsConfigDict(
-        env_prefix="CLEANDIFT_", extra="ignore", env_ignore_empty=True, validate_default=True
+        env_prefix="CLEANDIFT_", extra="ignore", env_ignore_empty=True, validate_default=True,
+        populate_by_name=True,
     )
 
     # Model
@@ -48,6 +52,13 @@ class Settings(BaseSettings):
                           "starts (and each reloaded version); kernels cached in cache_dir.")
     compile_backend: str = Field("inductor", description="torch.compile backend.")
 
+    # Publishing
+    gate_margin: float = Field(
+        GATE_MARGIN, ge=0, le=1, description="`publish`, `publish --promote` and `train` "
+        "refuse to make a version LATEST when its warp PCK@0.10 (cleandift eval-warps, on the "
+        "correspondence layer) is below the live version's by more than this; --force "
+        "overrides.")
+
     # Queue (Redis Streams)
     redis_url: str | None = Field(
         None, validation_alias=AliasChoices("CLEANDIFT_REDIS_URL", "REDIS_URL"),
@@ -65,9 +76,6 @@ class Settings(BaseSettings):
     result_ttl_s: int = Field(120, ge=1)
     heartbeat_s: float = Field(2.0, gt=0)
     worker_ttl_s: float = Field(10.0, gt=0, description="A worker silent this long is dead.")
-    no_worker_grace_s: float = Field(
-        5.0, gt=0, description="Waiting requests get 503 once no worker has been alive "
-        "this long (new requests get it at once).")
     forward_timeout_s: float = Field(
         300.0, gt=0, description="A forward pass running longer is hung: the worker stops "
         "holding its jobs (others take them) and reports not ready and not alive.")
@@ -79,9 +87,23 @@ class Settings(BaseSettings):
     min_size: int = Field(64, ge=64)
     max_size: int = Field(1024, ge=64)
     max_points: int = Field(1000, ge=1)
+    match_max_pixels: int = Field(
+        10_000_000, ge=1, description="Candidate target pixels one /correspond may evaluate "
+        "(all its targets together) while proving DIFT's argmax; past it, or within "
+        "match_answer_margin_s of the deadline, open searches stop and their matches say "
+        "`exact: false`. The worst case of one point is 4 x target rows x grid columns.")
+    match_answer_margin_s: float = Field(
+        1.0, ge=0, description="Matching stops this long before a request's deadline, so "
+        "that an approximate answer (marked) still arrives instead of a 504.")
     max_targets: int = Field(16, ge=1, description="Targets of one /correspond.")
     max_matches: int = Field(200, ge=1)
     max_prompt_chars: int = Field(1000, ge=0)
+    max_job_cost: float = Field(
+        6.0, gt=0, description="What one request may cost a worker, in megapixel-passes "
+        "(cleandift/cost.py: images x size² x UNet passes x depth of the deepest layer, plus "
+        "the VAE and the points matched); over it: 422. 6 keeps the costliest request "
+        "under 20 s on 2 busy CPU cores with the demo model (docs/reliability.md); raise it "
+        "on a GPU.")
     decode_memory_bytes: int = Field(
         512 * 1024 * 1024, ge=1024 * 1024,
         description="Memory an API process may hold in images being decoded at once; "
@@ -111,6 +133,10 @@ class Settings(BaseSettings):
         "to be fetched; beyond it, results travel through Redis.")
     result_hold_s: float = Field(30.0, gt=0,
                                  description="A held result not fetched by then is dropped.")
+    worker_idle_timeout_s: float = Field(
+        30.0, gt=0, description="A connection to a worker's port that sends nothing this "
+        "long is closed (each holds a thread); also the longest one send of a result may "
+        "take.")
     feature_cache_bytes: int = Field(
         512 * 1024**2, ge=0, description="Each worker's in-memory feature cache (0: off).")
     feature_cache_shared_bytes: int = Field(

@@ -164,6 +164,10 @@ class WorkerMetrics:
                                registry=r)
         self.dead = Counter(f"{PREFIX}_dead_lettered", "Jobs given up after max deliveries",
                             registry=r)
+        self.inexact_matches = Counter(
+            f"{PREFIX}_matches_inexact", "Correspondences answered before their search proved "
+            "DIFT's argmax (a cost or time limit stopped it; the answer says exact: false)",
+            registry=r)
         self.expired = Counter(f"{PREFIX}_jobs_expired", "Jobs dropped past their deadline",
                                registry=r)
         self.reloads = Counter(f"{PREFIX}_reloads", "Model reloads by result", ["result"],

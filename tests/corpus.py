@@ -5,6 +5,7 @@ Shared by the core, service and reliability suites so each kind of input is defi
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
 import zlib
@@ -104,4 +105,102 @@ def bad_images() -> dict[str, bytes]:
         "truncated_jpeg": jpeg[: len(jpeg) // 2],
         "truncated_png": png[: len(png) // 2],
         "html": b"<html><body>nope</body></html>",
+    }
+
+
+class BadServer:
+    """A local HTTP server (127.0.0.1, its own threads) with good and hostile URLs:
+    `/good.jpg`; `/endless` (a body without end); `/trickle` (one byte per `interval`);
+    `/slow-headers` (the status line, then one header byte per `interval`). Every loop is
+    bounded and ends when the client leaves or the server stops."""
+
+    def __init__(self, image: bytes, interval: float = 0.5, max_s: float = 30.0) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        stop = self.stop = threading.Event()
+        steps = int(max_s / interval)
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802
+                with contextlib.suppress(OSError):  # the client gave up: the loop ends
+                    self._answer()
+
+            def _answer(self) -> None:
+                if self.path == "/slow-headers":
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                    for _ in range(steps):
+                        if stop.wait(interval):
+                            return
+                        self.wfile.write(b"X")
+                        self.wfile.flush()
+                    return
+                if self.path not in ("/good.jpg", "/endless", "/trickle"):
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                if self.path == "/good.jpg":
+                    self.send_header("Content-Length", str(len(image)))
+                    self.end_headers()
+                    self.wfile.write(image)
+                elif self.path == "/endless":  # no length: the body ends when we stop
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    block = b"\xff" * (1 << 16)
+                    for _ in range(1 << 15):  # 2 GiB at most
+                        if stop.is_set():
+                            return
+                        self.wfile.write(block)
+                elif self.path == "/trickle":
+                    self.send_header("Content-Length", "100000")
+                    self.end_headers()
+                    for _ in range(steps):
+                        if stop.wait(interval):
+                            return
+                        self.wfile.write(b"\xff")
+                        self.wfile.flush()
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> BadServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+def bad_sources(folder, url: str) -> dict[str, str]:
+    """name -> a list-file entry that one `extract-dataset` item must survive as an error
+    row: hostile URLs of a BadServer at `url`, special and huge files made in `folder`."""
+    import os
+
+    fifo, huge = folder / "fifo.jpg", folder / "huge.jpg"
+    os.mkfifo(fifo)
+    with open(huge, "wb") as fh:
+        fh.truncate(3 << 30)  # 3 GiB, sparse: no disk used
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    return {
+        "endless URL": f"{url}/endless",
+        "trickling URL": f"{url}/trickle",
+        "URL trickling its headers": f"{url}/slow-headers",
+        "malformed URL": "http://[::1:bad/x.jpg",
+        "URL nobody serves": f"{url}/missing.jpg",
+        "/dev/zero": "/dev/zero",
+        "a FIFO": str(fifo),
+        "a 3 GiB file": str(huge),
+        "a folder": str(folder),
+        "a missing file": str(folder / "nowhere.jpg"),
+        "a corrupt JPEG": str(folder / "corrupt.jpg"),
     }

@@ -25,6 +25,7 @@ class TrainState:
     cursor: int  # samples drawn by the data stream
     skipped: int  # corrupt images skipped so far
     fidelity_before: dict | None = None
+    warps_before: dict | None = None  # the warp score at step 0 (quality.py)
 
 
 def save_checkpoint(run_dir: Path, state: TrainState, student: torch.nn.Module,

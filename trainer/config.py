@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from cleandift.contract import UsageError
 from cleandift.registry import announce_channel
+from cleandift.settings import GATE_MARGIN
 
 
 def _opt(default: object, help: str) -> Any:  # noqa: A002  (typer's word)
@@ -39,6 +40,12 @@ class TrainConfig:
     resume: bool = _opt(False, "continue the latest checkpoint")
     seed: int = _opt(0, "seed of the data order, timesteps and noise")
     holdout: int = _opt(8, "held-out images for the fidelity metric")
+    eval_warps: str = _opt(
+        "holdout", "images of the warp correspondence score (cleandift eval-warps), measured "
+        "before and after training into the manifest for the publishing gate: 'holdout' (the "
+        "held-out images), a folder, list file or shards, or 'off'")
+    force: bool = _opt(False, "make the new version LATEST even if its warp score is below "
+                       "the live one's by more than the margin (CLEANDIFT_GATE_MARGIN)")
     output_dir: Path | None = _opt(None, "checkpoints and log.jsonl (default REGISTRY/NAME/.runs)")
     init_from: Path | None = _opt(None, "start from an official full checkpoint "
                                   "(cleandift_*_full.safetensors): student, heads, timestep")
@@ -53,6 +60,7 @@ class TrainConfig:
     cache_dir: Path | None = field(default=None, metadata={"cli": False})
     redis_url: str | None = field(default=None, metadata={"cli": False})
     channel: str = field(default=announce_channel("cleandift"), metadata={"cli": False})
+    gate_margin: float = field(default=GATE_MARGIN, metadata={"cli": False})
 
     def per_process_batch(self, world: int) -> int:
         """The global batch split over `world` processes; it must divide evenly."""

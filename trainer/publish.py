@@ -24,8 +24,10 @@ def publish_weights(
     heads_state: dict[str, torch.Tensor] | None = None,
     redis_url: str | None = None,
     channel: str = registry.announce_channel("cleandift"),
+    make_latest: bool = True,
 ) -> tuple[str, Path]:
-    """Write a new version (atomically), make it LATEST, and announce it on Redis."""
+    """Write a new version (atomically), make it LATEST, and announce it on Redis; without
+    `make_latest` (a version the quality gate refused) it is only written."""
     with tempfile.TemporaryDirectory() as tmp:
         files: dict[str, Path] = {}
         if isinstance(unet_state, Path):
@@ -36,9 +38,11 @@ def publish_weights(
         if heads_state is not None:
             files[registry.HEADS_FILE] = Path(tmp) / registry.HEADS_FILE
             save_file(_contiguous(heads_state), str(files[registry.HEADS_FILE]))
-        version, path = registry.publish(registry_dir, name, files, manifest)
-    log.info("published %s %s at %s", name, version, path)
-    if redis_url:
+        version, path = registry.publish(registry_dir, name, files, manifest,
+                                         make_latest=make_latest)
+    log.info("published %s %s at %s%s", name, version, path, "" if make_latest else
+             " (not LATEST)")
+    if redis_url and make_latest:
         announce(redis_url, channel, registry_dir, name, version)
     return version, path
 

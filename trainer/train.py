@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from cleandift.extractor import Extractor
 from cleandift.loading import load_extractor
 from cleandift.optimize import compile_blocks
 from cleandift.sources import load_records
+from cleandift.warps import Sample
 
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -34,7 +35,9 @@ from .distill import (
     freeze_unused,
     teacher_features,
 )
+from .gate import check
 from .publish import publish_weights
+from .quality import eval_samples, warp_score
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ class Setup:
     holdout: tuple[torch.Tensor, list[str]]
     generator: torch.Generator
     size: int
+    warp_samples: list[Sample] = field(default_factory=list)  # the warp score's images
 
 
 def build(cfg: TrainConfig) -> Setup:
@@ -95,7 +99,9 @@ def build(cfg: TrainConfig) -> Setup:
     holdout = holdout_stream.next_batch()
     stream.skipped = holdout_stream.skipped  # corrupt held-out images count too
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + accelerator.process_index)
-    return Setup(accelerator, extractor, student, optimizer, stream, holdout, generator, size)
+    samples = eval_samples(cfg.eval_warps, held) if accelerator.is_main_process else []
+    return Setup(accelerator, extractor, student, optimizer, stream, holdout, generator, size,
+                 samples)
 
 
 def init_from_full(student: Student, path: Path) -> None:
@@ -123,6 +129,15 @@ def encode(setup: Setup, pixels: torch.Tensor, captions: list[str], latent: str 
         x0 = z * ex.vae.config.scaling_factor
         context = torch.cat([ex.prompts(c) for c in captions])
     return x0, context
+
+
+def warmup_lr(step: int, peak: float, warmup: int) -> float:
+    """The rate of optimiser step `step` (0-based), exactly the official schedule
+    (transformers' `constant_with_warmup`): step k runs at k / warmup of the peak, so the
+    first step runs at 0 (it only primes Adam's moments), then constant. With the recipe's
+    400 steps and warm-up 2000 the rate never leaves the warm-up: its last step runs at
+    399 / 2000 * 1e-5 = 1.995e-6 (the paper's "about 2e-6")."""
+    return peak * min(1.0, step / warmup) if warmup > 0 else peak
 
 
 def train_step(setup: Setup, cfg: TrainConfig, pixels: torch.Tensor, captions: list[str],
@@ -158,6 +173,15 @@ def fidelity(setup: Setup) -> dict:
     return {"mean": sum(values) / len(values), "per_timestep": per_t}
 
 
+def warps(setup: Setup) -> dict | None:
+    """The student's warp correspondence score (main process only; None without images)."""
+    if not setup.accelerator.is_main_process:
+        return None
+    student = setup.accelerator.unwrap_model(setup.student)
+    return warp_score(setup.extractor, student, setup.warp_samples, setup.size,
+                      setup.accelerator.autocast)
+
+
 def start_state(cfg: TrainConfig, setup: Setup) -> TrainState:
     checkpoint = latest_checkpoint(cfg.run_dir) if cfg.resume else None
     if checkpoint is not None:
@@ -166,7 +190,8 @@ def start_state(cfg: TrainConfig, setup: Setup) -> TrainState:
         setup.stream.cursor, setup.stream.skipped = state.cursor, state.skipped
         log.info("resumed from %s at step %d", checkpoint, state.step)
         return state
-    return TrainState(step=0, cursor=0, skipped=0, fidelity_before=fidelity(setup))
+    return TrainState(step=0, cursor=0, skipped=0, fidelity_before=fidelity(setup),
+                      warps_before=warps(setup))
 
 
 def train(cfg: TrainConfig) -> tuple[str, Path] | None:
@@ -181,11 +206,11 @@ def train(cfg: TrainConfig) -> tuple[str, Path] | None:
     with open(cfg.run_dir / "log.jsonl", "a") if main else nullcontext(None) as log_file:
         for step in bar:
             pixels, captions = setup.stream.next_batch()
-            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+            lr = warmup_lr(step, cfg.lr, cfg.warmup)
             loss, per_key = train_step(setup, cfg, pixels, captions, lr)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", skipped=setup.stream.skipped)
-            state = TrainState(step + 1, setup.stream.cursor, setup.stream.skipped,
-                               state.fidelity_before)
+            state = replace(state, step=step + 1, cursor=setup.stream.cursor,
+                            skipped=setup.stream.skipped)
             if log_file is None:  # not the main process
                 continue
             record = {"step": state.step, "loss": loss, "lr": lr, "cos": per_key,
@@ -215,10 +240,27 @@ def publish(cfg: TrainConfig, setup: Setup, state: TrainState) -> tuple[str, Pat
         "fidelity_before": before.get("mean"),
         "fidelity_after": after["mean"],
         "fidelity": {"before": before.get("per_timestep"), "after": after["per_timestep"]},
+        "warps_before": state.warps_before,
+        "warps": warps(setup),
         "data": {"source": cfg.data, "skipped": state.skipped, "samples": state.cursor,
                  "processes": setup.accelerator.num_processes},
         "training": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()
                      if k != "redis_url"},
     }
+    manifest["gate"] = gate(cfg, manifest)
     return publish_weights(cfg.registry, cfg.name, student.unet.state_dict(), manifest,
-                           heads_state=heads, redis_url=cfg.redis_url, channel=cfg.channel)
+                           heads_state=heads, redis_url=cfg.redis_url, channel=cfg.channel,
+                           make_latest=manifest["gate"]["allowed"])
+
+
+def gate(cfg: TrainConfig, manifest: dict) -> dict:
+    """The quality gate's verdict on the new version, as the manifest records it: a refused
+    version is published but not made LATEST (unless `--force`)."""
+    verdict = check(cfg.registry, cfg.name, manifest, cfg.gate_margin, "the new version")
+    forced = cfg.force and not verdict.allowed
+    if forced or verdict.warning or not verdict.allowed:
+        log.warning("quality gate: %s%s", "forced: " if forced else "", verdict.message)
+    else:
+        log.info("quality gate: %s", verdict.message)
+    return {"allowed": verdict.allowed or cfg.force, "forced": forced,
+            "margin": cfg.gate_margin, "message": verdict.message}

@@ -43,8 +43,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         producer = JobProducer(async_client(redis_url), Keys(settings.queue_prefix),
                                max_queue=settings.max_queue, stream_maxlen=settings.stream_maxlen,
-                               worker_ttl_s=settings.worker_ttl_s,
-                               no_worker_grace_s=settings.no_worker_grace_s)
+                               worker_ttl_s=settings.worker_ttl_s)
         await producer.start()
         app.state.services = Services(settings, metrics,
                                       MemoryBudget(settings.decode_memory_bytes), producer,

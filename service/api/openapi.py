@@ -52,8 +52,9 @@ def _header(description: str, type_: str = "string") -> dict:
 
 HEADERS = {
     "X-Model-Version": _header("The version of the weights that computed this answer."),
-    "ETag": _header("Weak validator of this answer (pixels, model version, options, format): "
-                    "send it back in If-None-Match to skip a recomputation."),
+    "ETag": _header("Weak validator of this answer (pixels, image size, model and version, "
+                    "options, format): send it back in If-None-Match to skip a "
+                    "recomputation."),
     "X-Cache": _header("hit: the features came from the feature cache; miss: computed."),
     "Retry-After": _header("Seconds to wait before retrying.", "integer"),
     "X-Request-ID": _header("The request's id (the client's X-Request-ID when it sent a "

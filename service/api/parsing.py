@@ -7,9 +7,9 @@ worker and workers receive exactly the model-sized pixels they need.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 
 from cleandift.contract import ModelInfo, RequestError, check_size, validate_layers, validate_points
@@ -24,9 +24,18 @@ from .problems import Problem, describe_validation
 MAX_SIDE = 1 << 16  # far above any configurable max_size; keeps huge numbers out of messages
 
 
+def _not_bool(value: object) -> object:
+    if isinstance(value, bool):  # pydantic would take JSON true for 1
+        raise ValueError("must be an integer, not true or false")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+
+
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    size: int | None = Field(None, ge=SIZE_MULTIPLE, le=MAX_SIDE,
+    size: Int | None = Field(None, ge=SIZE_MULTIPLE, le=MAX_SIDE,
                              description="Model input side in px, a multiple of 64.")
     prompt: str = Field("", description="Text conditioning; empty by default.")
     mode: Literal["clean", "dift"] = Field(
@@ -41,7 +50,7 @@ class FeaturesParams(_Params):
         "channel, as the tensor KEY.scale (value = int8 * scale).")
     points: Any = Field(None, description="[[x, y], ...] in pixels of the image: each layer "
                         "answers [N, C] descriptors at these points instead of its map.")
-    grid: int | None = Field(None, ge=1, le=MAX_SIDE, description="Pool each map to grid x "
+    grid: Int | None = Field(None, ge=1, le=MAX_SIDE, description="Pool each map to grid x "
                              "grid cells (mean over each cell's region): [C, grid, grid].")
 
 
@@ -52,7 +61,7 @@ class FeaturesBody(FeaturesParams):
 class CorrespondParams(_Params):
     points: Any = Field(None, description="[[x, y], ...] in source pixels; mutual NN if absent.")
     layer: str | None = Field(None, description="Feature key; the model's correspondence layer.")
-    max_matches: int | None = Field(None, ge=1, le=MAX_SIDE,
+    max_matches: Int | None = Field(None, ge=1, le=MAX_SIDE,
                                     description="Mutual matches returned at most.")
     heatmap: bool = Field(False, description="Also return the last point's cosine similarity "
                           "over the target, at feature resolution.")

@@ -14,7 +14,10 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
+
+from cleandift.contract import shown
 
 from .problems import Problem
 
@@ -49,13 +52,21 @@ async def read_payload(request: Request, files: tuple[str, ...],
 
 async def _form(request: Request, files: tuple[str, ...], max_files: int
                 ) -> tuple[Fields, Blobs]:
-    form = await request.form(max_files=max_files, max_fields=MAX_FORM_FIELDS)
+    try:
+        form = await request.form(max_files=max_files, max_fields=MAX_FORM_FIELDS)
+    except HTTPException as exc:  # starlette's multipart limits: its 400s
+        detail = str(exc.detail)
+        if detail.startswith(("Too many files", "Too many fields")):
+            # Parameters over a limit, as in a JSON body (extra fields, 17 targets): 422.
+            raise Problem(422, f"{detail.split('.')[0].lower()}: at most {max_files} files "
+                          f"and {MAX_FORM_FIELDS} fields") from exc
+        raise
     fields: Fields = {}
     blobs: Blobs = {}
     for name, value in form.multi_items():
         if isinstance(value, UploadFile):
             if name not in files:
-                raise Problem(422, f"unexpected file field {name!r}")
+                raise Problem(422, f"unexpected file field {shown(name)}")
             blobs.setdefault(name, []).append(await value.read())
         else:
             fields[name] = value

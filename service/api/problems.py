@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cleandift.contract import RequestError
+from cleandift.contract import ECHO_CHARS, RequestError
 from cleandift.images import ImageError
 
 from ..queue.errors import DeadlineExceeded, NoLiveWorker, QueueFull, QueueUnavailable
@@ -25,6 +25,8 @@ from ..queue.errors import DeadlineExceeded, NoLiveWorker, QueueFull, QueueUnava
 MEDIA_TYPE = "application/problem+json"
 TYPE_BASE = "https://cleandift.dev/problems/"
 RETRY = {"Retry-After": "1"}  # 429 and 503: worth retrying after a second
+MAX_DETAIL_CHARS = 2000
+MAX_ERRORS = 5  # validation errors described in one answer
 
 PROBLEM_SCHEMA = {
     "type": "object",
@@ -58,6 +60,8 @@ def _slug(status: int) -> str:
 
 def problem_response(status: int, detail: str, kind: str | None = None,
                      headers: Mapping[str, str] | None = None) -> JSONResponse:
+    if len(detail) > MAX_DETAIL_CHARS:  # messages cut what they echo; this is the backstop
+        detail = detail[:MAX_DETAIL_CHARS] + "…"
     body = {"type": TYPE_BASE + (kind or _slug(status)), "title": HTTPStatus(status).phrase,
             "status": status, "detail": detail}
     return JSONResponse(body, status_code=status, headers=headers, media_type=MEDIA_TYPE)
@@ -109,8 +113,15 @@ def install_handlers(app: FastAPI) -> None:
 
 
 def describe_validation(errors: Any) -> str:
+    """Where and what, for each error: a location can be a client's key (an unexpected
+    field of any length), so it is cut like any echoed value."""
     parts = []
-    for error in errors:
+    for error in errors[:MAX_ERRORS]:
         where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "query"))
-        parts.append(f"{where or 'request'}: {error.get('msg', 'invalid')}")
-    return "; ".join(parts) or "invalid request"
+        parts.append(f"{_cut(where) or 'request'}: {_cut(str(error.get('msg', 'invalid')))}")
+    more = len(errors) - MAX_ERRORS
+    return "; ".join(parts + [f"{more} more"] * (more > 0)) or "invalid request"
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + "…"

@@ -4,6 +4,7 @@ encoding.py), matches as JSON; model version and timings as headers on every for
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -57,7 +58,7 @@ def features_response(result: Result, raw: Raw, fmt: str, spec: JobSpec) -> Stre
             "input_size": input_size, "layout": meta.layout, "timings_ms": meta.timings_ms}
     body = encode(fmt, meta, raw, metadata=metadata, head=head)
     headers = {**version_headers(result), "Content-Length": str(body.length),
-               "ETag": answer_etag(spec, meta.model_version, fmt)}
+               "ETag": answer_etag(spec, meta.model, meta.model_version, fmt)}
     return StreamingResponse(body.chunks, media_type=body.media_type, headers=headers)
 
 
@@ -75,13 +76,19 @@ def correspond_response(result: Result) -> JSONResponse:
     return JSONResponse(body, headers=version_headers(result))
 
 
-def answer_etag(spec: JobSpec, model_version: str, fmt: str) -> str:
-    """A weak ETag for a features answer: what determines its bytes (the pixels' hash, the
-    model version and every output parameter). Weak: float rounding may differ between
-    batch compositions on a GPU, the meaning does not."""
-    parts = [*spec.content, model_version, str(spec.input_size), spec.mode, spec.prompt,
-             ",".join(spec.layers), repr(spec.points), str(spec.grid), spec.dtype, fmt]
-    return f'W/"{hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]}"'
+# The job's fields that change a features answer's bytes (docs/cache.md); every other
+# field of JobSpec is named in tests/service/test_cache_keys.py as one that does not.
+ETAG_FIELDS = ("kind", "input_size", "layers", "image_sizes", "prompt", "mode", "dtype",
+               "points", "grid", "content")
+
+
+def answer_etag(spec: JobSpec, model: str, model_version: str, fmt: str) -> str:
+    """A weak ETag for a features answer: every input that changes its bytes (the pixels'
+    hash, the original image size, the model and its version, every output parameter, the
+    format). Weak: float rounding may differ between batch compositions or workers on
+    other hardware, the meaning does not."""
+    parts = [model, model_version, fmt, spec.model_dump_json(include=set(ETAG_FIELDS))]
+    return f'W/"{hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]}"'
 
 
 def check_not_modified(request_headers: Mapping[str, str], etag: str) -> None:

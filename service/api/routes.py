@@ -14,6 +14,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, Response
 
 from cleandift.contract import ModelInfo
+from cleandift.cost import check_cost, request_cost
+from cleandift.settings import Settings
 
 from .. import tracing
 from ..messages import Job, Result
@@ -30,11 +32,22 @@ router = APIRouter()
 STATIC_DIR = Path(__file__).parent / "static"
 
 
-async def served_model(producer: JobProducer) -> ModelInfo:
-    model = await producer.model_info()
+async def served_model(producer: JobProducer, *, fresh: bool = False) -> ModelInfo:
+    model = await producer.model_info(fresh=fresh)
     if model is None:
         raise Problem(503, "no worker has loaded a model yet", kind="not-ready", headers=RETRY)
     return model
+
+
+def within_ceiling(job: Job, model: ModelInfo, settings: Settings) -> None:
+    """Refuse (422) what would hold a worker too long, before it is queued: the cost model
+    of cleandift/cost.py against limits.max_job_cost."""
+    spec = job.spec
+    layer = model.layers.get(spec.layers[0]) if spec.kind == "correspond" else None
+    cost = request_cost(kind=spec.kind, mode=spec.mode, size=spec.input_size,
+                        layers=spec.layers, images=len(spec.image_sizes),
+                        points=len(spec.points or ()), stride=layer.stride if layer else 0)
+    check_cost(cost, settings.max_job_cost)
 
 
 async def run(producer: JobProducer, job: Job) -> Result:
@@ -74,12 +87,13 @@ async def features(
     with tracing.span("parse"):
         job = await parsing.features_job(request, services.settings, model, services.budget,
                                          dtype)
+    within_ceiling(job, model, services.settings)
     services.metrics.count_layers("features", job.spec.layers)
     if fmt == "npy" and (len(job.spec.layers) != 1 or job.spec.dtype not in NPY_DTYPES):
         raise Problem(422, "npy holds exactly one float16 or float32 array; ask for one "
                       "layer, or use safetensors or json")
-    responses.check_not_modified(request.headers, responses.answer_etag(job.spec, model.version,
-                                                                        fmt))
+    etag = responses.answer_etag(job.spec, model.name, model.version, fmt)
+    responses.check_not_modified(request.headers, etag)
     result, raw = await responses.obtain(producer, services.fetcher, job)
     with tracing.span("respond"):
         return responses.features_response(result, raw, fmt, job.spec)
@@ -100,6 +114,7 @@ async def correspond(request: Request, services: ServicesDep) -> Response:
     model = await served_model(services.producer)
     with tracing.span("parse"):
         job = await parsing.correspond_job(request, services.settings, model, services.budget)
+    within_ceiling(job, model, services.settings)
     services.metrics.count_layers("correspond", job.spec.layers)
     result = await run(services.producer, job)
     with tracing.span("respond"):
@@ -111,7 +126,7 @@ async def correspond(request: Request, services: ServicesDep) -> Response:
 async def models(services: ServicesDep) -> ModelsOut:
     """The served model (during a reload, the version most recently loaded by a worker)
     and the limits of one request."""
-    model = await served_model(services.producer)
+    model = await served_model(services.producer, fresh=True)
     return ModelsOut(**model.model_dump(), limits=Limits.of(services.settings))
 
 
@@ -167,11 +182,12 @@ async def metrics(services: ServicesDep) -> Response:
     return Response(services.metrics.render(state), media_type=CONTENT_TYPE)
 
 
-@router.get("/metrics/workers", include_in_schema=False)
+@router.get("/metrics/workers", dependencies=Protected, include_in_schema=False)
 async def worker_metrics(services: ServicesDep) -> Response:
     """Every live worker's metrics from its last heartbeat, labelled by worker: a view for
     people and for setups without a scraper per worker. Scrape the workers' own ports
-    instead: this view repeats on every API replica."""
+    instead: this view repeats on every API replica. Behind the API key (when one is
+    set): unlike /metrics it names every worker and its figures, and nothing scrapes it."""
     try:
         beats = await services.producer.heartbeats()
     except QueueUnavailable as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from cleandift.contract import MATCH_REFINE_PATCHES, ModelInfo
+from cleandift.contract import ModelInfo
 from cleandift.settings import Settings
 
 from ..messages import Heatmap
@@ -32,6 +32,9 @@ class MatchOut(BaseModel):
     source: list[float]
     target: list[float]
     score: float
+    exact: bool = Field(True, description="The search proved this is DIFT's argmax; false "
+                        "only where the request's matching budget or deadline stopped it "
+                        "first (then the best pixel found so far).")
 
 
 class TargetOut(BaseModel):
@@ -61,9 +64,14 @@ class Limits(BaseModel):
     max_targets: int = Field(description="Targets of one /correspond.")
     max_prompt_chars: int
     request_timeout_s: float = Field(description="Deadline of a request (504 after it).")
-    match_refine_patches: int = Field(description="Feature patches refined per point: the "
-                                      "bound on matching cost per point, whatever the "
-                                      "target's pixel count.")
+    match_max_pixels: int = Field(description="Candidate target pixels one /correspond may "
+                                  "evaluate proving DIFT's argmax; a search stopped by it (or "
+                                  "by the deadline) answers `exact: false`.")
+    max_job_cost: float = Field(description="What one request may cost a worker, in "
+                                "megapixel-passes: images x m x (1 + m) x (0.5 for the VAE + "
+                                "UNet passes (1, or 8 for mode=dift) x the share of the UNet "
+                                "up to the deepest layer), m = (size/1000)², plus 0.001 per "
+                                "point per target (cleandift/cost.py); over it: 422.")
 
     @classmethod
     def of(cls, settings: Settings) -> Limits:
@@ -73,7 +81,8 @@ class Limits(BaseModel):
                    max_matches=settings.max_matches, max_targets=settings.max_targets,
                    max_prompt_chars=settings.max_prompt_chars,
                    request_timeout_s=settings.request_timeout_s,
-                   match_refine_patches=MATCH_REFINE_PATCHES)
+                   match_max_pixels=settings.match_max_pixels,
+                   max_job_cost=settings.max_job_cost)
 
 
 class ModelsOut(ModelInfo):

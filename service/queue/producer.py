@@ -79,11 +79,11 @@ class _Waiter:
 class JobProducer:
     def __init__(
         self, client: aioredis.Redis, keys: Keys, *, max_queue: int, stream_maxlen: int,
-        worker_ttl_s: float, no_worker_grace_s: float,
+        worker_ttl_s: float,
     ) -> None:
         self.r, self.keys = client, keys
         self.max_queue, self.stream_maxlen = max_queue, stream_maxlen
-        self.worker_ttl_s, self.no_worker_grace_s = worker_ttl_s, no_worker_grace_s
+        self.worker_ttl_s = worker_ttl_s
         self.api_id = uuid.uuid4().hex[:12]
         self.reply_channel = keys.replies(self.api_id)
         self.view = QueueView()
@@ -148,24 +148,27 @@ class JobProducer:
         return _text(entry)
 
     async def _await(self, waiter: _Waiter) -> Result:
+        """Wait while the deadline allows, with or without a live worker: an accepted job
+        stays in Redis, and a restarted worker (or another) takes it (a restart under
+        `serve` takes longer than any short grace). Only new requests are refused at once
+        when no worker lives (`admit`)."""
         job_id, deadline = waiter.job.spec.id, waiter.job.spec.deadline
         while True:
             remaining = deadline - time.time()
             if remaining <= 0:
                 await self._drop(waiter)
+                if self.view.no_worker_since is not None:
+                    raise NoLiveWorker  # 503 with Retry-After: worth sending again later
                 raise DeadlineExceeded
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(waiter.event.wait(), timeout=min(RESULT_POLL_S, remaining))
             waiter.event.clear()
             result = await self._take_result(job_id)
             if result is not None:
+                self._note_version(result.meta.model_version)
                 return result
             if waiter.epoch != self.view.epoch:
                 await self._resubmit(waiter)
-            since = self.view.no_worker_since
-            if since is not None and time.monotonic() - since > self.no_worker_grace_s:
-                await self._drop(waiter)
-                raise NoLiveWorker
 
     async def _take_result(self, job_id: str) -> Result | None:
         key = self.keys.result(job_id)
@@ -293,16 +296,25 @@ class JobProducer:
                 pending = 0
         return int(depth), int(pending)
 
-    async def model_info(self) -> ModelInfo | None:
-        """What the workers serve (published on load and on every swap), cached 1 s."""
+    async def model_info(self, *, fresh: bool = False) -> ModelInfo | None:
+        """What the workers serve (published on load and on every swap, before any answer
+        of the new version), cached 1 s unless `fresh`; an answer of another version than
+        the cached one invalidates the cache (`_note_version`)."""
         fetched_at, info = self._model
-        if time.monotonic() - fetched_at < MODEL_CACHE_S and info is not None:
+        if not fresh and time.monotonic() - fetched_at < MODEL_CACHE_S and info is not None:
             return info
         async with _redis_errors():
             raw = await self.r.get(self.keys.model)
         info = _parse(ModelInfo, raw) if raw else None
         self._model = (time.monotonic(), info)
         return info
+
+    def _note_version(self, version: str) -> None:
+        """An answer from a version other than the cached one means a reload happened: the
+        next model_info() reads Redis again, so /v1/models and ETags never lag an answer."""
+        _, info = self._model
+        if info is not None and version and version != info.version:
+            self._model = (0.0, info)
 
 
 M = TypeVar("M", ModelInfo, Heartbeat)

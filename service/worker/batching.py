@@ -44,6 +44,12 @@ class Batch:
             return None
         return [noise_seed(content) for content in contents]
 
+    def halves(self) -> list[Batch]:
+        """These jobs as two smaller batches: a failed batch is bisected down to the job
+        that fails, so its batch-mates are answered."""
+        middle = len(self.jobs) // 2
+        return [batch_of(self.jobs[:middle]), batch_of(self.jobs[middle:])]
+
     def rows(self) -> list[slice]:
         """The rows of the batch tensor that belong to each job, in job order."""
         out, start = [], 0
@@ -51,6 +57,11 @@ class Batch:
             out.append(slice(start, start + len(job.images)))
             start += len(job.images)
         return out
+
+
+def batch_of(jobs: list[Job]) -> Batch:
+    """A batch of compatible jobs; the union of their layers is computed once."""
+    return Batch(jobs=jobs, layers=validate_layers([k for j in jobs for k in j.spec.layers], []))
 
 
 def job_cost(job: Job) -> int:
@@ -79,8 +90,4 @@ def collate_requests(jobs: list[Job], max_batch: int, max_pixels: int) -> list[B
         open_batches[key] = current
     done.extend(open_batches.values())
     done.sort(key=lambda group: min(j.spec.enqueued_at for j in group))
-    return [
-        Batch(jobs=group, layers=validate_layers([k for j in group for k in j.spec.layers], []))
-        for group in done
-        if group
-    ]
+    return [batch_of(group) for group in done if group]

@@ -2,8 +2,9 @@
 
 Entries are one layer's map of one image, in the model's compute dtype, keyed by what
 determines it: model name and version, a hash of the model-input pixels (computed by the
-API), input size, mode and prompt. A request is a hit when every layer it needs is cached,
-so maps cached for one request answer later requests for any subset of their layers.
+API), input size, mode, prompt, compute dtype and device kind. A request is a hit when
+every layer it needs is cached, so maps cached for one request answer later requests for
+any subset of their layers.
 
 Two tiers. Each worker keeps a bytes-bounded LRU in its own memory (no copy through
 anything: the page's repeated clicks land here). Behind it, a shared tier in Redis with
@@ -31,13 +32,25 @@ from ..messages import JobSpec
 from ..queue.errors import QueueUnavailable
 
 
-def image_keys(spec: JobSpec, info: ModelInfo) -> list[str] | None:
-    """One key per image of the job; None when the API sent no content hashes."""
+class Computing(Protocol):
+    """What of a model decides the bytes of its maps besides the job: its weights (name
+    and version), the dtype it computes in and the kind of device (an Extractor)."""
+
+    info: ModelInfo
+    dtype: torch.dtype
+    device: torch.device
+
+
+def image_keys(spec: JobSpec, model: Computing) -> list[str] | None:
+    """One key per image of the job; None when the API sent no content hashes. The key
+    holds every input that changes a map's bytes (docs/cache.md): workers computing in
+    float32 and in bfloat16 share the Redis tier, and must not answer each other."""
     if len(spec.content) != len(spec.image_sizes):
         return None
     prompt = hashlib.sha256(spec.prompt.encode()).hexdigest()[:16]
-    return [f"{version_prefix(info)}{content}|{spec.input_size}|{spec.mode}|{prompt}"
-            for content in spec.content]
+    numerics = f"{str(model.dtype).removeprefix('torch.')}@{model.device.type}"
+    return [f"{version_prefix(model.info)}{content}|{spec.input_size}|{spec.mode}|{prompt}|"
+            f"{numerics}" for content in spec.content]
 
 
 def version_prefix(info: ModelInfo) -> str:

@@ -23,7 +23,7 @@ from cleandift.settings import Settings
 from ..messages import Heartbeat, Job, Result
 from ..metrics import WorkerMetrics
 from ..queue.errors import QueueUnavailable
-from . import stages
+from . import isolation, stages
 from .batching import collate_requests
 from .cache import FeatureCache, image_keys
 from .holder import ModelHolder
@@ -75,6 +75,8 @@ class Worker:
         self._held: set[str] = set()  # entries claimed and not yet answered
         self._held_lock = threading.Lock()
         self._busy_since: float | None = None  # monotonic start of the running forward
+        self.match_limits = stages.MatchLimits(settings.match_max_pixels,
+                                               settings.match_answer_margin_s)
         self._stuck_logged = False
 
     # -- lifecycle --------------------------------------------------------------------
@@ -97,7 +99,7 @@ class Worker:
             if self.watcher is not None:
                 self.watcher.stop()
             self._core_done.set()
-            for thread in workers:
+            for thread in [*workers, beating]:  # nothing of this worker outlives run()
                 thread.join()
             self._safe(self.jobs.leave, None)
             self._close_port()
@@ -109,7 +111,8 @@ class Worker:
         try:
             self._http = serve_worker_http(settings.worker_port, self.metrics.render,
                                            self.ready, self.alive, host=settings.host,
-                                           results=self.results)
+                                           results=self.results,
+                                           idle_timeout_s=settings.worker_idle_timeout_s)
         except OSError as exc:  # results then travel through Redis; metrics by heartbeat
             log.warning("worker port %d unavailable: %s", settings.worker_port, exc)
             return
@@ -149,9 +152,14 @@ class Worker:
                 jobs = self._safe(lambda: self.jobs.claim(max_batch, CLAIM_BLOCK_MS), [])
             with self._held_lock:
                 self._held.update(job.entry_id for job in jobs)
-            for batch in collate_requests(self._from_cache(self._live(jobs)), max_batch,
+            jobs, refused = isolation.batchable(self._live(jobs))
+            self._answer(refused)
+            for batch in collate_requests(self._from_cache(jobs), max_batch,
                                           self.settings.max_batch_pixels):
-                self._put(self._pre, stages.prepare(batch, pin))
+                prepared, failed = isolation.prepare(batch, pin)  # one bad job fails alone
+                self._answer(failed)
+                for part in prepared:
+                    self._put(self._pre, part)
 
     def _from_cache(self, jobs: list[Job]) -> list[Job]:
         """Jobs whose maps the cache holds go straight to the post stage; the rest return."""
@@ -159,7 +167,7 @@ class Worker:
             return jobs
         extractor, left = self.model.current, []
         for job in jobs:
-            keys = image_keys(job.spec, extractor.info)
+            keys = image_keys(job.spec, extractor)
             maps, where = self.cache.get(keys, job.spec.layers) if keys else (None, "miss")
             self.metrics.cache_lookups.labels(result=where).inc()
             if maps is None:
@@ -172,10 +180,9 @@ class Worker:
         """Keep what a forward computed for each image, for the next time it comes."""
         if self.cache is None or computed.cached:
             return
-        info = computed.extractor.info
         batch = computed.prepared.batch
         for job, rows in zip(batch.jobs, batch.rows()):
-            keys = image_keys(job.spec, info)
+            keys = image_keys(job.spec, computed.extractor)
             if keys:
                 self.cache.put(keys, stages.image_maps(computed, rows))
         if self.cache.memory is not None:
@@ -204,18 +211,18 @@ class Worker:
 
     def _forward(self, prepared: stages.Prepared) -> None:
         self._busy_since = time.monotonic()
-        try:
-            computed = stages.forward(prepared, self.model.current)
-        except Exception:  # a model fault answers the batch, never loses it
-            self._answer([(job, stages.internal_error(job.spec.id, "forward pass"))
-                          for job in prepared.batch.jobs])
-            return
+        extractor = self.model.current
+        try:  # a fault is bisected to the job that causes it; expired jobs stop here
+            done, failed = isolation.forward(prepared, extractor, extractor.device.type == "cuda")
         finally:
             self._busy_since = None
-        self.metrics.batch_size.observe(len(prepared.batch.images))
-        self.metrics.inference.observe(computed.inference_s)
-        self.metrics.images.inc(len(prepared.batch.images))
-        self._put(self._post, computed)
+        self._answer(failed)
+        for computed in done:
+            images = len(computed.prepared.batch.images)
+            self.metrics.batch_size.observe(images)
+            self.metrics.inference.observe(computed.inference_s)
+            self.metrics.images.inc(images)
+            self._put(self._post, computed)
 
     def _post_loop(self) -> None:
         while True:
@@ -230,16 +237,13 @@ class Worker:
 
     def _results(self, computed: stages.Computed) -> list[Answer]:
         post_started = time.time()
+        answers = isolation.results(computed, self.match_limits)  # each job on its own
         try:
-            answers = stages.results(computed)
             self._remember(computed)
             stages.trace(computed, post_started)
-        except Exception:
-            return [(job, stages.internal_error(job.spec.id, "post-processing"))
-                    for job in computed.prepared.batch.jobs]
-        for _, result in answers:
-            self._place(result)
-        return answers
+        except Exception:  # extras: the answers stand
+            log.exception("caching or tracing a batch failed")
+        return isolation.placed(answers, self._place)
 
     def _place(self, result: Result) -> None:
         """A large body stays here for the API to fetch directly; the rest goes inline."""
@@ -268,13 +272,16 @@ class Worker:
         return [j for j in jobs if j not in expired]
 
     def _answer(self, answers: list[Answer]) -> None:
+        if not answers:
+            return
         for job, result in answers:
             status = result.meta.status
             self.metrics.jobs.labels(kind=job.spec.kind, status=str(status)).inc()
+            self.metrics.inexact_matches.inc(stages.inexact_matches(result.meta))
             if status >= 500:
                 log.warning("job %s answered %d: %s", job.spec.id, status, result.meta.error,
                             extra={"request_id": job.spec.request_id or "-"})
-        deadline = time.monotonic() + self.settings.request_timeout_s
+        deadline, checked = time.monotonic() + self.settings.request_timeout_s, False
         while True:
             try:
                 self.jobs.complete(answers)
@@ -287,6 +294,13 @@ class Worker:
                     return
                 log.warning("storing results failed (%s); retrying", exc)
                 time.sleep(ANSWER_RETRY_S)
+            except Exception:  # an answer that cannot be written fails alone, once
+                if checked:  # not an answer's fault: left pending, another delivery runs it
+                    log.exception("storing %d answers failed", len(answers))
+                    with self._held_lock:
+                        self._held.difference_update(job.entry_id for job, _ in answers)
+                    return
+                answers, checked = isolation.encodable(answers), True
 
     def _put(self, q: queue.Queue[Any], item: object) -> None:
         """Hand over to the next stage; if that stage is gone the jobs stay pending in

@@ -8,11 +8,14 @@ announcement triggers a check at once; a periodic look at LATEST covers lost mes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -23,6 +26,8 @@ from ..metrics import WorkerMetrics
 from .holder import ModelHolder
 
 log = logging.getLogger(__name__)
+WAKE_S = 0.25  # longest a stop() waits for the watcher's loop to notice
+STOP_WAIT_S = 60.0  # longest a stop() waits for a version being loaded
 
 
 def watched_model_dir(spec: str | None) -> Path | None:
@@ -48,7 +53,14 @@ class RegistryWatcher:
         self.thread.start()
 
     def stop(self) -> None:
+        """Stop and wait: a watcher that outlived its worker would go on polling a Redis
+        that may be gone, and load versions for nobody."""
         self.stopping.set()
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(timeout=STOP_WAIT_S)
+            if self.thread.is_alive():
+                log.warning("registry watcher still loading after %.0f s; left behind",
+                            STOP_WAIT_S)
 
     def check(self) -> None:
         """Load LATEST if it is new; offer it to the holder or refuse it."""
@@ -70,23 +82,37 @@ class RegistryWatcher:
         self.metrics.reloads.labels(result="ok").inc()
 
     def _run(self) -> None:
-        pubsub = None
-        while not self.stopping.is_set():
-            try:
-                if pubsub is None and self.client is not None:
-                    pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-                    pubsub.subscribe(self.channel)
-                if pubsub is not None:
-                    message = pubsub.get_message(timeout=self.poll_s)
-                    if message and not self._concerns_us(message["data"]):
-                        continue
-                else:
-                    self.stopping.wait(self.poll_s)
-            except redis.RedisError as exc:  # fall back to polling until Redis is back
-                log.warning("registry channel unavailable (%s); polling", exc)
-                pubsub = None
-                self.stopping.wait(self.poll_s)
-            self.check()
+        """Check at once on an announcement, and every poll_s anyway; wake at least every
+        WAKE_S so that stop() is prompt whatever poll_s is."""
+        pubsub: Any = None
+        next_poll = 0.0
+        wake = min(self.poll_s, WAKE_S)
+        degraded = False  # said once per outage, not on every retry
+        try:
+            while not self.stopping.is_set():
+                announced = False
+                try:
+                    if pubsub is None and self.client is not None:
+                        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                        pubsub.subscribe(self.channel)
+                    if pubsub is not None:
+                        message = pubsub.get_message(timeout=wake)
+                        announced = bool(message) and self._concerns_us(message["data"])
+                        degraded = False
+                    else:
+                        self.stopping.wait(wake)
+                except redis.RedisError as exc:  # fall back to polling until Redis is back
+                    if not degraded:
+                        log.warning("registry channel unavailable (%s); polling", exc)
+                    degraded = True
+                    _close(pubsub)
+                    pubsub = None
+                    self.stopping.wait(wake)
+                if announced or time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + self.poll_s
+                    self.check()
+        finally:
+            _close(pubsub)
 
     def _concerns_us(self, data: bytes) -> bool:
         try:
@@ -94,3 +120,10 @@ class RegistryWatcher:
             return Path(message["registry"]).resolve() / message["name"] == self.model_dir.resolve()
         except (ValueError, KeyError, TypeError):
             return False
+
+
+def _close(pubsub: Any) -> None:
+    """Close a subscription, quietly: it is dropped because Redis failed or we stop."""
+    if pubsub is not None:
+        with contextlib.suppress(redis.RedisError, OSError):
+            pubsub.close()

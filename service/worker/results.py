@@ -32,6 +32,9 @@ class ResultStore:
         """Hold `body` for one fetch; returns its token, or None when there is no room."""
         with self._lock:
             self._sweep()
+            old = self._held.pop(job_id, None)  # a job stored again (run twice): the new
+            if old is not None:                 # body replaces the old one, counted once
+                self.used -= old.body.nbytes
             if self.used + body.nbytes > self.max_bytes:
                 return None
             token = secrets.token_hex(16)

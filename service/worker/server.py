@@ -24,16 +24,23 @@ RESULTS_PATH = "/results/"
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # Accept a burst at once (the stdlib's 5 leaves the rest to TCP's retries, seconds
+    # apart: 200 idle sockets delayed a probe by 30 s); the idle timeout then ends them.
+    request_queue_size = 128
 
 
 def serve_worker_http(port: int, render_metrics: Callable[[], bytes], ready: Check,
                       alive: Check, host: str = "127.0.0.1",
-                      results: ResultStore | None = None) -> ThreadingHTTPServer:
+                      results: ResultStore | None = None,
+                      idle_timeout_s: float = 30.0) -> ThreadingHTTPServer:
     """Serve on `host` (the process's bind address: 127.0.0.1 unless configured); port 0
-    takes any free port (`server.server_address` says which)."""
+    takes any free port (`server.server_address` says which). Each connection holds a
+    thread, so one that stays silent for `idle_timeout_s` is closed (the API's fetcher
+    reconnects when it finds a kept-alive socket closed)."""
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: the API reuses its connections
+        timeout = idle_timeout_s  # each read and write of the socket; idle: closed
 
         def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
             url = urlsplit(self.path)

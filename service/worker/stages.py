@@ -16,9 +16,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from cleandift.contract import InvalidPointsError, RequestError
 from cleandift.dtypes import torch_dtype
-from cleandift.extractor import Extractor
-from cleandift.matching import DeadlinePassed, correspond, similarity_map
+from cleandift.extractor import Extractor, StopCheck, Stopped
+from cleandift.matching import DeadlinePassed, Limits, Refinement, correspond, similarity_map
 from cleandift.reduce import SCALE_SUFFIX, at_points, pooled, quantize_int8
 
 from .. import tracing
@@ -67,6 +68,7 @@ class Computed:
     cached: bool = False  # read from the feature cache, not computed
     outputs: dict[int, Output] = field(default_factory=dict)  # by job index in the batch
     events: tuple[Any, Any] | None = None  # CUDA (forward start, copies done)
+    errors: dict[int, Exception] = field(default_factory=dict)  # a job's output failed
 
 
 def prepare(batch: Batch, pin: bool) -> Prepared:
@@ -80,16 +82,18 @@ def prepare(batch: Batch, pin: bool) -> Prepared:
                     marks={"pre": (started, time.time())})
 
 
-def forward(prepared: Prepared, extractor: Extractor) -> Computed:
+def forward(prepared: Prepared, extractor: Extractor, should_stop: StopCheck | None = None
+            ) -> Computed:
     """On CUDA this only queues work: the forward pass, then the conversion to the output
     dtype on the GPU and asynchronous copies into pinned buffers. The forward thread goes
-    on to the next batch at once; the post stage waits for the copies' event."""
+    on to the next batch at once; the post stage waits for the copies' event.
+    `should_stop` (every job's deadline passed) ends a DIFT ensemble between passes."""
     batch = prepared.batch
     cuda = extractor.device.type == "cuda"
     start, wall = time.perf_counter(), time.time()
     begin = _event() if cuda else None
     feats = extractor.features(prepared.pixels, batch.layers, batch.prompt, mode=batch.mode,
-                               seeds=batch.noise_seeds())
+                               seeds=batch.noise_seeds(), should_stop=should_stop)
     computed = Computed(prepared, feats, extractor)
     if cuda:
         computed.outputs = stage_outputs(computed)  # same stream: ordered after the forward
@@ -123,31 +127,41 @@ def _event() -> Any:
 
 def stage_outputs(computed: Computed) -> dict[int, Output]:
     """Each features job's tensors, reduced and converted on their device and copied into
-    one host buffer per job: one copy per tensor, no Python bytes in between."""
+    one host buffer per job: one copy per tensor, no Python bytes in between. A job whose
+    output cannot be made is noted in `computed.errors` and fails alone."""
     batch, outputs = computed.prepared.batch, {}
     pin = next(iter(computed.features.values())).is_cuda  # cached maps live on the host
     for index, (job, rows) in enumerate(zip(batch.jobs, batch.rows())):
         if job.spec.kind != "features":
             continue
-        tensors = answer_tensors(job.spec, {k: computed.features[k][rows][0]
-                                            for k in job.spec.layers})
-        layers = {key: LayerMeta(shape=list(t.shape), dtype=WIRE_DTYPES[t.dtype])
-                  for key, t in tensors.items()}
-        sizes = [t.numel() * t.element_size() for t in tensors.values()]
-        buffer = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=pin)
-        offset = 0
-        for tensor, size in zip(tensors.values(), sizes):
-            target = buffer[offset:offset + size].view(tensor.dtype).view(tensor.shape)
-            target.copy_(tensor, non_blocking=pin)
-            offset += size
-        outputs[index] = Output(buffer, layers)
+        try:
+            outputs[index] = _output(job.spec, {k: computed.features[k][rows][0]
+                                                for k in job.spec.layers}, pin)
+        except Exception as exc:  # this job's parameters or bytes: its batch-mates go on
+            computed.errors[index] = exc
     return outputs
+
+
+def _output(spec: JobSpec, maps: dict[str, torch.Tensor], pin: bool) -> Output:
+    tensors = answer_tensors(spec, maps)
+    layers = {key: LayerMeta(shape=list(t.shape), dtype=WIRE_DTYPES[t.dtype])
+              for key, t in tensors.items()}
+    sizes = [t.numel() * t.element_size() for t in tensors.values()]
+    buffer = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=pin)
+    offset = 0
+    for tensor, size in zip(tensors.values(), sizes):
+        target = buffer[offset:offset + size].view(tensor.dtype).view(tensor.shape)
+        target.copy_(tensor, non_blocking=pin)
+        offset += size
+    return Output(buffer, layers)
 
 
 def answer_tensors(spec: JobSpec, maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What a features job asked for, per layer, on the maps' device: the map, its
     descriptors at points or its pooled grid, in the output dtype (int8: with scales)."""
     out: dict[str, torch.Tensor] = {}
+    if spec.points is not None and not spec.points:
+        raise InvalidPointsError("points is empty: give at least one [x, y] pair")
     for key, feat in maps.items():
         if spec.points is not None:
             values, channel_axis = at_points(feat, spec.points, spec.image_sizes[0]), 1
@@ -178,12 +192,21 @@ def finish(computed: Computed) -> None:
         computed.outputs = stage_outputs(computed)
 
 
-def results(computed: Computed) -> list[tuple[Job, Result]]:
+@dataclass(frozen=True)
+class MatchLimits:
+    """What one /correspond may spend proving DIFT's argmax (Settings.match_*)."""
+
+    max_pixels: int | None = None
+    answer_margin_s: float = 0.0
+
+
+def results(computed: Computed, limits: MatchLimits = MatchLimits()
+            ) -> list[tuple[Job, Result]]:
     """Per-job results: raw feature bytes, or matches computed next to the features.
     One job's failure answers that job only; its batch-mates are answered normally."""
     finish(computed)
     batch = computed.prepared.batch
-    return [(job, job_result(job, index, rows, computed))
+    return [(job, job_result(job, index, rows, computed, limits))
             for index, (job, rows) in enumerate(zip(batch.jobs, batch.rows()))]
 
 
@@ -200,8 +223,11 @@ def trace(computed: Computed, post_started: float) -> None:
                "cleandift.batch_images": len(prepared.batch.images)})
 
 
-def job_result(job: Job, index: int, rows: slice, computed: Computed) -> Result:
+def job_result(job: Job, index: int, rows: slice, computed: Computed,
+               limits: MatchLimits = MatchLimits()) -> Result:
     spec, info = job.spec, computed.extractor.info
+    if index in computed.errors:
+        return job_failure(spec.id, "output stage", computed.errors[index])
     if spec.deadline and time.time() > spec.deadline:
         return failure(spec.id, 504, DEADLINE_MESSAGE)
     timings = {
@@ -213,7 +239,7 @@ def job_result(job: Job, index: int, rows: slice, computed: Computed) -> Result:
     result = Result(meta)
     try:
         if spec.kind == "correspond":
-            _matches(meta, spec, computed.features[spec.layers[0]][rows])
+            _matches(meta, spec, computed.features[spec.layers[0]][rows], limits)
         else:
             output = computed.outputs[index]
             meta.layers, meta.layout = output.layers, layout(spec)
@@ -225,13 +251,19 @@ def job_result(job: Job, index: int, rows: slice, computed: Computed) -> Result:
     return result
 
 
-def _matches(meta: ResultMeta, spec: JobSpec, feats: torch.Tensor) -> None:
-    """Source (row 0) against each target (rows 1...): the source was computed once."""
+def _matches(meta: ResultMeta, spec: JobSpec, feats: torch.Tensor, limits: MatchLimits
+             ) -> None:
+    """Source (row 0) against each target (rows 1...): the source was computed once. The
+    targets share the job's candidate budget, in order."""
     points = [list(p) for p in spec.points] if spec.points is not None else None
     answers = []
+    stats = Refinement()
+    stop_at = spec.deadline - limits.answer_margin_s if spec.deadline else None
     for i, target_size in enumerate(spec.image_sizes[1:], start=1):
+        left = None if limits.max_pixels is None else max(0, limits.max_pixels - stats.pixels)
         matches = correspond(feats[0], feats[i], spec.image_sizes[0], target_size, points,
-                             max_matches=spec.max_matches, deadline=spec.deadline or None)
+                             max_matches=spec.max_matches, deadline=spec.deadline or None,
+                             limits=Limits(stop_at=stop_at, max_pixels=left), stats=stats)
         heatmap = None
         if spec.heatmap and points:
             sim = similarity_map(feats[0], feats[i], points[-1], spec.image_sizes[0])
@@ -244,11 +276,31 @@ def _matches(meta: ResultMeta, spec: JobSpec, feats: torch.Tensor) -> None:
         meta.targets = answers
 
 
+def inexact_matches(meta: ResultMeta) -> int:
+    """Matches of an answer whose search a limit stopped before it was proven."""
+    lists = [meta.matches or []] + [t.matches for t in meta.targets or []]
+    return sum(1 for matches in lists for m in matches if m.get("exact") is False)
+
+
 def internal_error(job_id: str, stage: str) -> Result:
     """A 500 whose text names the stage and an id to find the traceback in the worker's
     log; the exception's own text (paths, addresses) never reaches the client."""
     error_id = uuid.uuid4().hex[:12]
     log.exception("%s failed for job %s (error id %s)", stage, job_id, error_id)
+    return failure(job_id, 500, f"the worker's {stage} failed (error id {error_id}; the "
+                                "worker log has the details)")
+
+
+def job_failure(job_id: str, stage: str, exc: BaseException) -> Result:
+    """One job's fault as its own answer: what the stages cannot do for this request is
+    the client's (422, with its message), a passed deadline 504, anything else a 500 with
+    an error id (the exception's text stays in the worker's log)."""
+    if isinstance(exc, RequestError):
+        return failure(job_id, 422, str(exc))
+    if isinstance(exc, DeadlinePassed | Stopped):
+        return failure(job_id, 504, DEADLINE_MESSAGE)
+    error_id = uuid.uuid4().hex[:12]
+    log.error("%s failed for job %s (error id %s)", stage, job_id, error_id, exc_info=exc)
     return failure(job_id, 500, f"the worker's {stage} failed (error id {error_id}; the "
                                 "worker log has the details)")
 

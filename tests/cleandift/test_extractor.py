@@ -95,3 +95,21 @@ def test_compiled_blocks_keep_the_read_out_and_the_early_stop(demo_dir, cache_di
         for a, b in zip(want, got):
             for key in a:
                 torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_dift_stops_between_unet_passes_when_told(extractor, photo):
+    """A long DIFT ensemble can be abandoned (its deadline passed): `should_stop` is asked
+    between UNet passes, and the rest of the ensemble never runs."""
+    from cleandift.extractor import Stopped
+    from cleandift.method import DIFT_ENSEMBLE
+
+    pixels = extractor.preprocess([photo] * 4, 64)
+    seen: list[int] = []
+    hook = extractor.base_unet().register_forward_pre_hook(
+        lambda _m, args: seen.append(int(args[0].shape[0])))
+    try:
+        with pytest.raises(Stopped):
+            extractor.features(pixels, ["us6"], mode="dift", should_stop=lambda: bool(seen))
+    finally:
+        hook.remove()
+    assert 0 < sum(seen) < 4 * DIFT_ENSEMBLE

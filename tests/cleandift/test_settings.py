@@ -41,3 +41,12 @@ def test_the_cli_reports_a_bad_setting_and_exits_2(monkeypatch):
 def test_version_flag():
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.startswith("cleandift ")
+
+
+def test_keywords_set_fields_that_have_env_aliases():
+    """Settings(worker_port=0) once silently kept 9001 (the field has env aliases), so all
+    test workers shared one port: whoever bound it first served the others' results."""
+    from cleandift.settings import Settings
+
+    assert Settings(worker_port=0).worker_port == 0
+    assert Settings(redis_url="redis://127.0.0.1:1").redis_url == "redis://127.0.0.1:1"

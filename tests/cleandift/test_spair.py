@@ -5,8 +5,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from cleandift import spair as spair_module
 from cleandift.cli import app
-from cleandift.spair import Tally, evaluate, load_pairs, pck_hits
+from cleandift.matching import Match
+from cleandift.spair import ApproximateMatches, evaluate, load_pairs
 from tests.corpus import textured_image
 
 
@@ -32,19 +34,6 @@ def spair(tmp_path_factory):
     return root
 
 
-def test_pck_counts_per_keypoint_and_per_image():
-    hits = pck_hits([(0, 0), (10, 0)], [[0, 0], [0, 0]], [0, 0, 100, 50], (200, 100))
-    assert hits["bbox"][0.05] == [True, False] and hits["bbox"][0.10] == [True, True]
-    assert hits["img"][0.05] == [True, True]  # 0.05 * 200 = 10
-    tally = Tally()
-    tally.add(hits)
-    tally.add(pck_hits([(50, 50)], [[0, 0]], [0, 0, 100, 50], (200, 100)))
-    report = tally.report()
-    assert report["pck_bbox"]["0.10"]["per_keypoint"] == pytest.approx(66.67)
-    assert report["pck_bbox"]["0.10"]["per_image"] == pytest.approx(50.0)
-    assert report["pairs"] == 2 and report["keypoints"] == 3
-
-
 def test_load_pairs_filters(spair):
     assert len(load_pairs(spair)) == 3
     assert [p.category for p in load_pairs(spair, category="dog")] == ["dog"]
@@ -56,11 +45,12 @@ def test_load_pairs_filters(spair):
 def test_resized_pairs_score_high_in_both_modes(spair, extractor):
     report = evaluate(extractor, load_pairs(spair))
     assert report["overall"]["pairs"] == 3 and report["overall"]["keypoints"] == 12
-    assert report["overall"]["pck_bbox"]["0.10"]["per_keypoint"] >= 90
+    assert report["overall"]["pck"]["le"]["bbox"]["per_keypoint"]["0.10"] >= 90
     assert set(report["per_category"]) == {"cat", "dog"}
     dift = evaluate(extractor, load_pairs(spair, limit=1), mode="dift")
     assert dift["prompt"] == report["prompt"] == "a photo of a {category}"
-    assert dift["overall"]["pck_img"]["0.15"]["per_image"] >= 75
+    assert dift["overall"]["pck"]["le"]["img"]["per_image"]["0.15"] >= 75
+    assert report["matches"] == {"total": 12, "inexact": 0} and not report["approximate"]
 
 
 def spy(extractor, monkeypatch) -> list[tuple[str, str, list | None]]:
@@ -100,24 +90,69 @@ def test_dift_noise_is_fresh_per_image_and_reproducible(spair, extractor, monkey
     assert set(s[0] for _, _, s in calls).isdisjoint(seeds)  # the base seed moves them all
 
 
-def test_pck_rule_decides_the_boundary():
-    exactly = pck_hits([(10, 0)], [[0, 0]], [0, 0, 100, 50], (200, 100))  # 0.10 * 100 = 10
-    assert exactly["bbox"][0.10] == [True]
-    strict = pck_hits([(10, 0)], [[0, 0]], [0, 0, 100, 50], (200, 100), rule="lt")
-    assert strict["bbox"][0.10] == [False] and strict["bbox"][0.15] == [True]
+def shifted_matches(shift: float, exact: bool = True):
+    """A stand-in for match_points: each fixture keypoint's true target, `shift` px to the
+    right (the fixture's targets are the sources scaled by 1.5)."""
+    def match_points(src, tgt, points, src_size, tgt_size, **_kw):
+        assert tgt_size == (300, 240)  # the target's original size, not the model's 256
+        return [Match((x, y), ((x + 0.5) * 1.5 - 0.5 + shift, (y + 0.5) * 1.5 - 0.5), 1.0,
+                      exact) for x, y in points]
+    return match_points
 
 
-def test_cli_writes_the_report(spair, demo_dir, tmp_path):
+def test_thresholds_use_the_target_bbox_and_original_image(spair, extractor, monkeypatch):
+    # Target image 300 x 240 (model input 256), target bbox side max(240, 180) = 240.
+    monkeypatch.setattr(spair_module, "match_points", shifted_matches(30.0))
+    pck = evaluate(extractor, load_pairs(spair, category="cat"))["overall"]["pck"]
+    assert pck["le"]["img"]["per_keypoint"]["0.10"] == 100.0  # 30 <= 0.10 * 300
+    assert pck["lt"]["img"]["per_keypoint"]["0.10"] == 0.0  # not 30 < 30
+    assert pck["le"]["bbox"]["per_image"]["0.10"] == 0.0  # 30 > 0.10 * 240
+    assert pck["lt"]["bbox"]["per_image"]["0.15"] == 100.0  # 30 < 0.15 * 240 = 36
+    assert pck["le"]["img"]["per_image"]["0.05"] == 0.0  # 30 > 0.05 * 300
+
+
+def test_approximate_matches_are_refused_unless_allowed(spair, extractor, monkeypatch):
+    monkeypatch.setattr(spair_module, "match_points", shifted_matches(0.0, exact=False))
+    pairs = load_pairs(spair, category="cat")
+    with pytest.raises(ApproximateMatches, match="8 of 8 matches are approximate") as info:
+        evaluate(extractor, pairs)
+    assert (info.value.inexact, info.value.total) == (8, 8)
+    report = evaluate(extractor, pairs, allow_approximate=True)
+    assert report["approximate"] and report["matches"] == {"total": 8, "inexact": 8}
+    assert report["overall"]["pck"]["lt"]["bbox"]["per_image"]["0.05"] == 100.0
+
+
+def run_cli(spair, demo_dir, *args):
+    return CliRunner().invoke(app, ["eval-spair", "--data", str(spair), "--model", str(demo_dir),
+                                    *args])
+
+
+def test_cli_writes_the_report_and_prints_the_table(spair, demo_dir, tmp_path):
     out = tmp_path / "r.json"
-    result = CliRunner().invoke(app, ["eval-spair", "--data", str(spair), "--model", str(demo_dir),
-                                      "--category", "cat", "--json", str(out)])
+    result = run_cli(spair, demo_dir, "--category", "cat", "--json", str(out))
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert report["overall"]["pairs"] == 2
-    assert report["dtype"] == "float32" and report["pck"] == "<="
-    result = CliRunner().invoke(app, ["eval-spair", "--data", str(spair), "--model", str(demo_dir),
-                                      "--category", "dog", "--dtype", "bfloat16", "--pck", "lt",
-                                      "--prompt", "", "--json", str(out)])
+    assert report["overall"]["pairs"] == 2 and report["dtype"] == "float32"
+    assert report["protocol"]["comparison"]["le"].startswith("correct if distance <=")
+    assert "side: target image (orig. px)" in result.stdout
+    assert "distance <= alpha * side (DIFT)" in result.stdout
+    assert "all 8 matches exact" in result.stdout
+    result = run_cli(spair, demo_dir, "--category", "dog", "--dtype", "bfloat16",
+                     "--prompt", "", "--json", str(out))
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert (report["dtype"], report["pck"], report["prompt"]) == ("bfloat16", "<", "")
+    assert (report["dtype"], report["prompt"]) == ("bfloat16", "")
+
+
+def test_cli_refuses_approximate_pck_unless_allowed(spair, demo_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(spair_module, "match_points", shifted_matches(0.0, exact=False))
+    out = tmp_path / "r.json"
+    result = run_cli(spair, demo_dir, "--category", "dog", "--json", str(out))
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    assert "error: 4 of 4 matches are approximate" in result.stderr
+    assert "Traceback" not in result.output and not out.exists()
+    result = run_cli(spair, demo_dir, "--category", "dog", "--allow-approximate",
+                     "--json", str(out))
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["approximate"] is True
+    assert "APPROXIMATE: 4 of 4 matches" in result.stdout

@@ -65,7 +65,10 @@ CASES = {
     "unknown layer": (lambda c: features(c, JPEG, layers="us6,us11"), 422),
     "bad size": (lambda c: features(c, JPEG, size="100"), 422),
     "huge prompt": (lambda c: features(c, JPEG, prompt="x" * 100_000), 422),
+    "17 targets (form)": (lambda c: c.post("/correspond", files=[("source", ("a", JPEG))] + [
+        ("target", (f"t{i}", PNG)) for i in range(17)]), 422),
 }
+MAX_PROBLEM_BYTES = 1500  # a refusal names what it refuses, without echoing all of it
 
 
 @pytest.fixture
@@ -85,12 +88,13 @@ def test_bad_inputs_get_their_status_and_change_nothing(service_client, record):
         if expected != 200:
             assert response.headers["content-type"].startswith("application/problem+json")
             assert response.json()["status"] == expected
+            assert len(response.content) < MAX_PROBLEM_BYTES, (name, len(response.content))
         assert client.get("/readyz").status_code == 200, f"not ready after {name}"
     after = features(client, JPEG, layers="us6").json()["features"]["us6"]["data"]
     assert before == after
     rotated = features(client, rotated_jpeg()[0]).json()["image"]
     assert (rotated["width"], rotated["height"]) == rotated_jpeg()[1]
-    record(fault="bad input corpus (22 kinds)", sent=len(CASES),
+    record(fault=f"bad input corpus ({len(CASES)} kinds)", sent=len(CASES),
            succeeded=sum(s == 200 for s in statuses.values()),
            refused=sum(s != 200 for s in statuses.values()), errors=0, lost=0,
            notes="; ".join(f"{k}: {v}" for k, v in statuses.items()))
@@ -110,6 +114,7 @@ def _multipart(fields: dict[str, str], files: dict[str, bytes]) -> tuple[bytes, 
 B64 = base64.b64encode(JPEG).decode()
 DEEP = "[" * 100_000 + "]" * 100_000
 HUGE = "9" * 400
+MB = "x" * 1_000_000
 MALFORMED = {
     # name: (path, json body or (form fields, files), expected status)
     "400-digit point (JSON)": ("/correspond", f'{{"source": "{B64}", "target": "{B64}", '
@@ -137,7 +142,14 @@ MALFORMED = {
     "lone surrogate prompt": ("/features", f'{{"image": "{B64}", "prompt": "\\ud800"}}', 422),
     "top-level array": ("/features", "[1, 2]", 422),
     "null body": ("/features", "null", 422),
-    "two files for one": ("/features", ({}, {"image": JPEG, "image2": JPEG}), 400),
+    "two files for one": ("/features", ({}, {"image": JPEG, "image2": JPEG}), 422),
+    "grid true (JSON)": ("/features", f'{{"image": "{B64}", "grid": true}}', 422),
+    "max_matches true (JSON)": ("/correspond", f'{{"source": "{B64}", "target": "{B64}", '
+                                '"max_matches": true}', 422),
+    "1 MB layer name (JSON)": ("/features", f'{{"image": "{B64}", "layers": ["{MB}"]}}', 422),
+    "1 MB unexpected key (JSON)": ("/features", f'{{"image": "{B64}", "{MB}": 1}}', 422),
+    "1 MB point (form)": ("/correspond", ({"points": f'[["{MB}", 1]]'},
+                                          {"source": JPEG, "target": JPEG}), 422),
 }
 
 
@@ -158,6 +170,7 @@ def test_malformed_numbers_get_4xx_and_keep_the_connection(service_client, recor
         statuses[name] = response.status
         assert response.status == expected, (name, text[:300])
         assert response.getheader("content-type").startswith("application/problem+json")
+        assert len(text) < MAX_PROBLEM_BYTES, (name, len(text))
         connection.request("GET", "/readyz")  # the same socket: it must still be open
         ready = connection.getresponse()
         ready.read()

@@ -18,6 +18,11 @@ from cleandift.service.processes.launch import build_worker
 from cleandift.service.processes.redis_server import free_port
 from cleandift.settings import Settings
 
+# A stopping API waits for its requests in flight, a stopping worker for its claimed jobs:
+# under a loaded machine that takes a while, and a thread still running after this long
+# is reported by the suite's leak check (tests/conftest.py).
+STOP_WAIT_S = 90.0
+
 
 class ApiServer:
     def __init__(self, settings: Settings) -> None:
@@ -26,7 +31,8 @@ class ApiServer:
                                 log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.server.install_signal_handlers = lambda: None  # not the main thread
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=self.server.run, daemon=True,
+                                       name=f"test-api-{self.port}")
         self.url = f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> ApiServer:
@@ -39,7 +45,7 @@ class ApiServer:
 
     def __exit__(self, *_exc) -> None:
         self.server.should_exit = True
-        self.thread.join(timeout=20)
+        self.thread.join(timeout=STOP_WAIT_S)
 
 
 class WorkerThread:
@@ -48,7 +54,8 @@ class WorkerThread:
     def __init__(self, settings: Settings, extractor, name: str | None = None) -> None:
         named = settings.model_copy(update={"worker_id": name or f"w-{uuid.uuid4().hex[:6]}"})
         self.worker = build_worker(named, extractor)
-        self.thread = threading.Thread(target=self.worker.run, daemon=True)
+        self.thread = threading.Thread(target=self.worker.run, daemon=True,
+                                       name=f"test-worker-{named.worker_id}")
 
     def __enter__(self) -> WorkerThread:
         self.thread.start()
@@ -56,7 +63,7 @@ class WorkerThread:
 
     def __exit__(self, *_exc) -> None:
         self.worker.stop()
-        self.thread.join(timeout=30)
+        self.thread.join(timeout=STOP_WAIT_S)
 
 
 def wait_ready(client: httpx.Client, timeout: float = 20) -> None:

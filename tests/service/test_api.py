@@ -108,6 +108,7 @@ def test_models_health_and_docs(service):
     models = service.get("/v1/models").json()
     assert models["correspondence_layer"] == "us6" and models["layers"]["us6"]["stride"] == 16
     assert service.get("/healthz").status_code == 200
+    assert service.get("/metrics/workers").status_code == 200  # no key configured: open
     schema = service.get("/openapi.json").json()
     content = schema["paths"]["/features"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(content)
@@ -160,8 +161,11 @@ def test_api_key(settings, extractor, jpeg):
         problem(client.get("/v1/models"), 401)
         assert post_features(client, jpeg, headers={"Authorization": "Bearer s3cret"}).is_success
         assert post_features(client, jpeg, headers={"X-API-Key": "s3cret"}).is_success
-        for open_path in ("/healthz", "/readyz", "/metrics"):
+        for open_path in ("/healthz", "/readyz", "/readyz/api", "/metrics", "/"):
             assert client.get(open_path).status_code == 200
+        problem(client.get("/metrics/workers"), 401)  # names every worker: behind the key
+        workers = client.get("/metrics/workers", headers={"X-API-Key": "s3cret"})
+        assert workers.status_code == 200 and "cleandift_" in workers.text
 
 
 def test_features_tensor_helper_is_the_core_path(extractor, jpeg):

@@ -48,13 +48,35 @@ def test_async_client(settings, extractor, photo, photo2):
 
 def test_retries_honour_retry_after_then_raise(settings, photo):
     # An API with no worker ever started answers 503 (no worker) with Retry-After: 1.
-    with ApiServer(settings) as api, Client(api.url, retries=2) as client:
+    with ApiServer(settings) as api, Client(api.url, retries=2, retry_budget_s=0) as client:
         start = time.monotonic()
         with pytest.raises(NotReady) as err:
             client.features(photo)
         waited = time.monotonic() - start
     assert err.value.status == 503 and "worker" in err.value.detail
     assert waited >= 2.0  # two retries, one second apart
+
+
+def test_the_default_retry_budget_rides_through_a_worker_restart(settings, extractor, photo):
+    """No worker for ~6 s (a restart under serve takes ~15 s): new requests get 503 with
+    Retry-After meanwhile; the client keeps retrying within its time budget (what
+    `extract-dataset --service` relies on) instead of giving up after a few seconds."""
+    import threading
+
+    from tests.service.service_helpers import WorkerThread
+
+    with WorkerThread(settings, extractor):  # the model description reaches Redis
+        pass
+    with ApiServer(settings) as api, Client(api.url) as client:
+        late = WorkerThread(settings, extractor)
+        timer = threading.Timer(6.0, late.__enter__)
+        timer.start()
+        try:
+            feats = client.features(photo, layers="us6")
+        finally:
+            timer.join()
+            late.__exit__()
+    assert feats["us6"].shape == (64, 16, 16)
 
 
 def test_client_outputs_targets_and_many(cached_settings, extractor, photo, photo2):

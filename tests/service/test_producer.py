@@ -20,7 +20,7 @@ def test_after_an_empty_redis_restart_workers_get_time_to_register(settings, mon
     async def scenario() -> list[float | None]:
         producer = producer_module.JobProducer(
             async_client(settings.redis_url), Keys(settings.queue_prefix), max_queue=8,
-            stream_maxlen=1000, worker_ttl_s=10, no_worker_grace_s=5)
+            stream_maxlen=1000, worker_ttl_s=10)
         producer.view.run_id = "a-redis-that-is-gone"  # as if Redis had restarted
         seen = []
         await producer._look()

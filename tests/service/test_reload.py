@@ -115,6 +115,24 @@ def test_new_versions_switch_once_and_broken_ones_are_refused(
     assert versions_in_order(load.seen) == ["v1", "v2"]
 
 
+def test_the_served_version_never_lags_an_answer(settings, extractor, demo_dir, unet_files,
+                                                 tmp_path, photo):
+    """Once a client holds an answer of version N, /v1/models and the ETag say N too (the
+    API's 1 s model cache once reported the previous version after a reload)."""
+    reg = tmp_path / "reg"
+    image = {"image": ("x.png", encode(photo, "PNG"))}
+    with watched_service(settings, reg, demo_dir, unet_files[0], 0.05) as (client, _):
+        first = client.post("/features", files=image)
+        publish(reg, unet_files[1], demo_dir)
+        deadline = time.monotonic() + 20
+        while client.post("/features", files=image).json()["model_version"] != "v2":
+            assert time.monotonic() < deadline, "never served v2"
+        assert client.get("/v1/models").json()["version"] == "v2"
+        again = client.post("/features", files=image,
+                            headers={"If-None-Match": first.headers["etag"]})
+        assert again.status_code == 200 and again.json()["model_version"] == "v2"
+
+
 def test_old_weights_are_freed_and_promote_rolls_back(
     settings, extractor, demo_dir, unet_files, tmp_path, photo
 ):

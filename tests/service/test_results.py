@@ -92,3 +92,40 @@ def test_the_api_fetcher_reads_results_and_reports_failures():
         asyncio.run(scenario())
     finally:
         server.shutdown()
+
+
+def test_a_job_stored_twice_is_counted_once():
+    """A job run again (redelivered) stores its result again: the new body replaces the
+    old one, and after the fetch nothing stays counted."""
+    store = ResultStore(max_bytes=1000, hold_s=30)
+    store.put("job", body(300))
+    token = store.put("job", body(300))
+    assert token and store.used == 300 and len(store) == 1
+    assert bytes(store.take("job", token)) == bytes(body(300))
+    assert store.used == 0
+    assert store.put("other", body(1000))  # the whole budget is free again
+
+
+def test_the_port_closes_idle_connections():
+    """Each connection holds a thread: one that sends nothing is closed after the idle
+    timeout (and a request on a fresh connection is still answered)."""
+    import socket
+    import threading
+
+    server = serve_worker_http(0, lambda: b"m\n", lambda: (True, "ready"), lambda: (True, "ok"),
+                               idle_timeout_s=0.3)
+    address = ("127.0.0.1", server.server_address[1])
+    before = threading.active_count()
+    try:
+        idle = [socket.create_connection(address, timeout=5) for _ in range(20)]
+        for sock in idle:
+            assert sock.recv(1) == b""  # closed by the server, not by our 5 s timeout
+            sock.close()
+        assert httpx.get(f"http://{address[0]}:{address[1]}/readyz").text == "ready\n"
+        deadline = time.monotonic() + 5
+        while threading.active_count() > before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert threading.active_count() <= before  # their threads are gone
+    finally:
+        server.shutdown()
+        server.server_close()

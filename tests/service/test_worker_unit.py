@@ -141,11 +141,11 @@ def test_a_failing_post_stage_answers_the_batch_and_the_worker_goes_on(extractor
     real = stages.results
     calls = []
 
-    def flaky(computed):
+    def flaky(computed, *args):
         calls.append(1)
         if len(calls) == 1:
             raise ValueError("encoding bug")
-        return real(computed)
+        return real(computed, *args)
 
     monkeypatch.setattr(stages, "results", flaky)
     queue = MemoryQueue()
@@ -181,9 +181,9 @@ def test_answers_are_retried_until_redis_takes_them(extractor):
 def test_held_jobs_are_kept_fresh_while_they_run(extractor, monkeypatch):
     real = stages.forward
 
-    def slow(prepared, model):
+    def slow(prepared, model, *args):
         time.sleep(0.3)  # several heartbeat periods
-        return real(prepared, model)
+        return real(prepared, model, *args)
 
     monkeypatch.setattr(stages, "forward", slow)
     queue = MemoryQueue()
@@ -206,7 +206,7 @@ def test_stop_answers_what_was_claimed(extractor):
 def test_a_hung_forward_gives_its_jobs_up_and_reports_not_alive(extractor, monkeypatch):
     release = threading.Event()
 
-    def hang(prepared, model):
+    def hang(prepared, model, *_args):
         release.wait(30)
         raise RuntimeError("the GPU never answered")
 
@@ -255,3 +255,98 @@ def test_dift_answers_depend_on_the_image_alone(extractor):
     beside = forward(prepare(Batch([b, a], ["us6"]), pin=False), extractor).features["us6"]
     again = forward(prepare(Batch([a], ["us6"]), pin=False), extractor).features["us6"]
     assert torch.allclose(alone[0], beside[1], atol=1e-4) and torch.equal(alone, again)
+
+
+# -- per-job isolation after batching (issue 26, item 1) -------------------------------
+
+def test_a_job_failing_in_the_output_stage_fails_alone(extractor):
+    """points=[] (refused by the API since, but a worker must not trust that): its batch-
+    mates are answered 200, it gets a 4xx naming the problem."""
+    queue = MemoryQueue()
+    poison = job(9)
+    poison.spec.points = []
+    queue.waiting.extend([job(0), job(1), poison, job(2)])
+    with running(queue, extractor):
+        answers = queue.wait_answers(4)
+    assert answers.pop(poison.spec.id).meta.status == 422
+    assert [r.meta.status for r in answers.values()] == [200, 200, 200]
+
+
+def test_a_failing_batched_forward_is_bisected_to_the_job_that_fails(extractor, monkeypatch):
+    real, sizes = stages.forward, []
+
+    def allergic(prepared, model, *args, **kwargs):  # fails whenever image 13 is in it
+        sizes.append(len(prepared.batch.jobs))
+        if any(int(im[0, 0, 0]) == 13 for im in prepared.batch.images):
+            raise RuntimeError("CUDA error: an illegal memory access")
+        return real(prepared, model, *args, **kwargs)
+
+    monkeypatch.setattr(stages, "forward", allergic)
+    queue = MemoryQueue()
+    jobs = [job(0), job(13), job(1), job(2)]
+    queue.waiting.extend(jobs)
+    with running(queue, extractor):
+        answers = queue.wait_answers(4)
+    assert answers.pop(jobs[1].spec.id).meta.status == 500
+    assert [r.meta.status for r in answers.values()] == [200, 200, 200]
+    assert sizes[0] == 4 and 1 in sizes  # tried whole, then in smaller batches
+
+
+def test_a_job_failing_in_the_pre_stage_fails_alone(extractor):
+    """A job whose pixels do not fit its batch (a corrupt or foreign message): the intake
+    thread survives, the job gets its answer, the others theirs."""
+    queue = MemoryQueue()
+    odd = job(5)
+    odd.images = [np.zeros((SIZE // 2, SIZE, 3), np.uint8)]
+    queue.waiting.extend([job(0), odd, job(1)])
+    with running(queue, extractor) as worker:
+        answers = queue.wait_answers(3)
+        assert not worker.stopping.is_set()
+    assert answers.pop(odd.spec.id).meta.status >= 400
+    assert [r.meta.status for r in answers.values()] == [200, 200]
+
+
+def test_a_job_past_its_deadline_stops_between_dift_passes(extractor):
+    """The deadline passes during the ensemble: the worker stops at the next UNet pass
+    instead of running the rest for nobody, and answers 504."""
+    spec = JobSpec(kind="correspond", input_size=SIZE, layers=["us6"], mode="dift",
+                   image_sizes=[(SIZE, SIZE)] * 4, points=[(3.0, 4.0)],
+                   deadline=time.time() + 60, content=[f"{i:02x}" * 16 for i in range(4)])
+    costly = Job(spec=spec, images=[np.full((SIZE, SIZE, 3), i, np.uint8) for i in range(4)],
+                 entry_id="1-0")
+    latents: list[int] = []
+
+    def count(_module, args):
+        latents.append(int(args[0].shape[0]))
+        spec.deadline = time.time() - 1  # passes during the first UNet pass
+
+    hook = extractor.base_unet().register_forward_pre_hook(count)
+    queue = MemoryQueue()
+    queue.waiting.append(costly)
+    try:
+        with running(queue, extractor):
+            answers = queue.wait_answers(1)
+    finally:
+        hook.remove()
+    assert answers[spec.id].meta.status == 504
+    assert 0 < sum(latents) < 4 * 8, latents
+
+
+def test_a_batch_that_cannot_be_prepared_is_bisected(monkeypatch):
+    """The pre stage's fallback: halves until the job that breaks it is alone."""
+    from cleandift.service.worker import isolation
+    from cleandift.service.worker.batching import batch_of
+
+    real = stages.prepare
+
+    def picky(batch, pin):
+        if any(int(im[0, 0, 0]) == 7 for im in batch.images):
+            raise ValueError("cannot stack")
+        return real(batch, pin)
+
+    monkeypatch.setattr(stages, "prepare", picky)
+    jobs = [job(i) for i in (1, 7, 2, 3, 4)]
+    ready, failed = isolation.prepare(batch_of(jobs), pin=False)
+    assert [(j.spec.id, r.meta.status) for j, r in failed] == [(jobs[1].spec.id, 500)]
+    assert sorted(j.spec.id for p in ready for j in p.batch.jobs) == sorted(
+        j.spec.id for j in jobs if j is not jobs[1])

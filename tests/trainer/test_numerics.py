@@ -9,14 +9,17 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import save_file
+import typer
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
 
-from cleandift import load_extractor, official
+from cleandift import load_extractor, official, registry
 from cleandift.contract import UsageError
+from cleandift.trainer.cli import register
 from cleandift.trainer.config import TrainConfig
 from cleandift.trainer.distill import Student, add_noise, stratified_timesteps
 from cleandift.trainer.heads import FourierFeatures
-from cleandift.trainer.train import init_from_full
+from cleandift.trainer.train import init_from_full, warmup_lr
 
 # The official StableFeatureAligner's state-dict names (CompVis/cleandift,
 # src/sd_feature_extraction.py and src/layers.py, configs/sd21_feature_extractor.yaml:
@@ -126,6 +129,34 @@ def test_the_trainer_starts_from_it(full_checkpoint, extractor):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
 
 
+def test_publishing_it_keeps_the_student_alone_at_its_learned_timestep(
+        full_checkpoint, demo_dir, tmp_path):
+    student, path, _ = full_checkpoint
+    reg, app = tmp_path / "reg", typer.Typer()
+    register(app)
+    result = CliRunner().invoke(app, ["publish", "--registry", str(reg), "--name", "official",
+                                      "--unet", str(path), "--base", str(demo_dir)])
+    assert result.exit_code == 0, result.output
+    folder = registry.resolve(reg / "official")
+    learned = float(student.timestep.detach())
+    manifest = registry.read_manifest(folder)
+    assert manifest["student_timestep"] == pytest.approx(learned) != 261.0
+    assert manifest["source_format"].startswith("official full checkpoint")
+    unet_file = folder / registry.UNET_FILE
+    flat = load_file(str(unet_file))  # a flat diffusers state dict: no teacher, VAE, heads
+    assert set(flat) == set(student.unet.state_dict())
+    for key, value in student.unet.state_dict().items():
+        torch.testing.assert_close(flat[key], value, rtol=0, atol=0, msg=key)
+    assert unet_file.stat().st_size < 0.6 * path.stat().st_size
+    served = load_extractor(str(reg / "official"), device="cpu")
+    assert served.info.student_timestep == pytest.approx(learned)
+    result = CliRunner().invoke(app, ["publish", "--registry", str(reg), "--name", "official",
+                                      "--unet", str(path), "--base", str(demo_dir),
+                                      "--student-timestep", "261"])
+    assert result.exit_code == 2 and "learned timestep" in result.output
+    assert registry.list_versions(reg, "official") == ["v1"]
+
+
 def test_a_flat_unet_file_is_not_mistaken_for_a_full_one(tmp_path, extractor):
     path = tmp_path / "unet.safetensors"
     save_file({k: v.contiguous() for k, v in extractor.unet.state_dict().items()}, str(path))
@@ -155,3 +186,27 @@ def test_resize_switch(photo):
     bicubic, bilinear = resize_rgb(photo, 64), resize_rgb(photo, 64, "bilinear")
     assert bicubic.shape == bilinear.shape == (64, 64, 3)
     assert (bicubic != bilinear).any()
+
+
+def test_warmup_is_the_official_schedule_step_for_step():
+    from transformers.optimization import get_constant_schedule_with_warmup
+
+    peak, warmup = 1e-5, 2000
+    assert warmup_lr(0, peak, warmup) == 0.0  # as the official scheduler: primes Adam only
+    for k in (1, 10, 199, 399, 1998):
+        assert warmup_lr(k, peak, warmup) == pytest.approx(peak * k / warmup)
+    assert warmup_lr(399, peak, warmup) == pytest.approx(1.995e-6)  # the recipe's last step
+    assert warmup_lr(2000, peak, warmup) == warmup_lr(5000, peak, warmup) == peak
+    assert warmup_lr(0, peak, 0) == peak  # no warm-up
+    # The official code's scheduler (transformers' constant_with_warmup on LambdaLR):
+    # the rate each step runs at, read before that step.
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    schedule = get_constant_schedule_with_warmup(optimizer, warmup)
+    official_lr = []
+    for _ in range(402):
+        official_lr.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert official_lr[0] == 0.0
+    ours = [warmup_lr(k, peak, warmup) for k in range(402)]
+    assert ours == pytest.approx(official_lr, abs=1e-15)

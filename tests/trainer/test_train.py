@@ -39,6 +39,7 @@ def test_cli_run_learns_and_publishes_a_loadable_version(tmp_path, data, cache_d
     summary = json.loads(done.stdout[done.stdout.index("{"):])
     assert summary["version"] == "v1" and summary["steps"] == 20
     assert summary["fidelity_after"] > summary["fidelity_before"]
+    assert 0 <= summary["warp_pck_before"] <= 1 and 0 <= summary["warp_pck_after"] <= 1
 
     log = [json.loads(line) for line in (reg / "student" / ".runs" / "log.jsonl").open()]
     assert [r["step"] for r in log] == list(range(1, 21))
@@ -50,6 +51,10 @@ def test_cli_run_learns_and_publishes_a_loadable_version(tmp_path, data, cache_d
     manifest = json.loads((version / "manifest.json").read_text())
     assert set(manifest["sha256"]) == {"unet.safetensors", "heads.safetensors"}
     assert manifest["input_size"] == 128 and abs(manifest["student_timestep"] - 261) < 5
+    # The warp score on the held-out images, before and after, and the gate's verdict.
+    assert manifest["warps"]["images"] == manifest["warps_before"]["images"] >= 3
+    assert manifest["warps"]["fingerprint"] == manifest["warps_before"]["fingerprint"]
+    assert manifest["gate"]["allowed"] and manifest["warps"]["layer"] == "us6"
     heads = load_file(str(version / "heads.safetensors"))
     assert "heads.conditioning.fourier.weight" in heads and "timestep" in heads
 

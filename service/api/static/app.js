@@ -150,7 +150,8 @@ function redraw() {
     const item = document.createElement("li");
     item.innerHTML = `<span class="swatch" style="background:${colour}"></span>` +
       `(${x.toFixed(1)}, ${y.toFixed(1)}) → (${tx.toFixed(1)}, ${ty.toFixed(1)}) · ` +
-      `score ${match.score.toFixed(3)}`;
+      `score ${match.score.toFixed(3)}` +
+      (match.exact === false ? " · approximate (the search hit a limit)" : "");
     $("matches").appendChild(item);
   });
   drawHeatmap();

@@ -1,0 +1,151 @@
+"""One job's fault fails that job alone, after batching.
+
+Batching puts strangers in one forward pass; without this, one request the stages cannot
+serve (a bad parameter, pixels that do not fit, a job that breaks the model) answered
+its whole batch 500. Here every stage falls back to smaller units when a batch fails:
+
+- intake: a job whose spec cannot be batched (unknown layers) is answered on its own;
+- pre: a batch whose pixels cannot be stacked is bisected down to the job that breaks it;
+- forward: jobs whose deadline passed are answered 504 before it (a stage boundary); a
+  batched forward that raises is retried in halves before one job is blamed (an out-of-
+  memory batch often runs in halves); a forward stopped because every job's deadline
+  passed (between DIFT passes) is answered 504, not retried;
+- post: stages.py notes each job's output failure on its own; a result that cannot be
+  placed or encoded fails alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from cleandift.contract import validate_layers
+from cleandift.extractor import Extractor, StopCheck, Stopped
+
+from ..messages import Job, Result
+from . import stages
+from .batching import Batch, batch_of
+
+log = logging.getLogger(__name__)
+Answer = tuple[Job, Result]
+
+
+def batchable(jobs: list[Job]) -> tuple[list[Job], list[Answer]]:
+    """(jobs a batch can be built from, answers for the others): known layers, and each
+    image the uint8 square the job's input size says (a corrupt or foreign message)."""
+    good: list[Job] = []
+    answers: list[Answer] = []
+    for job in jobs:
+        try:
+            validate_layers(job.spec.layers, [])
+            side = job.spec.input_size
+            if not job.images or any(im.shape != (side, side, 3) or im.dtype != np.uint8
+                                     for im in job.images):
+                raise ValueError(f"images are not {side}x{side}x3 uint8")
+            good.append(job)
+        except Exception as exc:  # a message the batcher cannot read
+            answers.append((job, stages.job_failure(job.spec.id, "intake", exc)))
+    return good, answers
+
+
+def prepare(batch: Batch, pin: bool) -> tuple[list[stages.Prepared], list[Answer]]:
+    """The batch prepared whole, or bisected until each part prepares or is one job."""
+    try:
+        return [stages.prepare(batch, pin)], []
+    except Exception as exc:
+        if len(batch.jobs) == 1:
+            job = batch.jobs[0]
+            return [], [(job, stages.job_failure(job.spec.id, "pre-processing", exc))]
+    ready: list[stages.Prepared] = []
+    answers: list[Answer] = []
+    for half in batch.halves():
+        more, failed = prepare(half, pin)
+        ready += more
+        answers += failed
+    return ready, answers
+
+
+def every_deadline_passed(jobs: list[Job]) -> StopCheck:
+    """A batch's forward may stop once nobody waits for any of its jobs."""
+    def check() -> bool:
+        now = time.time()
+        return all(0 < job.spec.deadline < now for job in jobs)
+
+    return check
+
+
+def forward(prepared: stages.Prepared, extractor: Extractor, pin: bool
+            ) -> tuple[list[stages.Computed], list[Answer]]:
+    """(what was computed, answers for the jobs that failed or expired): the forward of
+    the live jobs, bisected on failure down to the job that fails."""
+    jobs = prepared.batch.jobs
+    now = time.time()
+    expired = [job for job in jobs if 0 < job.spec.deadline < now]
+    if expired:
+        answers = stages.failed(expired, 504, stages.DEADLINE_MESSAGE)
+        live = [job for job in jobs if job not in expired]
+        return _retry(batch_of(live), extractor, pin, answers) if live else ([], answers)
+    try:
+        return [stages.forward(prepared, extractor, every_deadline_passed(jobs))], []
+    except Stopped:
+        return [], stages.failed(jobs, 504, stages.DEADLINE_MESSAGE)
+    except Exception as exc:
+        if len(jobs) == 1:
+            return [], [(jobs[0], stages.job_failure(jobs[0].spec.id, "forward pass", exc))]
+        log.warning("a forward pass of %d jobs failed (%s: %s): retrying them in halves",
+                    len(jobs), type(exc).__name__, exc)
+    computed: list[stages.Computed] = []
+    answers = []
+    for half in prepared.batch.halves():
+        more, failed = _retry(half, extractor, pin, [])
+        computed += more
+        answers += failed
+    return computed, answers
+
+
+def _retry(batch: Batch, extractor: Extractor, pin: bool, answers: list[Answer]
+           ) -> tuple[list[stages.Computed], list[Answer]]:
+    ready, failed = prepare(batch, pin)
+    computed: list[stages.Computed] = []
+    answers = answers + failed
+    for part in ready:
+        more, failed = forward(part, extractor, pin)
+        computed += more
+        answers += failed
+    return computed, answers
+
+
+def results(computed: stages.Computed, limits: stages.MatchLimits) -> list[Answer]:
+    """Each job's answer; if the post stage fails as a whole, each job is told so."""
+    try:
+        return stages.results(computed, limits)
+    except Exception as exc:
+        return [(job, stages.job_failure(job.spec.id, "post-processing", exc))
+                for job in computed.prepared.batch.jobs]
+
+
+def placed(answers: list[Answer], place: Callable[[Result], None]) -> list[Answer]:
+    """`place` each result (the worker's store, or inline); one that fails fails alone."""
+    out: list[Answer] = []
+    for job, result in answers:
+        try:
+            place(result)
+            out.append((job, result))
+        except Exception as exc:
+            out.append((job, stages.job_failure(job.spec.id, "result store", exc)))
+    return out
+
+
+def encodable(answers: list[Answer]) -> list[Answer]:
+    """The answers with any that cannot be written to Redis replaced by its 500."""
+    out: list[Answer] = []
+    for job, result in answers:
+        try:
+            result.to_fields()
+            out.append((job, result))
+        except Exception as exc:
+            out.append((job, stages.job_failure(job.spec.id, "result encoding", exc)))
+    return out
