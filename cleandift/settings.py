@@ -16,6 +16,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from .dtypes import canonical_dtype
 
 DEVICE_PATTERN = r"^(cpu|mps|cuda(:\d+)?)$"
+CPU_JOB_COST = 6.0  # megapixel-passes (cleandift/cost.py) one request may cost on CPU
+GPU_JOB_COST = 300.0  # the same on a GPU (compose and k8s set it too)
 GATE_MARGIN = 0.02  # absolute warp PCK@0.10 a new version may lose against the live one
 
 
@@ -99,11 +101,20 @@ class Settings(BaseSettings):
     max_matches: int = Field(200, ge=1)
     max_prompt_chars: int = Field(1000, ge=0)
     max_job_cost: float = Field(
-        6.0, gt=0, description="What one request may cost a worker, in megapixel-passes "
-        "(cleandift/cost.py: images x size² x UNet passes x depth of the deepest layer, plus "
-        "the VAE and the points matched); over it: 422. 6 keeps the costliest request "
-        "under 20 s on 2 busy CPU cores with the demo model (docs/reliability.md); raise it "
-        "on a GPU.")
+        CPU_JOB_COST, gt=0, description="What one request may cost a worker, in megapixel-"
+        "passes (cleandift/cost.py: images x size² x UNet passes x depth of the deepest "
+        "layer, plus the VAE and the points matched); over it: 422. 6 keeps the costliest "
+        "request under 20 s on 2 busy CPU cores with the demo model (docs/reliability.md); "
+        "`serve` makes it 300 when its workers run on a GPU and it is not set; set it for "
+        "a GPU deployment of `api` (compose and k8s do).")
+
+    def job_cost_for(self, device: str) -> Settings:
+        """These settings with the ceiling for workers on `device`, unless set explicitly:
+        a GPU runs a megapixel-pass some 50x faster than 2 CPU cores (SD 2.1's DIFT at 768
+        px is 6.6 and would be refused at the CPU default)."""
+        if "max_job_cost" in self.model_fields_set or device == "cpu":
+            return self
+        return self.model_copy(update={"max_job_cost": GPU_JOB_COST})
     decode_memory_bytes: int = Field(
         512 * 1024 * 1024, ge=1024 * 1024,
         description="Memory an API process may hold in images being decoded at once; "

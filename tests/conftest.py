@@ -55,7 +55,9 @@ def photo2() -> Image.Image:
     return textured_image(300, 280, seed=2)
 
 
-LEAK_GRACE_S = 10.0  # how long a thread or child may take to finish after its test
+# How long a thread or child may take to finish after its test: above the worker port's
+# idle timeout (30 s), whose connection threads end on their own once their client is gone.
+LEAK_GRACE_S = 35.0
 
 
 # AnyIO's thread pool (FastAPI's sync work) keeps idle workers for 10 s, then they end on

@@ -66,6 +66,9 @@ def correspond_response(result: Result) -> JSONResponse:
     """One target: `matches` (and `heatmap`); several: `results`, one per target, in order."""
     meta = result.meta
     body: dict[str, object] = {"model": meta.model, "model_version": meta.model_version}
+    for matches in [meta.matches or []] + [t.matches for t in meta.targets or []]:
+        for match in matches:  # a worker older than exact matching never proved its answer
+            match.setdefault("exact", False)
     if meta.targets is not None:
         body["results"] = [t.model_dump(exclude_none=True) for t in meta.targets]
     else:

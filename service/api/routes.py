@@ -83,7 +83,8 @@ async def features(
     fmt = negotiate(format, request.headers.get("accept"))
     producer = services.producer
     await producer.admit()  # no worker: 503 at once, and a call for workers
-    model = await served_model(producer)
+    # A conditional request is answered from the version in Redis, never a cached one.
+    model = await served_model(producer, fresh="if-none-match" in request.headers)
     with tracing.span("parse"):
         job = await parsing.features_job(request, services.settings, model, services.budget,
                                          dtype)

@@ -72,6 +72,15 @@ def worker_child(settings: Settings, index: int, client: redis.Redis) -> Child:
                  heartbeat_age=heartbeat_age)
 
 
+def worker_device(settings: Settings) -> str:
+    """The device kind serve's workers will load on, as cleandift.loading picks it."""
+    if settings.device:
+        return settings.device.split(":")[0]
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _exit(*_args: object) -> None:
     raise SystemExit(0)
 
@@ -84,6 +93,7 @@ def run_serve(settings: Settings) -> None:
         settings = settings.model_copy(update={"redis_url": private.url})
         children.append(Child("redis-server", private.start, tier=0))
         log.info("started a private redis-server at %s", private.url)
+    settings = settings.job_cost_for(worker_device(settings))
     assert settings.redis_url
     client = sync_client(settings.redis_url, socket_timeout=2.0)
     children += [worker_child(settings, i, client) for i in range(settings.workers)]

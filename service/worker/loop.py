@@ -75,6 +75,7 @@ class Worker:
         self._held: set[str] = set()  # entries claimed and not yet answered
         self._held_lock = threading.Lock()
         self._busy_since: float | None = None  # monotonic start of the running forward
+        self._published: str | None = None  # the version Redis last accepted from us
         self.match_limits = stages.MatchLimits(settings.match_max_pixels,
                                                settings.match_answer_margin_s)
         self._stuck_logged = False
@@ -337,9 +338,17 @@ class Worker:
         return run
 
     def _publish_model(self) -> None:
+        """Tell the API what this worker serves; retried by the heartbeat until Redis took
+        it (a lost SET at a swap would leave /v1/models on the old version)."""
         info = self.model.current.info
         self.metrics.set_model(info.name, info.version)
-        self._safe(lambda: self.jobs.publish_model(info.model_dump_json()), None)
+
+        def publish() -> bool:
+            self.jobs.publish_model(info.model_dump_json())
+            return True
+
+        if self._safe(publish, False):
+            self._published = info.version
 
     def _heartbeat_loop(self) -> None:
         """Keep held jobs fresh (more often than the visibility timeout) and heartbeat;
@@ -354,6 +363,8 @@ class Worker:
                     held = list(self._held)
                 self._safe(lambda ids=held: self.jobs.touch(ids), None)  # type: ignore[misc]
                 if time.monotonic() >= next_beat:
+                    if self._published != self.model.current.info.version:
+                        self._publish_model()
                     self._beat()
                     next_beat = time.monotonic() + self.settings.heartbeat_s
             self._core_done.wait(period)

@@ -110,7 +110,10 @@ class RegistryWatcher:
                     self.stopping.wait(wake)
                 if announced or time.monotonic() >= next_poll:
                     next_poll = time.monotonic() + self.poll_s
-                    self.check()
+                    try:
+                        self.check()
+                    except Exception:  # an unreadable LATEST must not end the watching
+                        log.exception("checking %s for a new version failed", self.model_dir)
         finally:
             _close(pubsub)
 

@@ -50,3 +50,11 @@ def test_keywords_set_fields_that_have_env_aliases():
 
     assert Settings(worker_port=0).worker_port == 0
     assert Settings(redis_url="redis://127.0.0.1:1").redis_url == "redis://127.0.0.1:1"
+
+
+def test_the_job_cost_ceiling_follows_the_workers_device_unless_set():
+    from cleandift.settings import CPU_JOB_COST, GPU_JOB_COST, Settings
+
+    assert Settings().job_cost_for("cpu").max_job_cost == CPU_JOB_COST
+    assert Settings().job_cost_for("cuda").max_job_cost == GPU_JOB_COST
+    assert Settings(max_job_cost=12).job_cost_for("cuda").max_job_cost == 12
