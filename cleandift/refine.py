@@ -21,6 +21,7 @@ candidate limit); the points whose search was still open are then reported as no
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,9 +60,12 @@ class Limits:
 
     stop_at: float | None = None  # time.time() after which no further block starts
     max_pixels: int | None = None  # candidate pixels evaluated for the whole call
+    stop: Callable[[], bool] | None = None  # asked between blocks: nobody wants the answer
 
     def reached(self, stats: Refinement, pixels_at_start: int) -> bool:
         if self.stop_at is not None and time.time() > self.stop_at:
+            return True
+        if self.stop is not None and self.stop():
             return True
         return self.max_pixels is not None and stats.pixels - pixels_at_start >= self.max_pixels
 

@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(3, ge=1)
     result_ttl_s: int = Field(120, ge=1)
     heartbeat_s: float = Field(2.0, gt=0)
+    cancel_poll_s: float = Field(
+        0.5, gt=0, description="A worker asks Redis whether a running job's client went away "
+        "at most this often (between DIFT passes and match blocks).")
     worker_ttl_s: float = Field(10.0, gt=0, description="A worker silent this long is dead.")
     forward_timeout_s: float = Field(
         300.0, gt=0, description="A forward pass running longer is hung: the worker stops "

@@ -20,7 +20,7 @@ import hashlib
 import json
 import tarfile
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -238,10 +238,12 @@ class _Tally:
 
 
 def evaluate(features: FeatureFn, samples: Sequence[Sample], layers: Sequence[str], *,
-             layer: str, seed: int = 0, grid: int = GRID,
-             progress: bool = True) -> dict[str, Any]:
+             layer: str, seed: int = 0, grid: int = GRID, progress: bool = True,
+             conditions: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """PCK per layer (and per warp kind) over every sample's warps. `layer` is the one the
-    publishing gate compares (the correspondence layer); it is always evaluated."""
+    publishing gate compares (the correspondence layer); it is always evaluated.
+    `conditions` (input size, precision) are what else changes a score: they are reported
+    and fingerprinted, so scores measured at another size or precision never compare."""
     keys = list(dict.fromkeys([*layers, layer]))
     tally = _Tally()
     # (no tqdm object at all without progress: it would start its monitor thread)
@@ -270,16 +272,19 @@ def evaluate(features: FeatureFn, samples: Sequence[Sample], layers: Sequence[st
         "protocol": PROTOCOL, "layer": layer, "threshold": THRESHOLD, "seed": seed,
         "grid": grid, "kinds": list(KINDS), "images": len(samples),
         "skipped_points": dict(tally.skipped), "inexact_matches": tally.inexact,
-        "fingerprint": fingerprint(samples, seed=seed, grid=grid),
+        "conditions": dict(conditions or {}),
+        "fingerprint": fingerprint(samples, seed=seed, grid=grid, conditions=conditions),
         "layers": tally.report(keys),
         "baseline": {"what": BASELINE, **tally.report([BASELINE])[BASELINE]},
     }
 
 
-def fingerprint(samples: Sequence[Sample], *, seed: int, grid: int) -> str:
-    """Names the images (their bytes and evaluated size) and protocol a score was measured
-    on: two scores compare only when their fingerprints are equal."""
+def fingerprint(samples: Sequence[Sample], *, seed: int, grid: int,
+                conditions: Mapping[str, Any] | None = None) -> str:
+    """Names the images (their bytes and evaluated size), protocol and conditions a score
+    was measured under: two scores compare only when their fingerprints are equal."""
     spec = {"protocol": PROTOCOL, "seed": seed, "grid": grid,
+            "conditions": dict(conditions or {}),
             "images": sorted((s.digest, *s.image.size) for s in samples)}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -50,7 +50,9 @@ def eval_warps(
     keys = layers.split(",") if layers else list(extractor.info.default_layers)
     with user_errors():
         report = warps.evaluate(warps.extractor_features(extractor, side), samples, keys,
-                                layer=extractor.info.correspondence_layer, seed=seed, grid=grid)
+                                layer=extractor.info.correspondence_layer, seed=seed, grid=grid,
+                                conditions={"size": side, "dtype": str(extractor.dtype)
+                                            .removeprefix("torch.")})
     report = {"model": extractor.info.name, "model_version": extractor.info.version,
               "size": side, "dtype": str(extractor.dtype).removeprefix("torch."),
               "skipped_images": skipped, **report}

@@ -32,6 +32,7 @@ from cleandift.contract import ModelInfo
 
 PROTOCOL_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
+CLIENT_CLOSED = 499  # the status of a job whose client went away (nginx's "client closed")
 
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "int8": 1}  # bytes per value on the wire
 

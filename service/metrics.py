@@ -168,8 +168,10 @@ class WorkerMetrics:
             f"{PREFIX}_matches_inexact", "Correspondences answered before their search proved "
             "DIFT's argmax (a cost or time limit stopped it; the answer says exact: false)",
             registry=r)
-        self.expired = Counter(f"{PREFIX}_jobs_expired", "Jobs dropped past their deadline",
-                               registry=r)
+        self.expired = Counter(f"{PREFIX}_jobs_expired", "Jobs answered 504: their deadline "
+                               "passed before or during their work", registry=r)
+        self.cancelled = Counter(f"{PREFIX}_jobs_cancelled", "Jobs dropped or stopped because "
+                                 "their client went away", registry=r)
         self.reloads = Counter(f"{PREFIX}_reloads", "Model reloads by result", ["result"],
                                registry=r)
         self.cache_lookups = Counter(

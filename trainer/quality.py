@@ -7,8 +7,10 @@ a folder of `--eval-warps`), and written into the manifest, where the publishing
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,12 +18,22 @@ from PIL import Image
 
 from cleandift.extractor import Extractor
 from cleandift.layers import unet_features
+from cleandift.loading import load_extractor
 from cleandift.sources import Record
-from cleandift.warps import FeatureFn, Sample, evaluate, load_samples, read_samples
+from cleandift.warps import (
+    FeatureFn,
+    Sample,
+    evaluate,
+    extractor_features,
+    load_samples,
+    read_samples,
+)
 
 from .distill import Student
 
 HOLDOUT, OFF = "holdout", "off"
+
+log = logging.getLogger(__name__)
 
 
 def eval_samples(choice: str, held: list[Record]) -> list[Sample]:
@@ -50,11 +62,52 @@ def student_features(extractor: Extractor, student: Student, size: int,
     return features
 
 
+def conditions(size: int, dtype: torch.dtype) -> dict[str, Any]:
+    """What a score depends on besides the images and protocol (see warps.fingerprint):
+    the input size, and the precision the UNet ran in (bf16 autocast counts as bf16)."""
+    return {"size": size, "dtype": str(dtype).removeprefix("torch.")}
+
+
 def warp_score(extractor: Extractor, student: Student, samples: list[Sample], size: int,
-               autocast: Callable[[], AbstractContextManager[Any]]) -> dict[str, Any] | None:
+               autocast: Callable[[], AbstractContextManager[Any]],
+               dtype: torch.dtype) -> dict[str, Any] | None:
     """The student's warp report on the model's default layers, or None without images."""
     if not samples:
         return None
     info = extractor.info
     return evaluate(student_features(extractor, student, size, autocast), samples,
-                    info.default_layers, layer=info.correspondence_layer)
+                    info.default_layers, layer=info.correspondence_layer,
+                    conditions=conditions(size, dtype))
+
+
+def live_scorer(model_dir: Path, samples: list[Sample], size: int, *, device: torch.device,
+                dtype: torch.dtype, autocast: Callable[[], AbstractContextManager[Any]],
+                cache_dir: Path | None) -> Callable[[str], dict | None]:
+    """Scores a published version on the candidate's images, size and precision (fp32
+    weights under the candidate's autocast, as the student is scored), for the gate: the
+    live version's own report was usually measured on other held-out images (another
+    run, another seed), and two scores on different images say nothing."""
+
+    def score(version: str) -> dict | None:
+        if not samples:
+            return None
+        try:
+            live = load_extractor(model_dir / version, device=device, dtype=torch.float32,
+                                  cache_dir=cache_dir)
+            features = extractor_features(live, size)
+
+            def run(images: list[Image.Image], keys: list[str]) -> dict[str, torch.Tensor]:
+                with autocast():
+                    return features(images, keys)
+
+            info = live.info
+            return evaluate(run, samples, info.default_layers, layer=info.correspondence_layer,
+                            conditions=conditions(size, dtype))
+        except Exception as exc:  # out of memory, a broken version: the gate says so
+            log.warning("the live %s could not be scored on these images: %s", version, exc)
+            return None
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    return score

@@ -9,6 +9,7 @@ import copy
 import json
 import logging
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -37,7 +38,7 @@ from .distill import (
 )
 from .gate import check
 from .publish import publish_weights
-from .quality import eval_samples, warp_score
+from .quality import eval_samples, live_scorer, warp_score
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ def warps(setup: Setup) -> dict | None:
         return None
     student = setup.accelerator.unwrap_model(setup.student)
     return warp_score(setup.extractor, student, setup.warp_samples, setup.size,
-                      setup.accelerator.autocast)
+                      setup.accelerator.autocast, setup.extractor.dtype)
 
 
 def start_state(cfg: TrainConfig, setup: Setup) -> TrainState:
@@ -247,16 +248,21 @@ def publish(cfg: TrainConfig, setup: Setup, state: TrainState) -> tuple[str, Pat
         "training": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()
                      if k != "redis_url"},
     }
-    manifest["gate"] = gate(cfg, manifest)
+    manifest["gate"] = gate(cfg, manifest, live_scorer(
+        Path(cfg.registry) / cfg.name, setup.warp_samples, setup.size,
+        device=setup.accelerator.device, dtype=setup.extractor.dtype,
+        autocast=setup.accelerator.autocast, cache_dir=cfg.cache_dir))
     return publish_weights(cfg.registry, cfg.name, student.unet.state_dict(), manifest,
                            heads_state=heads, redis_url=cfg.redis_url, channel=cfg.channel,
                            make_latest=manifest["gate"]["allowed"])
 
 
-def gate(cfg: TrainConfig, manifest: dict) -> dict:
+def gate(cfg: TrainConfig, manifest: dict,
+         rescore: Callable[[str], dict | None] | None = None) -> dict:
     """The quality gate's verdict on the new version, as the manifest records it: a refused
     version is published but not made LATEST (unless `--force`)."""
-    verdict = check(cfg.registry, cfg.name, manifest, cfg.gate_margin, "the new version")
+    verdict = check(cfg.registry, cfg.name, manifest, cfg.gate_margin, "the new version",
+                    rescore)
     forced = cfg.force and not verdict.allowed
     if forced or verdict.warning or not verdict.allowed:
         log.warning("quality gate: %s%s", "forced: " if forced else "", verdict.message)

@@ -13,6 +13,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from starlette.requests import Request
 
 from cleandift.contract import ModelInfo, RequestError, check_size, validate_layers, validate_points
+from cleandift.cost import check_cost, request_cost
 from cleandift.method import SIZE_MULTIPLE
 from cleandift.settings import Settings
 
@@ -132,6 +133,7 @@ async def features_job(request: Request, settings: Settings, model: ModelInfo,
     size = input_size(params, model, settings)
     layers = validate_layers(params.layers, model.default_layers)
     _check_grid(params, layers, model, size)
+    within_ceiling("features", params.mode, size, layers, 1, params.points, model, settings)
     image = await decode_upload("image", _one(blobs, "image"), size, settings, budget)
     points = None
     if params.points is not None:
@@ -141,6 +143,18 @@ async def features_job(request: Request, settings: Settings, model: ModelInfo,
                    grid=params.grid, content=[image.content],
                    deadline=time.time() + settings.request_timeout_s)
     return Job(spec=spec, images=[image.pixels])
+
+
+def within_ceiling(kind: str, mode: str, size: int, layers: list[str], images: int,
+                   points: list | None, model: ModelInfo, settings: Settings) -> None:
+    """Refuse (422) what would hold a worker too long, before any image is decoded: the
+    cost model of cleandift/cost.py against limits.max_job_cost. (Points over the limit
+    are counted at the limit: their own check says so, after decoding.)"""
+    layer = model.layers.get(layers[0]) if kind == "correspond" else None
+    count = min(len(points), settings.max_points) if points is not None else 0
+    cost = request_cost(kind=kind, mode=mode, size=size, layers=layers, images=images,
+                        points=count, stride=layer.stride if layer else 0)
+    check_cost(cost, settings.max_job_cost)
 
 
 def _check_grid(params: FeaturesParams, layers: list[str], model: ModelInfo, size: int) -> None:
@@ -167,6 +181,8 @@ async def correspond_job(request: Request, settings: Settings, model: ModelInfo,
         raise RequestError("target: an image file is required (or several, as targets)")
     if len(targets) > settings.max_targets:
         raise RequestError(f"{len(targets)} targets; at most {settings.max_targets}")
+    within_ceiling("correspond", params.mode, size, layer, 1 + len(targets), params.points,
+                   model, settings)
     images = [await decode_upload("source", _one(blobs, "source"), size, settings, budget)]
     for i, data in enumerate(targets):
         images.append(await decode_upload(f"target {i}" if len(targets) > 1 else "target",

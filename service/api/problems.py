@@ -20,11 +20,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cleandift.contract import ECHO_CHARS, RequestError
 from cleandift.images import ImageError
 
-from ..queue.errors import DeadlineExceeded, NoLiveWorker, QueueFull, QueueUnavailable
+from ..messages import CLIENT_CLOSED
+from ..queue.errors import (
+    ClientGone,
+    DeadlineExceeded,
+    NoLiveWorker,
+    QueueFull,
+    QueueUnavailable,
+)
 
 MEDIA_TYPE = "application/problem+json"
 TYPE_BASE = "https://cleandift.dev/problems/"
 RETRY = {"Retry-After": "1"}  # 429 and 503: worth retrying after a second
+PHRASES = {CLIENT_CLOSED: "Client Closed Request"}  # statuses HTTPStatus does not name
 MAX_DETAIL_CHARS = 2000
 MAX_ERRORS = 5  # validation errors described in one answer
 
@@ -55,16 +63,20 @@ class BodyTooLarge(Exception):
 
 
 def _slug(status: int) -> str:
-    return HTTPStatus(status).phrase.lower().replace(" ", "-")
+    return _phrase(status).lower().replace(" ", "-")
 
 
 def problem_response(status: int, detail: str, kind: str | None = None,
                      headers: Mapping[str, str] | None = None) -> JSONResponse:
     if len(detail) > MAX_DETAIL_CHARS:  # messages cut what they echo; this is the backstop
         detail = detail[:MAX_DETAIL_CHARS] + "…"
-    body = {"type": TYPE_BASE + (kind or _slug(status)), "title": HTTPStatus(status).phrase,
+    body = {"type": TYPE_BASE + (kind or _slug(status)), "title": _phrase(status),
             "status": status, "detail": detail}
     return JSONResponse(body, status_code=status, headers=headers, media_type=MEDIA_TYPE)
+
+
+def _phrase(status: int) -> str:
+    return PHRASES.get(status) or HTTPStatus(status).phrase
 
 
 def as_problem(exc: Exception) -> Problem:
@@ -84,6 +96,8 @@ def as_problem(exc: Exception) -> Problem:
                        headers=RETRY)
     if isinstance(exc, DeadlineExceeded):
         return Problem(504, "no worker answered before the deadline", kind="deadline")
+    if isinstance(exc, ClientGone):  # nobody reads it: for the access log and the metrics
+        return Problem(CLIENT_CLOSED, "the client closed the request", kind="client-closed")
     if isinstance(exc, BodyTooLarge):
         return Problem(413, "the request body is over the size limit", kind="payload-too-large")
     raise TypeError(f"no problem mapping for {type(exc).__name__}")
@@ -91,7 +105,7 @@ def as_problem(exc: Exception) -> Problem:
 
 MAPPED: tuple[type[Exception], ...] = (Problem, RequestError, ImageError, QueueFull,
                                        QueueUnavailable, NoLiveWorker, DeadlineExceeded,
-                                       BodyTooLarge)
+                                       ClientGone, BodyTooLarge)
 
 
 def install_handlers(app: FastAPI) -> None:

@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -25,12 +25,14 @@ QUANTIZATION = ("int8, symmetric per channel: value = KEY * KEY.scale, the chann
                 "being 0 for maps and grids, 1 for points")
 
 
-async def obtain(producer: JobProducer, fetcher: ResultFetcher, job: Job) -> tuple[Result, Raw]:
+async def obtain(producer: JobProducer, fetcher: ResultFetcher, job: Job,
+                 gone: Callable[[], Awaitable[bool]] | None = None) -> tuple[Result, Raw]:
     """Submit, wait, and open the result's bytes wherever they are: inline, or on the
-    worker that holds them (if it cannot deliver, the job runs again elsewhere)."""
+    worker that holds them (if it cannot deliver, the job runs again elsewhere). `gone`:
+    the client went away (the job is cancelled)."""
     start = time.perf_counter()
     for attempt in range(FETCH_ATTEMPTS):
-        result = await producer.submit(job, again=attempt > 0)
+        result = await producer.submit(job, again=attempt > 0, gone=gone)
         meta = result.meta
         if meta.status != 200:
             raise Problem(meta.status, meta.error)

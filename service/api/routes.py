@@ -14,8 +14,6 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, Response
 
 from cleandift.contract import ModelInfo
-from cleandift.cost import check_cost, request_cost
-from cleandift.settings import Settings
 
 from .. import tracing
 from ..messages import Job, Result
@@ -39,21 +37,11 @@ async def served_model(producer: JobProducer, *, fresh: bool = False) -> ModelIn
     return model
 
 
-def within_ceiling(job: Job, model: ModelInfo, settings: Settings) -> None:
-    """Refuse (422) what would hold a worker too long, before it is queued: the cost model
-    of cleandift/cost.py against limits.max_job_cost."""
-    spec = job.spec
-    layer = model.layers.get(spec.layers[0]) if spec.kind == "correspond" else None
-    cost = request_cost(kind=spec.kind, mode=spec.mode, size=spec.input_size,
-                        layers=spec.layers, images=len(spec.image_sizes),
-                        points=len(spec.points or ()), stride=layer.stride if layer else 0)
-    check_cost(cost, settings.max_job_cost)
-
-
-async def run(producer: JobProducer, job: Job) -> Result:
-    """Submit; an error answer of the worker becomes a problem with its status."""
+async def run(producer: JobProducer, job: Job, request: Request) -> Result:
+    """Submit; an error answer of the worker becomes a problem with its status. A client
+    that goes away cancels its job."""
     start = time.perf_counter()
-    result = await producer.submit(job)
+    result = await producer.submit(job, gone=request.is_disconnected)
     if result.meta.status != 200:
         raise Problem(result.meta.status, result.meta.error)
     result.meta.timings_ms["total"] = round((time.perf_counter() - start) * 1000, 3)
@@ -88,14 +76,14 @@ async def features(
     with tracing.span("parse"):
         job = await parsing.features_job(request, services.settings, model, services.budget,
                                          dtype)
-    within_ceiling(job, model, services.settings)
     services.metrics.count_layers("features", job.spec.layers)
     if fmt == "npy" and (len(job.spec.layers) != 1 or job.spec.dtype not in NPY_DTYPES):
         raise Problem(422, "npy holds exactly one float16 or float32 array; ask for one "
                       "layer, or use safetensors or json")
     etag = responses.answer_etag(job.spec, model.name, model.version, fmt)
     responses.check_not_modified(request.headers, etag)
-    result, raw = await responses.obtain(producer, services.fetcher, job)
+    result, raw = await responses.obtain(producer, services.fetcher, job,
+                                         gone=request.is_disconnected)
     with tracing.span("respond"):
         return responses.features_response(result, raw, fmt, job.spec)
 
@@ -115,9 +103,8 @@ async def correspond(request: Request, services: ServicesDep) -> Response:
     model = await served_model(services.producer)
     with tracing.span("parse"):
         job = await parsing.correspond_job(request, services.settings, model, services.budget)
-    within_ceiling(job, model, services.settings)
     services.metrics.count_layers("correspond", job.spec.layers)
-    result = await run(services.producer, job)
+    result = await run(services.producer, job, request)
     with tracing.span("respond"):
         return responses.correspond_response(result)
 

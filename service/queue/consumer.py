@@ -143,6 +143,14 @@ class JobConsumer:
         self._acknowledge([(job.entry_id, job.spec.id, job.spec.reply_to) for job, _ in answers])
 
     @_owns_errors
+    def cancelled(self, job_ids: Sequence[str]) -> set[str]:
+        """Which of these jobs the API cancelled (their clients went away)."""
+        if not job_ids:
+            return set()
+        found = self.r.mget([self.keys.cancelled(job_id) for job_id in job_ids])
+        return {job_id for job_id, mark in zip(job_ids, found) if mark is not None}
+
+    @_owns_errors
     def touch(self, entry_ids: Sequence[str]) -> None:
         """Reset the idle time of entries this worker still works on, so that only a dead
         worker's jobs are ever reclaimed (JUSTID: the delivery count does not grow)."""

@@ -21,3 +21,8 @@ class NoLiveWorker(QueueError):
 
 class DeadlineExceeded(QueueError):
     """No worker answered before the job's deadline: 504."""
+
+
+class ClientGone(QueueError):
+    """The client closed the connection while its job waited: the job is cancelled (499,
+    logged and counted; nobody reads it)."""

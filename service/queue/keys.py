@@ -47,5 +47,10 @@ class Keys:
     def result(self, job_id: str) -> str:
         return f"{self.prefix}:result:{job_id}"
 
+    def cancelled(self, job_id: str) -> str:
+        """Set by the API when the client of an accepted job went away: a worker drops
+        the job, or stops its work at the next stage boundary."""
+        return f"{self.prefix}:cancelled:{job_id}"
+
     def replies(self, api_id: str) -> str:
         return f"{self.prefix}:replies:{api_id}"

@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -28,7 +29,7 @@ from cleandift.contract import ModelInfo
 from .. import tracing
 from ..logs import request_id_var
 from ..messages import Heartbeat, Job, Result
-from .errors import DeadlineExceeded, NoLiveWorker, QueueFull, QueueUnavailable
+from .errors import ClientGone, DeadlineExceeded, NoLiveWorker, QueueFull, QueueUnavailable
 from .keys import Keys
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ RESULT_POLL_S = 1.0
 MODEL_CACHE_S = 1.0
 MONITOR_S = 0.25
 LISTENER_BACKOFF_S = 0.5
+STOP_S = 5.0  # longest each step of a shutdown waits
 WAKE_KEEP = 100  # wake-up calls kept at most (only the list's length matters)
 WAKE_TTL_S = 600  # a call nobody answered in this long is forgotten
 
@@ -99,11 +101,17 @@ class JobProducer:
                        asyncio.create_task(self._monitor(), name="queue-monitor")]
 
     async def stop(self) -> None:
+        """Bounded: a shutdown never hangs on a Redis connection that will not close
+        (redis-py's close can wait on a transport forever, redis/redis-py#3941)."""
         for task in self._tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self.r.aclose()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=STOP_S)
+        try:
+            await asyncio.wait_for(self.r.aclose(), STOP_S)
+        except (asyncio.TimeoutError, redis.RedisError, OSError) as exc:
+            log.warning("closing the Redis client failed (%s); left to the process exit",
+                        type(exc).__name__)
 
     # -- requests ---------------------------------------------------------------------
     async def admit(self) -> None:
@@ -119,9 +127,11 @@ class JobProducer:
         if self.view.depth >= self.max_queue:
             raise QueueFull
 
-    async def submit(self, job: Job, *, again: bool = False) -> Result:
+    async def submit(self, job: Job, *, again: bool = False,
+                     gone: Callable[[], Awaitable[bool]] | None = None) -> Result:
         """Enqueue and wait for the answer until the job's deadline. `again`: a job that
-        was accepted before (its result was lost) is never refused for room."""
+        was accepted before (its result was lost) is never refused for room. `gone()`
+        (asked at each poll) says the client went away: the job is cancelled."""
         job.spec.reply_to = self.reply_channel
         job.spec.request_id, job.spec.trace = request_id_var.get(), tracing.carrier()
         with tracing.span("enqueue", **{"cleandift.job_id": job.spec.id}):
@@ -129,7 +139,7 @@ class JobProducer:
         waiter = self._waiters[job.spec.id] = _Waiter(job, entry, self.view.epoch)
         try:
             with tracing.span("wait"):
-                return await self._await(waiter)
+                return await self._await(waiter, gone)
         finally:
             self._waiters.pop(job.spec.id, None)
 
@@ -147,7 +157,8 @@ class JobProducer:
             raise QueueFull
         return _text(entry)
 
-    async def _await(self, waiter: _Waiter) -> Result:
+    async def _await(self, waiter: _Waiter, gone: Callable[[], Awaitable[bool]] | None
+                     ) -> Result:
         """Wait while the deadline allows, with or without a live worker: an accepted job
         stays in Redis, and a restarted worker (or another) takes it (a restart under
         `serve` takes longer than any short grace). Only new requests are refused at once
@@ -167,6 +178,9 @@ class JobProducer:
             if result is not None:
                 self._note_version(result.meta.model_version)
                 return result
+            if gone is not None and await gone():
+                await self._cancel(waiter)
+                raise ClientGone
             if waiter.epoch != self.view.epoch:
                 await self._resubmit(waiter)
 
@@ -198,6 +212,15 @@ class JobProducer:
         """Take a job nobody will wait for out of the stream, so no worker runs it."""
         with contextlib.suppress(redis.RedisError, OSError):
             await self.r.xdel(self.keys.jobs, waiter.entry)
+
+    async def _cancel(self, waiter: _Waiter) -> None:
+        """Nobody waits any more: out of the stream if no worker took it yet, and marked
+        cancelled (until its deadline) so a worker that did stops at its next stage."""
+        await self._drop(waiter)
+        job_id, left = waiter.job.spec.id, waiter.job.spec.deadline - time.time()
+        with contextlib.suppress(redis.RedisError, OSError):
+            await self.r.set(self.keys.cancelled(job_id), 1, ex=max(1, math.ceil(left)))
+        log.info("job %s cancelled: its client went away", job_id)
 
     # -- background tasks -------------------------------------------------------------
     async def _listen(self) -> None:

@@ -6,10 +6,11 @@ its whole batch 500. Here every stage falls back to smaller units when a batch f
 
 - intake: a job whose spec cannot be batched (unknown layers) is answered on its own;
 - pre: a batch whose pixels cannot be stacked is bisected down to the job that breaks it;
-- forward: jobs whose deadline passed are answered 504 before it (a stage boundary); a
-  batched forward that raises is retried in halves before one job is blamed (an out-of-
-  memory batch often runs in halves); a forward stopped because every job's deadline
-  passed (between DIFT passes) is answered 504, not retried;
+- forward: jobs nobody waits for are answered before it (a stage boundary): 504 past
+  their deadline, 499 when their client went away (waiting.py); a batched forward that
+  raises is retried in halves before one job is blamed (an out-of-memory batch often
+  runs in halves); a forward stopped because nobody waits for any of its jobs (between
+  DIFT passes) is answered so, not retried;
 - post: stages.py notes each job's output failure on its own; a result that cannot be
   placed or encoded fails alone.
 """
@@ -17,17 +18,17 @@ its whole batch 500. Here every stage falls back to smaller units when a batch f
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
 import numpy as np
 
 from cleandift.contract import validate_layers
-from cleandift.extractor import Extractor, StopCheck, Stopped
+from cleandift.extractor import Extractor, Stopped
 
-from ..messages import Job, Result
+from ..messages import CLIENT_CLOSED, Job, Result
 from . import stages
 from .batching import Batch, batch_of
+from .waiting import Waiting
 
 log = logging.getLogger(__name__)
 Answer = tuple[Job, Result]
@@ -68,30 +69,28 @@ def prepare(batch: Batch, pin: bool) -> tuple[list[stages.Prepared], list[Answer
     return ready, answers
 
 
-def every_deadline_passed(jobs: list[Job]) -> StopCheck:
-    """A batch's forward may stop once nobody waits for any of its jobs."""
-    def check() -> bool:
-        now = time.time()
-        return all(0 < job.spec.deadline < now for job in jobs)
+def unwaited(jobs: list[Job], waiting: Waiting) -> tuple[list[Job], list[Answer]]:
+    """(the jobs somebody waits for, answers for the others: 504 past the deadline, 499
+    for a client that went away)."""
+    expired = waiting.expired(jobs)
+    cancelled = waiting.cancelled([job for job in jobs if job not in expired])
+    answers = (stages.failed(expired, 504, stages.DEADLINE_MESSAGE)
+               + stages.failed(cancelled, CLIENT_CLOSED, stages.CANCELLED_MESSAGE))
+    return [job for job in jobs if job not in expired and job not in cancelled], answers
 
-    return check
 
-
-def forward(prepared: stages.Prepared, extractor: Extractor, pin: bool
+def forward(prepared: stages.Prepared, extractor: Extractor, pin: bool, waiting: Waiting
             ) -> tuple[list[stages.Computed], list[Answer]]:
-    """(what was computed, answers for the jobs that failed or expired): the forward of
-    the live jobs, bisected on failure down to the job that fails."""
+    """(what was computed, answers for the jobs that failed or nobody waits for): the
+    forward of the live jobs, bisected on failure down to the job that fails."""
     jobs = prepared.batch.jobs
-    now = time.time()
-    expired = [job for job in jobs if 0 < job.spec.deadline < now]
-    if expired:
-        answers = stages.failed(expired, 504, stages.DEADLINE_MESSAGE)
-        live = [job for job in jobs if job not in expired]
-        return _retry(batch_of(live), extractor, pin, answers) if live else ([], answers)
+    live, answers = unwaited(jobs, waiting)
+    if answers:
+        return _retry(batch_of(live), extractor, pin, waiting, answers) if live else ([], answers)
     try:
-        return [stages.forward(prepared, extractor, every_deadline_passed(jobs))], []
+        return [stages.forward(prepared, extractor, waiting.nobody_waits(jobs))], []
     except Stopped:
-        return [], stages.failed(jobs, 504, stages.DEADLINE_MESSAGE)
+        return [], unwaited(jobs, waiting)[1]
     except Exception as exc:
         if len(jobs) == 1:
             return [], [(jobs[0], stages.job_failure(jobs[0].spec.id, "forward pass", exc))]
@@ -100,28 +99,29 @@ def forward(prepared: stages.Prepared, extractor: Extractor, pin: bool
     computed: list[stages.Computed] = []
     answers = []
     for half in prepared.batch.halves():
-        more, failed = _retry(half, extractor, pin, [])
+        more, failed = _retry(half, extractor, pin, waiting, [])
         computed += more
         answers += failed
     return computed, answers
 
 
-def _retry(batch: Batch, extractor: Extractor, pin: bool, answers: list[Answer]
-           ) -> tuple[list[stages.Computed], list[Answer]]:
+def _retry(batch: Batch, extractor: Extractor, pin: bool, waiting: Waiting,
+           answers: list[Answer]) -> tuple[list[stages.Computed], list[Answer]]:
     ready, failed = prepare(batch, pin)
     computed: list[stages.Computed] = []
     answers = answers + failed
     for part in ready:
-        more, failed = forward(part, extractor, pin)
+        more, failed = forward(part, extractor, pin, waiting)
         computed += more
         answers += failed
     return computed, answers
 
 
-def results(computed: stages.Computed, limits: stages.MatchLimits) -> list[Answer]:
+def results(computed: stages.Computed, limits: stages.MatchLimits, waiting: Waiting
+            ) -> list[Answer]:
     """Each job's answer; if the post stage fails as a whole, each job is told so."""
     try:
-        return stages.results(computed, limits)
+        return stages.results(computed, limits, waiting.gone)
     except Exception as exc:
         return [(job, stages.job_failure(job.spec.id, "post-processing", exc))
                 for job in computed.prepared.batch.jobs]

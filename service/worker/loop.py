@@ -23,19 +23,19 @@ from cleandift.settings import Settings
 from ..messages import Heartbeat, Job, Result
 from ..metrics import WorkerMetrics
 from ..queue.errors import QueueUnavailable
-from . import isolation, stages
+from . import answering, isolation, stages
 from .batching import collate_requests
 from .cache import FeatureCache, image_keys
 from .holder import ModelHolder
 from .reload import RegistryWatcher
 from .results import ResultStore
-from .server import serve_worker_http
+from .server import advertised_host, serve_worker_http
+from .waiting import Waiting
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2
 CLAIM_BLOCK_MS = 500
 BACKOFF_S = 1.0
-ANSWER_RETRY_S = 0.5
 T = TypeVar("T")
 Answer = tuple[Job, Result]
 
@@ -50,6 +50,7 @@ class Consumer(Protocol):
     def reclaim(self, count: int) -> tuple[list[Job], int]: ...
     def complete(self, answers: Sequence[Answer]) -> None: ...
     def touch(self, entry_ids: Sequence[str]) -> None: ...
+    def cancelled(self, job_ids: Sequence[str]) -> set[str]: ...
     def heartbeat(self, beat: Heartbeat, ttl_s: float) -> None: ...
     def leave(self) -> None: ...
     def publish_model(self, info_json: str) -> None: ...
@@ -79,6 +80,7 @@ class Worker:
         self.match_limits = stages.MatchLimits(settings.match_max_pixels,
                                                settings.match_answer_margin_s)
         self._stuck_logged = False
+        self.waiting = Waiting(jobs.cancelled, settings.cancel_poll_s)
 
     # -- lifecycle --------------------------------------------------------------------
     def run(self) -> None:
@@ -92,6 +94,7 @@ class Worker:
         beating = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         for thread in [*workers, beating]:
             thread.start()
+        self.waiting.start()
         if self.watcher is not None:
             self.watcher.start()
         try:
@@ -102,6 +105,7 @@ class Worker:
             self._core_done.set()
             for thread in [*workers, beating]:  # nothing of this worker outlives run()
                 thread.join()
+            self.waiting.stop()
             self._safe(self.jobs.leave, None)
             self._close_port()
         log.info("worker %s stopped", self.jobs.consumer)
@@ -153,6 +157,7 @@ class Worker:
                 jobs = self._safe(lambda: self.jobs.claim(max_batch, CLAIM_BLOCK_MS), [])
             with self._held_lock:
                 self._held.update(job.entry_id for job in jobs)
+            self.waiting.watch(jobs)
             jobs, refused = isolation.batchable(self._live(jobs))
             self._answer(refused)
             for batch in collate_requests(self._from_cache(jobs), max_batch,
@@ -214,7 +219,8 @@ class Worker:
         self._busy_since = time.monotonic()
         extractor = self.model.current
         try:  # a fault is bisected to the job that causes it; expired jobs stop here
-            done, failed = isolation.forward(prepared, extractor, extractor.device.type == "cuda")
+            done, failed = isolation.forward(prepared, extractor, extractor.device.type == "cuda",
+                                             self.waiting)
         finally:
             self._busy_since = None
         self._answer(failed)
@@ -238,7 +244,7 @@ class Worker:
 
     def _results(self, computed: stages.Computed) -> list[Answer]:
         post_started = time.time()
-        answers = isolation.results(computed, self.match_limits)  # each job on its own
+        answers = isolation.results(computed, self.match_limits, self.waiting)  # each alone
         try:
             self._remember(computed)
             stages.trace(computed, post_started)
@@ -262,46 +268,24 @@ class Worker:
 
     # -- helpers ----------------------------------------------------------------------
     def _live(self, jobs: list[Job]) -> list[Job]:
-        """Drop (and answer 504) jobs whose deadline passed: they never reach the GPU."""
+        """Drop (and answer) jobs nobody waits for: they never reach the GPU."""
         now = time.time()
         for job in jobs:
             self.metrics.queue_wait.observe(max(0.0, now - job.spec.enqueued_at))
-        expired = [j for j in jobs if j.spec.deadline and j.spec.deadline < now]
-        if expired:
-            self.metrics.expired.inc(len(expired))
-            self._answer(stages.failed(expired, 504, stages.DEADLINE_MESSAGE))
-        return [j for j in jobs if j not in expired]
+        live, answers = isolation.unwaited(jobs, self.waiting)
+        self._answer(answers)
+        return live
 
     def _answer(self, answers: list[Answer]) -> None:
+        """Count and store; whatever happens, this worker holds the jobs no more (one
+        not stored stays pending in Redis and is reclaimed by a later delivery)."""
         if not answers:
             return
-        for job, result in answers:
-            status = result.meta.status
-            self.metrics.jobs.labels(kind=job.spec.kind, status=str(status)).inc()
-            self.metrics.inexact_matches.inc(stages.inexact_matches(result.meta))
-            if status >= 500:
-                log.warning("job %s answered %d: %s", job.spec.id, status, result.meta.error,
-                            extra={"request_id": job.spec.request_id or "-"})
-        deadline, checked = time.monotonic() + self.settings.request_timeout_s, False
-        while True:
-            try:
-                self.jobs.complete(answers)
-                with self._held_lock:
-                    self._held.difference_update(job.entry_id for job, _ in answers)
-                return
-            except QueueUnavailable as exc:  # keep the answers until Redis is back
-                if time.monotonic() > deadline:
-                    log.error("dropping %d answers: Redis unreachable (%s)", len(answers), exc)
-                    return
-                log.warning("storing results failed (%s); retrying", exc)
-                time.sleep(ANSWER_RETRY_S)
-            except Exception:  # an answer that cannot be written fails alone, once
-                if checked:  # not an answer's fault: left pending, another delivery runs it
-                    log.exception("storing %d answers failed", len(answers))
-                    with self._held_lock:
-                        self._held.difference_update(job.entry_id for job, _ in answers)
-                    return
-                answers, checked = isolation.encodable(answers), True
+        self.waiting.forget([job.spec.id for job, _ in answers])
+        answering.count(self.metrics, answers)
+        answering.store(self.jobs.complete, answers, self.settings.request_timeout_s)
+        with self._held_lock:
+            self._held.difference_update(job.entry_id for job, _ in answers)
 
     def _put(self, q: queue.Queue[Any], item: object) -> None:
         """Hand over to the next stage; if that stage is gone the jobs stay pending in
@@ -411,14 +395,3 @@ class Worker:
         info = self.model.current.info
         return True, f"ready: {info.name} {info.version}"
 
-
-def advertised_host(bind: str) -> str:
-    """The address other hosts reach this worker at: the bind address, or this host's
-    own address when bound to all interfaces (set CLEANDIFT_WORKER_ADVERTISE_HOST, e.g. the
-    pod IP, where that guess is wrong)."""
-    if bind in ("0.0.0.0", "::", ""):
-        try:
-            return socket.gethostbyname(socket.gethostname())
-        except OSError:
-            return "127.0.0.1"
-    return bind

@@ -9,6 +9,7 @@ result is served once, to whoever shows its token (the API read it from Redis).
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -73,3 +74,15 @@ def serve_worker_http(port: int, render_metrics: Callable[[], bytes], ready: Che
     server = _Server((host, port), Handler)
     threading.Thread(target=server.serve_forever, name="worker-http", daemon=True).start()
     return server
+
+
+def advertised_host(bind: str) -> str:
+    """The address other hosts reach this worker at: the bind address, or this host's
+    own address when bound to all interfaces (set CLEANDIFT_WORKER_ADVERTISE_HOST, e.g. the
+    pod IP, where that guess is wrong)."""
+    if bind in ("0.0.0.0", "::", ""):
+        try:
+            return socket.gethostbyname(socket.gethostname())
+        except OSError:
+            return "127.0.0.1"
+    return bind

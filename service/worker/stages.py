@@ -10,6 +10,7 @@ import logging
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -24,6 +25,7 @@ from cleandift.reduce import SCALE_SUFFIX, at_points, pooled, quantize_int8
 
 from .. import tracing
 from ..messages import (
+    CLIENT_CLOSED,
     Heatmap,
     Job,
     JobSpec,
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 WIRE_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
                torch.int8: "int8"}
 DEADLINE_MESSAGE = "the deadline passed before a worker finished the job"
+CANCELLED_MESSAGE = "the client went away: the job was cancelled"
 assert sys.byteorder == "little", "results carry the host's bytes: little-endian, as promised"
 
 
@@ -200,13 +203,15 @@ class MatchLimits:
     answer_margin_s: float = 0.0
 
 
-def results(computed: Computed, limits: MatchLimits = MatchLimits()
-            ) -> list[tuple[Job, Result]]:
+def results(computed: Computed, limits: MatchLimits = MatchLimits(),
+            gone: Callable[[Job], StopCheck] | None = None) -> list[tuple[Job, Result]]:
     """Per-job results: raw feature bytes, or matches computed next to the features.
-    One job's failure answers that job only; its batch-mates are answered normally."""
+    One job's failure answers that job only; its batch-mates are answered normally.
+    `gone(job)` says its client went away: its match search stops."""
     finish(computed)
     batch = computed.prepared.batch
-    return [(job, job_result(job, index, rows, computed, limits))
+    return [(job, job_result(job, index, rows, computed, limits,
+                             gone(job) if gone is not None else None))
             for index, (job, rows) in enumerate(zip(batch.jobs, batch.rows()))]
 
 
@@ -224,7 +229,7 @@ def trace(computed: Computed, post_started: float) -> None:
 
 
 def job_result(job: Job, index: int, rows: slice, computed: Computed,
-               limits: MatchLimits = MatchLimits()) -> Result:
+               limits: MatchLimits = MatchLimits(), gone: StopCheck | None = None) -> Result:
     spec, info = job.spec, computed.extractor.info
     if index in computed.errors:
         return job_failure(spec.id, "output stage", computed.errors[index])
@@ -239,7 +244,7 @@ def job_result(job: Job, index: int, rows: slice, computed: Computed,
     result = Result(meta)
     try:
         if spec.kind == "correspond":
-            _matches(meta, spec, computed.features[spec.layers[0]][rows], limits)
+            _matches(meta, spec, computed.features[spec.layers[0]][rows], limits, gone)
         else:
             output = computed.outputs[index]
             meta.layers, meta.layout = output.layers, layout(spec)
@@ -248,11 +253,13 @@ def job_result(job: Job, index: int, rows: slice, computed: Computed,
         return failure(spec.id, 504, DEADLINE_MESSAGE)
     except Exception:
         return internal_error(spec.id, "post-processing")
+    if gone is not None and gone():  # (its search may have stopped early: not an answer)
+        return failure(spec.id, CLIENT_CLOSED, CANCELLED_MESSAGE)
     return result
 
 
-def _matches(meta: ResultMeta, spec: JobSpec, feats: torch.Tensor, limits: MatchLimits
-             ) -> None:
+def _matches(meta: ResultMeta, spec: JobSpec, feats: torch.Tensor, limits: MatchLimits,
+             gone: StopCheck | None = None) -> None:
     """Source (row 0) against each target (rows 1...): the source was computed once. The
     targets share the job's candidate budget, in order."""
     points = [list(p) for p in spec.points] if spec.points is not None else None
@@ -263,7 +270,8 @@ def _matches(meta: ResultMeta, spec: JobSpec, feats: torch.Tensor, limits: Match
         left = None if limits.max_pixels is None else max(0, limits.max_pixels - stats.pixels)
         matches = correspond(feats[0], feats[i], spec.image_sizes[0], target_size, points,
                              max_matches=spec.max_matches, deadline=spec.deadline or None,
-                             limits=Limits(stop_at=stop_at, max_pixels=left), stats=stats)
+                             limits=Limits(stop_at=stop_at, max_pixels=left, stop=gone),
+                             stats=stats)
         heatmap = None
         if spec.heatmap and points:
             sim = similarity_map(feats[0], feats[i], points[-1], spec.image_sizes[0])

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.integration
 def test_sigkilled_worker_loses_no_request(demo_dir, record):
     with service_stack(str(demo_dir), workers=2, visibility_timeout_s="2",
                        max_batch="2", queue_prefix="kill") as stack:
-        load = Background(stack.url, concurrency=8, total=48)
+        load = Background(stack.url, {"layers": "us6"}, concurrency=8, total=48)
         pids = {w.pid: w for w in stack.workers}
 
         def victim():
@@ -100,7 +100,7 @@ def test_corrupt_version_is_refused_while_serving(demo_dir, extractor, tmp_path,
     manifest = {"base": str(demo_dir), "input_size": 256, "student_timestep": 261.0}
     publish_weights(reg, "m", tmp_path / "unet.safetensors", manifest)
     with service_stack(str(reg / "m"), reload_poll_s="0.2", queue_prefix="corrupt") as stack:
-        load = Background(stack.url, concurrency=2, total=30)
+        load = Background(stack.url, {"layers": "us6"}, concurrency=2, total=30)
         _, broken = registry.publish(reg, "m", {registry.UNET_FILE: tmp_path / "unet.safetensors"},
                                      manifest)
         (broken / registry.UNET_FILE).write_bytes(b"torn")

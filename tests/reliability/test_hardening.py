@@ -4,6 +4,7 @@ limits allow, a burst of huge JPEGs, a worker killed under `cleandift serve`."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import signal
@@ -142,11 +143,16 @@ def _worker_pid(serve: subprocess.Popen) -> int | None:
 
 class Clients:
     """Requests, one after another from each of `n` threads, each allowed `timeout` s: a
-    client that waits longer is a failure (httpx raises)."""
+    client that waits longer is a failure (httpx raises). Each request sends another
+    image, so none is a cache hit answered in milliseconds: each takes a forward."""
 
     def __init__(self, url: str, n: int, timeout: float = 10) -> None:
         self.url, self.stop, self.timeout = url, threading.Event(), timeout
         self.seen: list[tuple[float, int, float]] = []  # (sent at, status, seconds)
+        self.active = 0  # requests sent and not yet answered
+        self._lock = threading.Lock()
+        self._images = itertools.cycle([encode(textured_image(320, 240, seed), "JPEG")
+                                        for seed in range(100, 164)])
         self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(n)]
         for thread in self.threads:
             thread.start()
@@ -154,13 +160,18 @@ class Clients:
     def _run(self) -> None:
         with httpx.Client(timeout=self.timeout) as client:
             while not self.stop.is_set():
+                with self._lock:
+                    image = next(self._images)
+                    self.active += 1
                 sent = time.monotonic()
                 try:
-                    status = client.post(self.url + "/features", files={"image": IMAGE},
+                    status = client.post(self.url + "/features", files={"image": image},
                                          data={"size": "512"}).status_code
                 except httpx.HTTPError as exc:
                     status = -1
                     print("client error", type(exc).__name__, exc)
+                with self._lock:
+                    self.active -= 1
                 self.seen.append((sent, status, time.monotonic() - sent))
                 time.sleep(0.1)
 
@@ -204,6 +215,7 @@ def test_serve_restarts_a_killed_worker_and_its_redis_and_loses_no_accepted_requ
         bulk = _extract_dataset(url, images, tmp_path / "dataset", env)
         time.sleep(3.0)
         assert bulk.poll() is None, "extract-dataset finished before the kill"
+        wait_for(lambda: clients.active >= 3, 30, "requests in flight at the kill")
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: any(sent > killed_at and status == 200

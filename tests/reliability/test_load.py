@@ -40,7 +40,7 @@ def test_memory_is_flat_over_a_soak(demo_dir, record):
         pids = {"api": stack.api.pid, "worker": stack.workers[0].pid}
         rounds = []
         for _ in range(4):
-            result = run_load(stack.url, features_request(IMAGE, layers="us6,us9"),
+            result = run_load(stack.url, features_request(IMAGE, layers="us6,us9", size="128"),
                               concurrency=8, total=80)
             assert result.statuses == [200] * 80
             rounds.append({name: rss_mib(pid) for name, pid in pids.items()})

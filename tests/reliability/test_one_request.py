@@ -24,6 +24,7 @@ from cleandift.service.queue.keys import Keys
 from cleandift.settings import Settings
 from tests.corpus import encode, textured_image
 from tests.reliability.helpers import IMAGE
+from tests.service.service_helpers import metric, wait_metric
 
 pytestmark = pytest.mark.integration
 SOURCE = encode(textured_image(640, 480, 21), "JPEG")
@@ -147,3 +148,30 @@ def test_the_costliest_allowed_requests_and_a_client_beside_them(demo_dir, recor
            notes=f"mode=dift, 16 targets, size 1024 (273 megapixel-passes): 422 in "
                  f"{refused_s:.1f} s; " + "; ".join(notes) + f"; a plain /features forward "
                  f"{reference:.0f} ms at 1-min load average {load:.1f} on 2 cores")
+
+
+def test_a_client_that_goes_away_cancels_its_job(demo_dir, record):
+    """The costliest DIFT request, its client gone after 2 s (the worker took it at once:
+    it was idle): the API cancels the job, the worker stops its forward between two UNet
+    passes (499, counted; the stopped forward processed no image), and serves the next."""
+    ceiling = Settings().max_job_cost
+    _, _, form, sent = costliest(ceiling)[0]
+    with service_stack(str(demo_dir), queue_prefix="gone", torch_threads="1") as stack:
+        with httpx.Client(base_url=stack.url) as client:
+            t0 = time.monotonic()
+            with pytest.raises(httpx.ReadTimeout):
+                client.post("/features", data=form, files=sent, timeout=2)
+            text = wait_metric(client, "cleandift_jobs_cancelled_total", 1, timeout=60)
+            cancelled_s = time.monotonic() - t0
+            after = client.post("/features", files={"image": IMAGE}, timeout=60)
+            text = wait_metric(client, "cleandift_images_processed_total", 1, timeout=30)
+            api = client.get("/metrics").text
+    assert metric(text, "cleandift_jobs_cancelled_total") == 1
+    assert metric(text, "cleandift_jobs_total", status="499") == 1
+    assert after.status_code == 200
+    assert metric(text, "cleandift_images_processed_total") == 1  # the cancelled one: none
+    assert metric(api, "cleandift_requests_total", status="499") == 1
+    record(fault="a client that goes away 2 s into the costliest DIFT request", sent=2,
+           succeeded=1, refused=0, errors=0, lost=0,
+           notes=f"its job stopped between UNet passes and counted cancelled "
+                 f"{cancelled_s:.1f} s after it was sent; the next client 200")

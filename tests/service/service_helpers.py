@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import threading
 import time
+import traceback
 import uuid
 from contextlib import contextmanager
 
@@ -23,6 +26,7 @@ from cleandift.settings import Settings
 # is reported by the suite's leak check (tests/conftest.py).
 STOP_WAIT_S = 90.0
 GRACEFUL_S = 20.0  # then uvicorn's force_exit: it no longer waits for requests in flight
+CANCEL_WAIT_S = 5.0  # for the tasks left when the server returns, once cancelled
 
 
 class ApiServer:
@@ -32,7 +36,9 @@ class ApiServer:
                                 log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.server.install_signal_handlers = lambda: None  # not the main thread
-        self.thread = threading.Thread(target=self.server.run, daemon=True,
+        self.loop = asyncio.new_event_loop()  # ours, so a stuck stop can say what it awaits
+        self.ignored_cancel = ""
+        self.thread = threading.Thread(target=self._run, daemon=True,
                                        name=f"test-api-{self.port}")
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -44,12 +50,42 @@ class ApiServer:
             time.sleep(0.02)
         return self
 
+    def _run(self) -> None:
+        """As asyncio.run does, but a task that ignores its cancellation is reported (with
+        where it waits) instead of hanging the thread."""
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self.server.serve())
+        finally:
+            pending = asyncio.all_tasks(self.loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                self.loop.run_until_complete(asyncio.wait(pending, timeout=CANCEL_WAIT_S))
+            self.ignored_cancel = self._stuck() if asyncio.all_tasks(self.loop) else ""
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+
     def __exit__(self, *_exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=GRACEFUL_S)
         if self.thread.is_alive():  # a request still waiting on a job: stop without it
             self.server.force_exit = True
             self.thread.join(timeout=STOP_WAIT_S)
+        assert not self.thread.is_alive(), f"the API did not stop; awaiting:\n{self._stuck()}"
+        assert not self.ignored_cancel, f"tasks ignored their cancellation:\n{self.ignored_cancel}"
+
+    def _stuck(self) -> str:
+        """Where each of the loop's tasks waits (read from another thread: a diagnosis)."""
+        lines = []
+        for task in list(asyncio.all_tasks(self.loop)):
+            frames = task.get_stack()
+            where = " <- ".join(f"{f.f_code.co_name} ({f.f_code.co_filename.rsplit('/', 1)[-1]}"
+                                f":{f.f_lineno})" for f in reversed(frames))
+            lines.append(f"{task.get_name()}: {where}")
+        thread = sys._current_frames().get(self.thread.ident or 0)
+        stack = "".join(traceback.format_stack(thread)[-6:]) if thread else ""
+        return "\n".join(lines) + "\nthread:\n" + stack
 
 
 class WorkerThread:

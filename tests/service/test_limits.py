@@ -53,3 +53,15 @@ def test_the_costliest_requests_are_refused_with_the_ceiling_named(settings, ext
     assert "cost" in detail and str(settings.max_job_cost).rstrip("0").rstrip(".") in detail
     assert dift_map.status_code == 422, dift_map.text
     assert plain.status_code == 200
+
+
+def test_the_cost_is_refused_before_any_image_is_decoded(settings, extractor):
+    """The ceiling needs no pixels: a costly request is refused without decoding its
+    images (here they are not even images, which would otherwise be a 400)."""
+    junk = b"not an image" * 100
+    with running_service(settings, extractor) as (client, _):
+        costly = client.post("/features", files={"image": junk},
+                             data={"mode": "dift", "size": "1024", "layers": "us10"})
+        cheap = client.post("/features", files={"image": junk})
+    assert costly.status_code == 422 and "cost" in costly.json()["detail"], costly.text
+    assert cheap.status_code == 400

@@ -37,6 +37,7 @@ class MemoryQueue:
         self.touched: set[str] = set()
         self.beats: list[Heartbeat] = []
         self.models: list[str] = []
+        self.gone: set[str] = set()  # jobs whose client went away
         self.lock = threading.Lock()
 
     def claim(self, count: int, block_ms: int) -> list[Job]:
@@ -64,6 +65,10 @@ class MemoryQueue:
 
     def touch(self, entry_ids: Sequence[str]) -> None:
         self.touched.update(entry_ids)
+
+    def cancelled(self, job_ids: Sequence[str]) -> set[str]:
+        with self.lock:
+            return self.gone & set(job_ids)
 
     def heartbeat(self, beat: Heartbeat, ttl_s: float) -> None:
         self.beats.append(beat)
@@ -166,6 +171,29 @@ def test_expired_jobs_get_504_and_never_reach_the_model(extractor):
     assert {r.meta.status for r in answers.values()} == {504}
     assert worker.metrics.value("cleandift_jobs_expired_total") == 2
     assert worker.metrics.value("cleandift_images_processed_total") == 0
+
+
+def test_cancelled_jobs_get_499_and_never_reach_the_model(extractor):
+    queue = MemoryQueue()
+    queue.waiting.extend([job(0), job(1, kind="correspond")])
+    queue.gone = {j.spec.id for j in queue.waiting}
+    with running(queue, extractor) as worker:
+        answers = queue.wait_answers(2)
+    assert {r.meta.status for r in answers.values()} == {499}
+    assert worker.metrics.value("cleandift_jobs_cancelled_total") == 2
+    assert worker.metrics.value("cleandift_images_processed_total") == 0
+
+
+def test_a_cancelled_job_leaves_its_batch_mates_alone(extractor):
+    queue = MemoryQueue()
+    queue.waiting.extend([job(0), job(1), job(2, kind="correspond")])
+    queue.gone = {queue.waiting[1].spec.id}
+    with running(queue, extractor, max_batch=8) as worker:
+        answers = queue.wait_answers(3)
+    statuses = {job_id: r.meta.status for job_id, r in answers.items()}
+    assert sorted(statuses.values()) == [200, 200, 499], statuses
+    assert statuses[next(iter(queue.gone))] == 499
+    assert worker.metrics.value("cleandift_images_processed_total") == 3  # 1 + 2 (pair)
 
 
 def test_answers_are_retried_until_redis_takes_them(extractor):

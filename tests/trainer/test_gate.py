@@ -4,6 +4,7 @@ than the margin is refused by `publish --promote` unless forced, and by the trai
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import pytest
@@ -14,6 +15,8 @@ from typer.testing import CliRunner
 from cleandift import registry, warps
 from cleandift.trainer.cli import register
 from cleandift.trainer.config import TrainConfig
+from cleandift.trainer.publish import publish_weights
+from cleandift.trainer.quality import conditions, live_scorer
 from cleandift.trainer.train import gate
 from tests.corpus import encode, textured_image
 
@@ -38,10 +41,12 @@ def reports(extractor):
         samples.append(warps.Sample(str(i), hashlib.sha256(data).hexdigest(),
                                     textured_image(128, 96, seed=i)))
     demo = warps.extractor_features(extractor, size=128)
-    good = warps.evaluate(demo, samples, [], layer="us6", progress=False)
-    broken = warps.evaluate(scrambled(demo), samples, [], layer="us6", progress=False)
+    how = conditions(128, torch.float32)  # as the trainer scores a fp32 run at 128 px
+    good = warps.evaluate(demo, samples, [], layer="us6", progress=False, conditions=how)
+    broken = warps.evaluate(scrambled(demo), samples, [], layer="us6", progress=False,
+                            conditions=how)
     assert warps.gate_score(broken) < warps.gate_score(good) - 0.1
-    return good, broken
+    return good, broken, samples
 
 
 @pytest.fixture
@@ -49,7 +54,7 @@ def reg(tmp_path, reports):
     """v1 (the demo model's score) live; v2 (scrambled) and v3 (no score) published."""
     unet = tmp_path / "unet.bin"
     unet.write_bytes(b"weights")
-    good, broken = reports
+    good, broken, _ = reports
     for manifest, live in (({"warps": good}, True), ({"warps": broken}, False), ({}, False)):
         registry.publish(tmp_path / "reg", "m", {registry.UNET_FILE: unet}, manifest,
                          make_latest=live)
@@ -98,3 +103,34 @@ def test_the_trainer_publishes_a_refused_version_without_making_it_live(reg, rep
     assert gate(cfg, {"warps": reports[1]})["forced"] is True
     better = gate(cfg, {"warps": reports[0]})
     assert better["allowed"] and not better["forced"] and "within the margin" in better["message"]
+
+
+def test_the_trainer_rescores_a_live_version_measured_on_other_images(
+        tmp_path, reports, extractor, demo_dir, cache_dir):
+    """Another run held out other images: its report does not compare, so the trainer
+    scores the live weights on the candidate's images (the same size and precision)."""
+    good, broken, samples = reports
+    elsewhere = {**good, "fingerprint": "other-images", "layers": {"us6": {"pck@0.10": 0.0}}}
+    publish_weights(tmp_path / "reg", "m", extractor.unet.state_dict(),
+                    {"base": str(demo_dir), "input_size": 128, "warps": elsewhere})
+    cfg = TrainConfig(data="unused", registry=tmp_path / "reg", name="m")
+    scorer = live_scorer(tmp_path / "reg" / "m", samples, 128, device=torch.device("cpu"),
+                         dtype=torch.float32, autocast=contextlib.nullcontext,
+                         cache_dir=cache_dir)
+    refused = gate(cfg, {"warps": broken}, scorer)
+    assert not refused["allowed"], refused
+    # the live demo weights, re-scored, score exactly what the demo model scored here
+    assert f"the live v1's {warps.gate_score(good):.4f} (re-scored" in refused["message"]
+    assert gate(cfg, {"warps": good}, scorer)["allowed"]
+    without = gate(cfg, {"warps": broken})  # no images to re-score on: not compared
+    assert without["allowed"] and "different images" in without["message"]
+    # A candidate scored at another size: the live one re-scored here (128 px) still does
+    # not compare with it, and the gate says so rather than comparing.
+    at_another_size = {**broken, "fingerprint": warps.fingerprint(
+        samples, seed=0, grid=warps.GRID, conditions=conditions(256, torch.float32))}
+    other = gate(cfg, {"warps": at_another_size}, scorer)
+    assert other["allowed"] and "could not be scored" in other["message"], other
+    # A live version that cannot be loaded any more (its weights torn): not compared.
+    (tmp_path / "reg" / "m" / "v1" / registry.UNET_FILE).write_bytes(b"torn")
+    torn = gate(cfg, {"warps": broken}, scorer)
+    assert torn["allowed"] and "could not be scored" in torn["message"], torn
