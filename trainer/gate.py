@@ -52,9 +52,13 @@ def check(registry: Path, name: str, candidate: dict[str, Any], margin: float,
     if rescore is not None and gate_score(report) is not None and not _comparable(
             report, live_report):
         live_report, rescored = rescore(live), " (re-scored on the same images)"
+        if live_report is None:
+            return Verdict(True, f"the live {live} could not be scored on {label}'s images "
+                           "(the log says why): not compared", warning=True)
         if not _comparable(report, live_report):
-            return Verdict(True, f"the live {live} could not be scored on {label}'s images, "
-                           "size and precision (the log says why): not compared", warning=True)
+            return Verdict(True, f"the live {live}, re-scored on {label}'s images, was still "
+                           "measured otherwise (size, precision, protocol or layer): not "
+                           "compared", warning=True)
     new, old = gate_score(report), gate_score(live_report)
     if new is None or old is None:
         missing = label if new is None else f"the live {live}"

@@ -90,24 +90,32 @@ def live_scorer(model_dir: Path, samples: list[Sample], size: int, *, device: to
 
     def score(version: str) -> dict | None:
         if not samples:
+            log.warning("no images to score the live %s on", version)
             return None
         try:
-            live = load_extractor(model_dir / version, device=device, dtype=torch.float32,
-                                  cache_dir=cache_dir)
-            features = extractor_features(live, size)
-
-            def run(images: list[Image.Image], keys: list[str]) -> dict[str, torch.Tensor]:
-                with autocast():
-                    return features(images, keys)
-
-            info = live.info
-            return evaluate(run, samples, info.default_layers, layer=info.correspondence_layer,
-                            conditions=conditions(size, dtype))
+            report = _score_version(model_dir / version, samples, size, device, dtype,
+                                    autocast, cache_dir)
         except Exception as exc:  # out of memory, a broken version: the gate says so
             log.warning("the live %s could not be scored on these images: %s", version, exc)
             return None
-        finally:
+        finally:  # the live weights are gone with _score_version's frame
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        return report
 
     return score
+
+
+def _score_version(path: Path, samples: list[Sample], size: int, device: torch.device,
+                   dtype: torch.dtype, autocast: Callable[[], AbstractContextManager[Any]],
+                   cache_dir: Path | None) -> dict[str, Any]:
+    live = load_extractor(path, device=device, dtype=torch.float32, cache_dir=cache_dir)
+    features = extractor_features(live, size)
+
+    def run(images: list[Image.Image], keys: list[str]) -> dict[str, torch.Tensor]:
+        with autocast():
+            return features(images, keys)
+
+    info = live.info
+    return evaluate(run, samples, info.default_layers, layer=info.correspondence_layer,
+                    conditions=conditions(size, dtype))

@@ -89,8 +89,11 @@ def forward(prepared: stages.Prepared, extractor: Extractor, pin: bool, waiting:
         return _retry(batch_of(live), extractor, pin, waiting, answers) if live else ([], answers)
     try:
         return [stages.forward(prepared, extractor, waiting.nobody_waits(jobs))], []
-    except Stopped:
-        return [], unwaited(jobs, waiting)[1]
+    except Stopped:  # nobody waited for any of them: past their deadline, or gone
+        expired = waiting.expired(jobs)
+        return [], (stages.failed(expired, 504, stages.DEADLINE_MESSAGE) + stages.failed(
+            [job for job in jobs if job not in expired], CLIENT_CLOSED,
+            stages.CANCELLED_MESSAGE))
     except Exception as exc:
         if len(jobs) == 1:
             return [], [(jobs[0], stages.job_failure(jobs[0].spec.id, "forward pass", exc))]

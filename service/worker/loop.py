@@ -148,6 +148,8 @@ class Worker:
                     nothing_own)
                 jobs.extend(self._count_retries(own, dead))
                 own_after = last or None
+                if own_after is not None and not jobs:  # a page of deleted entries: the
+                    continue  # next page first, or new claims would be read back as own
             if not jobs and time.monotonic() >= next_reclaim:
                 nothing: tuple[list[Job], int] = ([], 0)
                 jobs.extend(self._count_retries(*self._safe(
