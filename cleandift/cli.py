@@ -55,6 +55,8 @@ DeviceOpt = Annotated[str | None, typer.Option(envvar="CLEANDIFT_DEVICE",
 DtypeOpt = Annotated[str | None, typer.Option(envvar="CLEANDIFT_DTYPE",
                                               help="float16, bfloat16, float32; auto if unset")]
 SizeOpt = Annotated[int | None, typer.Option(help="model input side in px (multiple of 64)")]
+PromptOpt = Annotated[str, typer.Option(
+    help="text conditioning of the UNet; '' (the default) is the method's empty prompt")]
 
 
 def settings_with(**overrides: Any) -> Settings:
@@ -94,6 +96,16 @@ def user_errors() -> Iterator[None]:
     except (json.JSONDecodeError, RequestError, UsageError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+
+
+def _layer_keys(layers: str | None) -> list[str] | None:
+    """--layers as keys (None: the model's defaults); unknown names end the command."""
+    from .contract import validate_layers
+
+    if not layers:
+        return None
+    with user_errors():
+        return validate_layers(layers.split(","), [])
 
 
 def _read_image(path: Path, size: int, settings: Settings) -> tuple[np.ndarray, tuple[int, int]]:
@@ -147,9 +159,9 @@ def extract(
     out: Annotated[Path, typer.Option("--out", "-o", help="output .safetensors")],
     layers: Annotated[str | None, typer.Option(help="comma-separated keys, e.g. us6,us9")] = None,
     size: SizeOpt = None,
-    prompt: str = "",
+    prompt: PromptOpt = "",
     mode: Annotated[str, typer.Option(help="clean or dift")] = "clean",
-    batch_size: int = 8,
+    batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 8,
     model: ModelOpt = None,
     unet: UnetOpt = None,
     device: DeviceOpt = None,
@@ -161,9 +173,9 @@ def extract(
 
     from .images import to_pixels
 
+    keys = _layer_keys(layers)  # before the model loads: a typo costs no wait
     extractor, settings = _load(model, unet, device, dtype)
     side = _input_size(extractor, size)
-    keys = layers.split(",") if layers else None
     tensors = {}
     for start in tqdm(range(0, len(images), batch_size), desc="extract", unit="batch"):
         paths = images[start : start + batch_size]
@@ -191,7 +203,7 @@ def correspond(
     layer: Annotated[str | None, typer.Option(help="feature key; the model's default if unset")]
     = None,
     size: SizeOpt = None,
-    prompt: str = "",
+    prompt: PromptOpt = "",
     max_matches: Annotated[int | None, typer.Option(help="mutual matches without points")] = None,
     model: ModelOpt = None,
     unet: UnetOpt = None,
@@ -231,7 +243,7 @@ def eval_spair(
     = "clean",
     limit: Annotated[int | None, typer.Option(help="evaluate the first N pairs")] = None,
     category: Annotated[str | None, typer.Option(help="one category only")] = None,
-    split: str = "test",
+    split: Annotated[str, typer.Option(help="SPair-71k split: trn, val or test")] = "test",
     layer: Annotated[str | None, typer.Option(help="feature key; the model's default")] = None,
     size: SizeOpt = None,
     prompt: Annotated[str, typer.Option(
@@ -280,7 +292,7 @@ def extract_dataset(
     = "float16",
     grid: Annotated[int | None, typer.Option(help="pool each map to GRID x GRID")] = None,
     mode: Annotated[str, typer.Option(help="clean or dift")] = "clean",
-    prompt: str = "",
+    prompt: PromptOpt = "",
     shard_size: Annotated[int, typer.Option(help="images per shard file")] = 256,
     batch_size: Annotated[int, typer.Option(help="images per forward pass (local)")] = 8,
     service: Annotated[str | None, typer.Option(

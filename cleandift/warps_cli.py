@@ -11,7 +11,16 @@ from typing import Annotated
 
 import typer
 
-from .cli import DeviceOpt, ModelOpt, SizeOpt, UnetOpt, _input_size, _load, user_errors
+from .cli import (
+    DeviceOpt,
+    ModelOpt,
+    SizeOpt,
+    UnetOpt,
+    _input_size,
+    _layer_keys,
+    _load,
+    user_errors,
+)
 
 
 def eval_warps(
@@ -36,6 +45,7 @@ def eval_warps(
     label-free proxy of correspondence quality; prints a JSON report."""
     from . import warps
 
+    chosen = _layer_keys(layers)  # before the model loads
     extractor, _ = _load(model, unet, device, dtype)
     side = _input_size(extractor, size)
     try:
@@ -47,7 +57,7 @@ def eval_warps(
         typer.echo(f"error: no readable image (of at least {warps.MIN_SIDE} px) in {images}",
                    err=True)
         raise typer.Exit(2)
-    keys = layers.split(",") if layers else list(extractor.info.default_layers)
+    keys = chosen or list(extractor.info.default_layers)
     with user_errors():
         report = warps.evaluate(warps.extractor_features(extractor, side), samples, keys,
                                 layer=extractor.info.correspondence_layer, seed=seed, grid=grid,

@@ -7,11 +7,14 @@ variable only. The API key has no flag on purpose: a command line shows in `ps`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from cleandift.cli import DeviceOpt, DtypeOpt, ModelOpt, UnetOpt, settings_with
+
+if TYPE_CHECKING:
+    from cleandift.settings import Settings
 
 RedisOpt = Annotated[str | None, typer.Option(
     envvar=["CLEANDIFT_REDIS_URL", "REDIS_URL"], help="Redis URL; serve starts its own if unset")]
@@ -24,6 +27,18 @@ BatchOpt = Annotated[int | None, typer.Option(envvar="CLEANDIFT_MAX_BATCH",
 ThreadsOpt = Annotated[int | None, typer.Option(envvar="CLEANDIFT_TORCH_THREADS",
                                                 help="CPU threads per worker (torch)")]
 KEY_NOTE = " Clients must send CLEANDIFT_API_KEY when it is set (environment only)."
+NO_REDIS = ("error: {what} needs a Redis URL: give --redis-url, or set CLEANDIFT_REDIS_URL "
+            "or REDIS_URL (`cleandift serve` starts its own Redis)")
+
+
+def _with_redis(what: str, **overrides: Any) -> Settings:
+    """The settings, or one line and exit code 2 when no Redis URL is known: api and
+    worker only ever talk to a Redis someone else runs."""
+    settings = settings_with(**overrides)
+    if not settings.redis_url:
+        typer.echo(NO_REDIS.format(what=what), err=True)
+        raise typer.Exit(2)
+    return settings
 
 
 def api(redis_url: RedisOpt = None, host: HostOpt = None, port: PortOpt = None,
@@ -32,7 +47,8 @@ def api(redis_url: RedisOpt = None, host: HostOpt = None, port: PortOpt = None,
         ) -> None:
     from .processes.launch import run_api
 
-    run_api(settings_with(redis_url=redis_url, host=host, port=port, api_workers=processes))
+    run_api(_with_redis("the API", redis_url=redis_url, host=host, port=port,
+                        api_workers=processes))
 
 
 api.__doc__ = "Run the HTTP API (FastAPI + uvicorn) in front of the Redis queue." + KEY_NOTE
@@ -53,9 +69,9 @@ def worker(
     """Run a worker: load the model, take batches from the queue, answer them."""
     from .processes.launch import run_worker
 
-    run_worker(settings_with(model=model, unet=unet, device=device, dtype=dtype,
-                             redis_url=redis_url, max_batch=max_batch,
-                             worker_port=port, torch_threads=torch_threads))
+    run_worker(_with_redis("a worker", model=model, unet=unet, device=device, dtype=dtype,
+                           redis_url=redis_url, max_batch=max_batch, worker_port=port,
+                           torch_threads=torch_threads))
 
 
 def serve(

@@ -195,8 +195,8 @@ def publish_existing(registry: Path, name: str, unet: Path, base: str | None,
 def demo_data(
     out_dir: Path,
     count: Annotated[int, typer.Option(help="number of images")] = 64,
-    size: int = 320,
-    seed: int = 0,
+    size: Annotated[int, typer.Option(help="side of each square image, in pixels")] = 320,
+    seed: Annotated[int, typer.Option(help="seed of the images and captions")] = 0,
 ) -> None:
     """Write COUNT synthetic images with caption sidecars (to try the trainer offline)."""
     from tqdm import tqdm

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import typer
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -83,3 +84,38 @@ def test_unreadable_image_and_missing_model(files, demo_dir, tmp_path):
     assert result.exit_code == 2 and "bad.jpg" in result.output
     result = run("info", "--model", tmp_path / "nothing-here")
     assert result.exit_code == 2 and "no model" in result.output
+
+
+def every_command() -> typer.Typer:
+    """The core commands plus those registered from other modules (as `main` does)."""
+    from cleandift import warps_cli
+    from cleandift.service import cli as service_cli
+
+    full = typer.Typer()
+    full.registered_commands = list(app.registered_commands)
+    warps_cli.register(full)
+    service_cli.register(full)
+    return full
+
+
+def test_unknown_layers_are_refused_before_the_model_loads(files, tmp_path):
+    """A typo in --layers is named at once: the model (here one that does not exist, which
+    would be an error of its own) is never loaded."""
+    full = every_command()
+    for command in (["extract", files / "a.jpg", "--out", tmp_path / "x.safetensors"],
+                    ["eval-warps", files]):
+        args = [*command, "--layers", "us6,nope", "--model", tmp_path / "nothing-here"]
+        result = CliRunner().invoke(full, list(map(str, args)))
+        assert result.exit_code == 2, result.output
+        assert "unknown layer(s) ['nope']" in result.output and "no model" not in result.output
+
+
+def test_api_and_worker_without_a_redis_url_say_so_in_one_line(monkeypatch):
+    for name in ("REDIS_URL", "CLEANDIFT_REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    full = every_command()
+    for command in ("api", "worker"):
+        result = CliRunner().invoke(full, [command])
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "Redis URL" in lines[0]
