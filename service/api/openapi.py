@@ -59,7 +59,12 @@ HEADERS = {
     "Retry-After": _header("Seconds to wait before retrying.", "integer"),
     "X-Request-ID": _header("The request's id (the client's X-Request-ID when it sent a "
                             "well-formed one): in every answer and every log line about it."),
+    "X-Timing-Queue-Ms": _header("Milliseconds the job waited in the queue.", "number"),
+    "X-Timing-Inference-Ms": _header("Milliseconds of the forward pass of the job's batch.",
+                                     "number"),
+    "X-Timing-Total-Ms": _header("Milliseconds from enqueuing to the answer.", "number"),
 }
+TIMING_HEADERS = ("X-Timing-Queue-Ms", "X-Timing-Inference-Ms", "X-Timing-Total-Ms")
 _ERROR_HEADERS = {412: ("ETag",), 429: ("Retry-After",), 503: ("Retry-After",)}
 
 
@@ -72,8 +77,10 @@ def errors(*statuses: int) -> dict:
 
 
 def success(*headers: str, content: dict | None = None) -> dict:
-    """The 200 answer's documented headers (and extra media types)."""
-    out: dict = {"headers": {h: HEADERS[h] for h in ("X-Request-ID", *headers)}}
+    """The 200 answer's documented headers (and extra media types); every answer of a
+    job carries its stage timings."""
+    out: dict = {"headers": {h: HEADERS[h] for h in ("X-Request-ID", *headers,
+                                                     *TIMING_HEADERS)}}
     if content:
         out["content"] = content
     return {200: out}

@@ -92,7 +92,7 @@ async def features(
     "/correspond",
     dependencies=Protected,
     response_model=CorrespondOut,
-    responses={**openapi.success("X-Model-Version"),
+    responses={**openapi.success("X-Model-Version", "X-Cache"),
                **openapi.errors(400, 401, 413, 415, 422, 429, 503, 504)},
     openapi_extra=openapi.CORRESPOND_BODY,
     summary="Matches from a source image to a target image",

@@ -114,6 +114,22 @@ def test_models_health_and_docs(service):
     assert {"multipart/form-data", "application/json"} <= set(content)
 
 
+def test_every_header_the_schema_promises_comes_with_the_answer(service, jpeg, photo2):
+    """The OpenAPI 200 of each job route names its headers (the stage timings included),
+    and a real answer carries each one."""
+    schema = service.get("/openapi.json").json()
+    target = encode(photo2, "PNG")
+    answers = {"/features": service.post("/features", files={"image": jpeg}),
+               "/correspond": service.post("/correspond", files={"source": jpeg,
+                                                                 "target": target})}
+    for route, answer in answers.items():
+        assert answer.status_code == 200, answer.text
+        declared = schema["paths"][route]["post"]["responses"]["200"]["headers"]
+        assert {"X-Timing-Queue-Ms", "X-Timing-Total-Ms"} <= set(declared)
+        missing = [h for h in declared if h.lower() not in answer.headers]
+        assert not missing, f"{route}: declared but not sent: {missing}"
+
+
 def problem(response, status):
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/problem+json")
