@@ -55,6 +55,8 @@ DeviceOpt = Annotated[str | None, typer.Option(envvar="CLEANDIFT_DEVICE",
 DtypeOpt = Annotated[str | None, typer.Option(envvar="CLEANDIFT_DTYPE",
                                               help="float16, bfloat16, float32; auto if unset")]
 SizeOpt = Annotated[int | None, typer.Option(help="model input side in px (multiple of 64)")]
+EvalDtypeOpt = Annotated[str, typer.Option(
+    help="evaluation precision: float32 (default) or bfloat16; float16 on request")]
 PromptOpt = Annotated[str, typer.Option(
     help="text conditioning of the UNet; '' (the default) is the method's empty prompt")]
 
@@ -257,9 +259,7 @@ def eval_spair(
     model: ModelOpt = None,
     unet: UnetOpt = None,
     device: DeviceOpt = None,
-    dtype: Annotated[str, typer.Option(
-        help="evaluation precision: float32 (default) or bfloat16; float16 on request")]
-    = "float32",
+    dtype: EvalDtypeOpt = "float32",
 ) -> None:
     """PCK@0.05/0.10/0.15 on SPair-71k with DIFT's matching, along every protocol axis
     (<= or <, target bbox or image, per image or per keypoint); prints a table."""

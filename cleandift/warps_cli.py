@@ -13,6 +13,7 @@ import typer
 
 from .cli import (
     DeviceOpt,
+    EvalDtypeOpt,
     ModelOpt,
     SizeOpt,
     UnetOpt,
@@ -37,9 +38,7 @@ def eval_warps(
     model: ModelOpt = None,
     unet: UnetOpt = None,
     device: DeviceOpt = None,
-    dtype: Annotated[str, typer.Option(
-        help="evaluation precision: float32 (default) or bfloat16; float16 on request")]
-    = "float32",
+    dtype: EvalDtypeOpt = "float32",
 ) -> None:
     """PCK@0.05/0.10 under known warps (homography, crop + rescale, flip), per layer: a
     label-free proxy of correspondence quality; prints a JSON report."""

@@ -25,6 +25,8 @@ def test_aliases_and_environment(monkeypatch):
     {"result_ttl_s": 10, "request_timeout_s": 60},
     {"max_batch": 0},
     {"queue_prefix": "has space"},
+    {"cancel_poll_s": 0},
+    {"cancel_poll_s": -1},
 ])
 def test_inconsistent_values_are_refused_with_the_field_named(bad):
     with pytest.raises(ValidationError) as err:
