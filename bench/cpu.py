@@ -13,6 +13,7 @@ from cleandift.loading import load_extractor
 from cleandift.settings import Settings
 
 from . import measure
+from .fleet import FLEET_DESCRIPTIONS, fleet_figures
 from .load import features_request, run_load
 from .outputs import OUTPUT_DESCRIPTIONS, cache_figures, output_figures
 from .stack import service_stack
@@ -39,6 +40,7 @@ DESCRIPTIONS = {
     "train_once_vs_thrice_flops": "the same as a FLOP ratio",
     **TRANSPORT_DESCRIPTIONS,
     **OUTPUT_DESCRIPTIONS,
+    **FLEET_DESCRIPTIONS,
 }
 
 
@@ -71,7 +73,7 @@ def service_figures(model: str, jpeg: bytes, quick: bool, batch: int) -> dict[st
     }
 
 
-PARTS = ("model", "service", "transport", "outputs")
+PARTS = ("model", "service", "transport", "outputs", "fleet")
 
 
 def run_bench(model: str | None, quick: bool, parts: tuple[str, ...] = PARTS
@@ -95,6 +97,8 @@ def run_bench(model: str | None, quick: bool, parts: tuple[str, ...] = PARTS
         figures.update(output_figures(model, bench_jpeg(640, 480), 16 if quick else 48))
         new_images = [_jpeg(image) for image in bench_images(49 if quick else 97)]
         figures.update(cache_figures(model, new_images, 200 if quick else 600))
+    if "fleet" in parts:
+        figures.update(fleet_figures(bench_jpeg(320, 240), quick))
     return {key: round(float(value), 4) for key, value in figures.items()}
 
 

@@ -26,7 +26,8 @@ from cleandift.loading import load_extractor
 from . import gpu_phases as ph
 from .measure import count_flops
 
-PHASES = "profile,eager,trainer,compile,service"  # the trainer before compile mutates the UNet
+# The trainer before compile (it mutates the UNet); fleet: serve on 1 GPU vs all of them.
+PHASES = "profile,eager,trainer,compile,service,fleet"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
         "eager": lambda: rows("eager"),
         "compile": compiled,
         "service": service,
+        "fleet": lambda: report.update(ph.fleet_rows(model_dir, cache_dir,
+                                                     *ph.us6_request(ex), args.quick)),
         "trainer": lambda: report.update(ph.trainer_rows(ex, args.train_batch, size,
                                                          2 if args.quick else 3)),
     }

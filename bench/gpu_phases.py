@@ -138,31 +138,35 @@ def service_rows(ex: Extractor, model_dir: Path, cache_dir: Path, device: str, q
                  compiled: bool) -> dict[str, Any]:
     """The stack as deployed on a GPU box: one worker (compiled at start-up if asked, from
     the warm cache), several API processes, an efficient client (threads, safetensors)."""
-    import numpy as np
-
-    from cleandift.trainer.synthetic import synthetic_image
-
     size = ex.info.input_size
-    layer = ex.info.layers["us6"]
-    shapes: dict[str, tuple[int, ...]] = {
-        "us6": (layer.channels, size // layer.stride, size // layer.stride)}
-    image = synthetic_image(size, np.random.default_rng(0))[0]
-    buf = io.BytesIO()
-    image.save(buf, "JPEG", quality=90)
+    jpeg, shapes = us6_request(ex)
     out: dict[str, Any] = {}
     with service_stack(str(model_dir), device=device, max_batch="32", api_workers="6",
                        max_batch_pixels=str(32 * size * size), max_queue="1024",
                        compile=str(compiled).lower(), cache_dir=str(cache_dir),
                        ready_timeout_s=900) as stack:
         for concurrency in (16, 32):
-            threaded_client(stack.url, buf.getvalue(), "us6", concurrency, concurrency, shapes)
+            threaded_client(stack.url, jpeg, "us6", concurrency, concurrency, shapes)
             total = concurrency * (8 if quick else 16)
-            seconds, ok = threaded_client(stack.url, buf.getvalue(), "us6", concurrency, total,
-                                          shapes)
+            seconds, ok = threaded_client(stack.url, jpeg, "us6", concurrency, total, shapes)
             key = f"service_images_per_s_safetensors_c{concurrency}"
             out[key] = round(ok / seconds, 2)
             print(f"  service c{concurrency}: {ok / seconds:.2f} images/s", flush=True)
     return out
+
+
+def us6_request(ex: Extractor) -> tuple[bytes, dict[str, tuple[int, ...]]]:
+    """A photo-like JPEG at the model's size, and the us6 shape its answer has."""
+    import numpy as np
+
+    from cleandift.trainer.synthetic import synthetic_image
+
+    size = ex.info.input_size
+    layer = ex.info.layers["us6"]
+    image = synthetic_image(size, np.random.default_rng(0))[0]
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=90)
+    return buf.getvalue(), {"us6": (layer.channels, size // layer.stride, size // layer.stride)}
 
 
 def trainer_rows(ex: Extractor, batch: int, size: int, repeats: int) -> dict[str, Any]:
@@ -208,3 +212,59 @@ def trainer_rows(ex: Extractor, batch: int, size: int, repeats: int) -> dict[str
     out["train_once_vs_thrice"] = round(out["train_s_per_step_thrice"]
                                         / out["train_s_per_step_once"], 3)
     return out
+
+
+def fleet_rows(model_dir: Path, cache_dir: Path, jpeg: bytes, shapes: dict[str, tuple[int, ...]],
+               quick: bool) -> dict[str, Any]:
+    """`cleandift serve` on one GPU, then on every GPU of the box (one worker each): the
+    images/s each gives, side by side in one run. One GPU: only the first figure."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from cleandift.service.processes.redis_server import free_port
+
+    gpus = torch.cuda.device_count()
+    out: dict[str, Any] = {"fleet_gpus": gpus}
+    for devices, label in (("0", "1"), ("all", "all")):
+        if label == "all" and gpus < 2:
+            break
+        port = free_port()
+        env = {**os.environ, "CLEANDIFT_CACHE_DIR": str(cache_dir), "CLEANDIFT_MAX_BATCH": "32",
+               "CLEANDIFT_MAX_BATCH_PIXELS": str(32 * 768 * 768), "CLEANDIFT_MAX_QUEUE": "4096",
+               "CLEANDIFT_API_WORKERS": "6", "CLEANDIFT_WORKER_PORT": "0"}
+        serve = subprocess.Popen([sys.executable, "-m", "cleandift.cli", "serve", "--model",
+                                  str(model_dir), "--devices", devices, "--port", str(port)],
+                                 env=env)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            _wait_ready(url, expect_workers=gpus if label == "all" else 1)
+            concurrency = 32 * (gpus if label == "all" else 1)
+            threaded_client(url, jpeg, "us6", concurrency, concurrency, shapes)  # warm-up
+            seconds, ok = threaded_client(url, jpeg, "us6", concurrency,
+                                          concurrency * (4 if quick else 8), shapes)
+            out[f"fleet_images_per_s_{label}_gpus"] = round(ok / seconds, 2)
+            print(f"  serve on {label} GPU(s): {ok / seconds:.2f} images/s", flush=True)
+        finally:
+            serve.send_signal(signal.SIGTERM)
+            serve.wait(timeout=60)
+    if "fleet_images_per_s_all_gpus" in out:
+        out["fleet_all_vs_one"] = round(out["fleet_images_per_s_all_gpus"]
+                                        / out["fleet_images_per_s_1_gpus"], 3)
+    return out
+
+
+def _wait_ready(url: str, expect_workers: int, timeout_s: float = 900) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            answer = httpx.get(url + "/readyz", timeout=2)
+            if answer.status_code == 200 and answer.json()["workers"] >= expect_workers:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"serve at {url} never had {expect_workers} ready workers")

@@ -78,8 +78,9 @@ def _spawn(command: str, env: dict[str, str], module: str = "cleandift.cli"
 @contextmanager
 def service_stack(model: str, *, workers: int = 1, redis_url: str | None = None,
                   worker_module: str = "cleandift.cli", ready_timeout_s: float = 120.0,
-                  **settings: str):
-    """A ready stack: API + `workers` workers on `model`; settings as CLEANDIFT_* values.
+                  worker_envs: list[dict[str, str]] | None = None, **settings: str):
+    """A ready stack: API + `workers` workers on `model` (or one worker per entry of
+    `worker_envs`, each with those variables on top); settings as CLEANDIFT_* values.
 
     The feature cache is off unless asked for: the benchmarks send one image again and
     again, and would otherwise measure the cache instead of the path they are about."""
@@ -91,8 +92,8 @@ def service_stack(model: str, *, workers: int = 1, redis_url: str | None = None,
            **{f"CLEANDIFT_{k.upper()}": str(v) for k, v in settings.items()}}
     stack = Stack(redis, url, env, worker_module=worker_module)
     try:
-        for _ in range(workers):
-            stack.start_worker()
+        for extra in worker_envs or [{}] * workers:
+            stack.start_worker(**extra)
         stack.start_api()
         stack.wait_ready(ready_timeout_s)
         yield stack

@@ -1,5 +1,5 @@
 """Configs of the model families we serve: the real SD 1.5 / 2.1 shapes and small
-SD2.1-shaped variants (demo, bench) that run on a laptop CPU.
+variants that run on a laptop CPU: SD2.1-shaped (demo, bench) and SD1.5-shaped (demo15).
 
 The real configs let tests and GPU benchmarks build the exact architecture with random
 weights, without any download.
@@ -23,6 +23,13 @@ SCALED_LINEAR = {
     "clip_sample": False,
     "set_alpha_to_one": False,
     "steps_offset": 1,
+}
+# SD 1.5's scheduler. PNDMScheduler takes no `clip_sample` (SD 1.5's published config lists
+# it, but from_config drops it; the constructor that write_model calls refuses it).
+PNDM = {
+    **{k: v for k, v in SCALED_LINEAR.items() if k != "clip_sample"},
+    "prediction_type": "epsilon",
+    "skip_prk_steps": True,
 }
 
 
@@ -103,7 +110,7 @@ SD15 = Architecture(
     vae=_vae((128, 256, 512, 512), 512),
     text=_text(768, 12, 12, act="quick_gelu"),
     scheduler_class="PNDMScheduler",
-    scheduler={**SCALED_LINEAR, "prediction_type": "epsilon", "skip_prk_steps": True},
+    scheduler=dict(PNDM),
 )
 
 # The text encoder of the small models uses a byte-level vocabulary (see demo.py).
@@ -119,6 +126,21 @@ DEMO = Architecture(
     scheduler={**SCALED_LINEAR, "prediction_type": "v_prediction"},
 )
 
+# SD1.5-shaped (epsilon prediction, PNDM, conv projection in the transformers, no attention
+# upcast, quick-GELU text encoder, the same head count in every block) and deliberately
+# unlike DEMO everywhere a client can see it: other channels, another input size and a
+# 4x VAE (3 blocks) instead of 8x, so that every layer's stride differs too. Served beside
+# DEMO it makes a fleet of two genuinely different models on one laptop.
+DEMO15 = Architecture(
+    name="cleandift-demo15",
+    input_size=192,
+    unet=_unet((32, 48, 64, 96), (4, 4, 4, 4), 48, 48, False, groups=16),
+    vae=_vae((16, 32, 32), 192, groups=8),
+    text=_text(48, 2, 4, vocab=SMALL_VOCAB, act="quick_gelu"),
+    scheduler_class="PNDMScheduler",
+    scheduler=dict(PNDM),
+)
+
 BENCH = Architecture(
     name="cleandift-bench",
     input_size=256,
@@ -129,4 +151,4 @@ BENCH = Architecture(
     scheduler={**SCALED_LINEAR, "prediction_type": "v_prediction"},
 )
 
-ARCHITECTURES = {"demo": DEMO, "bench": BENCH, "sd21": SD21, "sd15": SD15}
+ARCHITECTURES = {"demo": DEMO, "demo15": DEMO15, "bench": BENCH, "sd21": SD21, "sd15": SD15}

@@ -45,7 +45,7 @@ def _root(
 ModelOpt = Annotated[
     str | None,
     typer.Option("--model", "-m", envvar="CLEANDIFT_MODEL",
-                 help="diffusers folder, hub id or registry DIR/NAME (demo)"),
+                 help="diffusers folder, hub id, registry DIR/NAME, demo or demo15 (demo)"),
 ]
 UnetOpt = Annotated[str | None, typer.Option(
     envvar="CLEANDIFT_UNET",
@@ -134,9 +134,10 @@ def _input_size(extractor: Extractor, size: int | None) -> int:
 def demo_model(
     out_dir: Path,
     seed: Annotated[int, typer.Option(help="weights seed")] = 0,
-    kind: Annotated[str, typer.Option(help="demo or bench")] = "demo",
+    kind: Annotated[str, typer.Option(help="demo, demo15 or bench")] = "demo",
 ) -> None:
-    """Write the small SD2.1-shaped demo model (diffusers layout) to OUT_DIR."""
+    """Write a small built-in model (diffusers layout) to OUT_DIR: the SD2.1-shaped demo
+    (default), the SD1.5-shaped demo15 or the larger bench."""
     from .architectures import ARCHITECTURES
     from .demo import write_model
 
@@ -301,7 +302,12 @@ def extract_dataset(
     fetch_timeout: Annotated[float | None, typer.Option(
         min=0.001, help="seconds one URL may take in all, then it is an error row "
         "(default: cleandift.sources.FETCH_TIMEOUT_S)")] = None,
-    model: ModelOpt = None,
+    # No envvar here: CLEANDIFT_MODEL (a worker's spec) must not name a service's model;
+    # without --service, Settings still reads it.
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="the model (as elsewhere; CLEANDIFT_MODEL when unset); with "
+        "--service, the name of one of the service's models (its default when unset)")]
+    = None,
     unet: UnetOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -339,9 +345,11 @@ def _dataset_backend(service: str | None, concurrency: int, model: str | None,
         from .client import Client
 
         # A long run rides through worker restarts and short outages (503, Retry-After).
-        client = Client(service, api_key=_client_api_key(), timeout=600, retry_budget_s=300)
+        # --model names one of the service's models (its default when absent).
+        client = Client(service, api_key=_client_api_key(), timeout=600, retry_budget_s=300,
+                        model=model)
         client.wait_ready(timeout=300)
-        served = client.models()
+        served = client.models(model)
         info = {"model": served["name"], "model_version": served["version"]}
         keys = layers.split(",") if layers else list(served["default_layers"])
         side = size or int(served["input_size"])

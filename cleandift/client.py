@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -61,12 +62,25 @@ TRANSIENT = (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.Remote
 RETRY_BUDGET_S = 60.0
 
 
+def models_path(name: str | None) -> str:
+    return "/v1/models" if name is None else f"/v1/models/{quote(name, safe='')}"
+
+
 class _Base:
     def __init__(self, url: str, api_key: str | None, timeout: float, retries: int,
-                 backoff: float, retry_budget_s: float = RETRY_BUDGET_S) -> None:
+                 backoff: float, retry_budget_s: float = RETRY_BUDGET_S,
+                 model: str | None = None) -> None:
         self.url, self.retries, self.timeout = url.rstrip("/"), retries, timeout
         self.backoff, self.retry_budget_s = backoff, retry_budget_s
         self.headers = {"X-API-Key": api_key} if api_key else {}
+        self.model = model  # the served model every request names (None: the default)
+
+    def _for_model(self, request: dict[str, Any], model: str | None) -> dict[str, Any]:
+        """The request, naming `model` (or the client's) when one is chosen."""
+        chosen = model or self.model
+        if chosen:
+            request["params"] = {**request.get("params", {}), "model": chosen}
+        return request
 
     def _retry_in(self, response: httpx.Response | None, attempt: int, started: float
                   ) -> float | None:
@@ -85,8 +99,8 @@ class Client(_Base):
 
     def __init__(self, url: str = "http://localhost:8000", api_key: str | None = None,
                  timeout: float = 120.0, retries: int = 3, backoff: float = 0.5,
-                 retry_budget_s: float = RETRY_BUDGET_S) -> None:
-        super().__init__(url, api_key, timeout, retries, backoff, retry_budget_s)
+                 retry_budget_s: float = RETRY_BUDGET_S, model: str | None = None) -> None:
+        super().__init__(url, api_key, timeout, retries, backoff, retry_budget_s, model)
         self._http = httpx.Client(base_url=self.url, headers=self.headers, timeout=timeout)
 
     def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
@@ -127,12 +141,13 @@ class Client(_Base):
     def features(self, image: ImageLike, layers: str | Sequence[str] | None = None,
                  size: int | None = None, prompt: str = "", dtype: str = "float16",
                  mode: str = "clean", *, points: Points | None = None, grid: int | None = None,
-                 raw: bool = False) -> Features:
+                 raw: bool = False, model: str | None = None) -> Features:
         """{key: array} for one image: maps [C, h, w], or descriptors [N, C] at `points`
         (pixels of the image), or maps pooled to `grid` x `grid`. dtype int8 and bfloat16
         arrive compact and are returned as float32 (`raw=True`: as sent, with scales)."""
         request = features_request(image, layers=layers, size=size, prompt=prompt, dtype=dtype,
                                    mode=mode, points=points, grid=grid)
+        request = self._for_model(request, model)
         return features_answer(self._send("POST", **request), raw)
 
     def features_many(self, images: Sequence[ImageLike], concurrency: int = 4,
@@ -145,17 +160,18 @@ class Client(_Base):
                    targets: Sequence[ImageLike] | None = None, points: Points | None = None,
                    layer: str | None = None, size: int | None = None, prompt: str = "",
                    max_matches: int | None = None, mode: str = "clean",
-                   heatmap: bool = False) -> dict[str, Any]:
+                   heatmap: bool = False, model: str | None = None) -> dict[str, Any]:
         """Matches from SOURCE to one target (`matches`), or to several at once (`targets`:
         `results`, one per target, the source computed once)."""
         request = correspond_request(source, targets_of(target, targets), points=points,
                                      layer=layer, size=size, prompt=prompt,
                                      max_matches=max_matches, mode=mode, heatmap=heatmap)
-        body: dict[str, Any] = self._send("POST", **request).json()
+        body: dict[str, Any] = self._send("POST", **self._for_model(request, model)).json()
         return body
 
-    def models(self) -> dict[str, Any]:
-        body: dict[str, Any] = self._send("GET", "/v1/models").json()
+    def models(self, name: str | None = None) -> dict[str, Any]:
+        """GET /v1/models (every served model under `models`), or one model by name."""
+        body: dict[str, Any] = self._send("GET", models_path(name)).json()
         return body
 
     def close(self) -> None:
@@ -173,8 +189,8 @@ class AsyncClient(_Base):
 
     def __init__(self, url: str = "http://localhost:8000", api_key: str | None = None,
                  timeout: float = 120.0, retries: int = 3, backoff: float = 0.5,
-                 retry_budget_s: float = RETRY_BUDGET_S) -> None:
-        super().__init__(url, api_key, timeout, retries, backoff, retry_budget_s)
+                 retry_budget_s: float = RETRY_BUDGET_S, model: str | None = None) -> None:
+        super().__init__(url, api_key, timeout, retries, backoff, retry_budget_s, model)
         self._http = httpx.AsyncClient(base_url=self.url, headers=self.headers, timeout=timeout)
 
     async def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
@@ -215,9 +231,11 @@ class AsyncClient(_Base):
     async def features(self, image: ImageLike, layers: str | Sequence[str] | None = None,
                        size: int | None = None, prompt: str = "", dtype: str = "float16",
                        mode: str = "clean", *, points: Points | None = None,
-                       grid: int | None = None, raw: bool = False) -> Features:
+                       grid: int | None = None, raw: bool = False,
+                       model: str | None = None) -> Features:
         request = features_request(image, layers=layers, size=size, prompt=prompt, dtype=dtype,
                                    mode=mode, points=points, grid=grid)
+        request = self._for_model(request, model)
         return features_answer(await self._send("POST", **request), raw)
 
     async def features_many(self, images: Sequence[ImageLike], concurrency: int = 4,
@@ -235,15 +253,16 @@ class AsyncClient(_Base):
                          points: Points | None = None, layer: str | None = None,
                          size: int | None = None, prompt: str = "",
                          max_matches: int | None = None, mode: str = "clean",
-                         heatmap: bool = False) -> dict[str, Any]:
+                         heatmap: bool = False, model: str | None = None) -> dict[str, Any]:
         request = correspond_request(source, targets_of(target, targets), points=points,
                                      layer=layer, size=size, prompt=prompt,
                                      max_matches=max_matches, mode=mode, heatmap=heatmap)
-        body: dict[str, Any] = (await self._send("POST", **request)).json()
+        body: dict[str, Any] = (await self._send("POST",
+                                                 **self._for_model(request, model))).json()
         return body
 
-    async def models(self) -> dict[str, Any]:
-        body: dict[str, Any] = (await self._send("GET", "/v1/models")).json()
+    async def models(self, name: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = (await self._send("GET", models_path(name))).json()
         return body
 
     async def aclose(self) -> None:

@@ -27,6 +27,9 @@ from .prompts import EMPTY_PROMPT_FILE, PromptEncoder
 from .settings import default_cache_dir
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Built-in small models, created from their config and seed on first use: the SD2.1-shaped
+# "demo" (the default) and the SD1.5-shaped "demo15".
+BUILTIN_DEMOS = ("demo", "demo15")
 
 
 class ModelLoadError(RuntimeError):
@@ -47,8 +50,9 @@ class ResolvedSpec:
 
 def resolve_spec(spec: str | Path | None, cache_dir: Path, demo_seed: int = 0) -> ResolvedSpec:
     """Classify a spec; registry versions are checksum-verified here."""
-    if spec is None or str(spec) == "demo":
-        return _folder_spec(ensure_model("demo", cache_dir, seed=demo_seed))
+    if spec is None or str(spec) in BUILTIN_DEMOS:
+        kind = "demo" if spec is None else str(spec)
+        return _folder_spec(ensure_model(kind, cache_dir, seed=demo_seed))
     path = Path(spec).expanduser()
     if path.is_dir() and registry.is_registry_path(path):
         try:

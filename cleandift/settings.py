@@ -8,14 +8,16 @@ The core library never reads it: processes build one and pass the values they ne
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .dtypes import canonical_dtype
 
 DEVICE_PATTERN = r"^(cpu|mps|cuda(:\d+)?)$"
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"  # a served name: URLs, Redis keys
+DEVICES_PATTERN = r"^(all|cpu|\d+(,\d+)*)$"
 CPU_JOB_COST = 6.0  # megapixel-passes (cleandift/cost.py) one request may cost on CPU
 GPU_JOB_COST = 300.0  # the same on a GPU (compose and k8s set it too)
 GATE_MARGIN = 0.02  # absolute warp PCK@0.10 a new version may lose against the live one
@@ -36,9 +38,29 @@ class Settings(BaseSettings):
 
     # Model
     model: str | None = Field(
-        None, description="Model spec: diffusers folder, hub id or registry DIR/NAME[/VERSION]; "
-        "the built-in demo model when unset."
+        None, description="Model spec: diffusers folder, hub id, registry DIR/NAME[/VERSION] "
+        "or a built-in small model (`demo`, SD2.1-shaped; `demo15`, SD1.5-shaped); `demo` "
+        "when unset."
     )
+    model_name: str | None = Field(
+        None, pattern=MODEL_NAME_PATTERN, description="The name a worker's model is served "
+        "under (requests choose it with `model`); its queue is then PREFIX.NAME:*.")
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Several models in one deployment: NAME=SPEC "
+        "entries, comma-separated in the variable (for `api`, NAME alone is enough).")
+    default_model: str | None = Field(
+        None, pattern=MODEL_NAME_PATTERN,
+        description="The model of requests that name none; the first declared when unset.")
+    fleet_file: Path | None = Field(
+        None, description="A TOML file declaring the served models with per-model spec, "
+        "dtype, devices, workers and batch limits (docs/fleet.md).")
+    devices: str | None = Field(
+        None, pattern=DEVICES_PATTERN, description="`serve`: where workers run: all (every "
+        "visible GPU, one worker each), 0,1,3, or cpu; every visible GPU when unset.")
+    switch_timeout_s: float = Field(
+        120.0, gt=0, description="How long a model's workers wait for each other to load a "
+        "new version before the loaded ones switch without the laggards (which then stop "
+        "serving until they have it).")
     unet: str | None = Field(
         None, description="UNet weights on top of the model: a flat safetensors file (e.g. "
         "CleanDIFT's), an official full checkpoint, or hf://OWNER/REPO/FILE from the hub.")
@@ -183,6 +205,13 @@ class Settings(BaseSettings):
         """The keyword arguments of `load_extractor` that these settings choose."""
         return {"spec": self.model, "unet": self.unet, "device": self.device,
                 "dtype": self.dtype, "cache_dir": self.cache_dir, "demo_seed": self.demo_seed}
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -26,6 +26,16 @@ BatchOpt = Annotated[int | None, typer.Option(envvar="CLEANDIFT_MAX_BATCH",
                                               help="images per forward pass at most")]
 ThreadsOpt = Annotated[int | None, typer.Option(envvar="CLEANDIFT_TORCH_THREADS",
                                                 help="CPU threads per worker (torch)")]
+ModelsOpt = Annotated[list[str] | None, typer.Option(
+    "--model", "-m", help="SPEC (diffusers folder, hub id, registry DIR/NAME, demo, demo15), "
+    "or NAME=SPEC, repeated, to serve several models by name [env: CLEANDIFT_MODEL, "
+    "CLEANDIFT_MODELS]")]
+FleetOpt = Annotated[Path | None, typer.Option(
+    "--fleet", envvar="CLEANDIFT_FLEET_FILE", help="TOML file of the served models, with "
+    "per-model dtype, devices, workers and batch limits (docs/fleet.md)")]
+DefaultModelOpt = Annotated[str | None, typer.Option(
+    envvar="CLEANDIFT_DEFAULT_MODEL", help="the model of requests that name none (default: "
+    "the first)")]
 KEY_NOTE = " Clients must send CLEANDIFT_API_KEY when it is set (environment only)."
 NO_REDIS = ("error: {what} needs a Redis URL: give --redis-url, or set CLEANDIFT_REDIS_URL "
             "or REDIS_URL (`cleandift serve` starts its own Redis)")
@@ -41,14 +51,36 @@ def _with_redis(what: str, **overrides: Any) -> Settings:
     return settings
 
 
+def model_flags(values: list[str] | None) -> dict[str, Any]:
+    """--model SPEC (one unnamed model) or --model NAME=SPEC ... (several, by name)."""
+    if not values:
+        return {}
+    if len(values) == 1 and "=" not in values[0]:
+        return {"model": values[0]}
+    return {"models": values}
+
+
 def api(redis_url: RedisOpt = None, host: HostOpt = None, port: PortOpt = None,
         processes: Annotated[int | None, typer.Option(
             envvar="CLEANDIFT_API_WORKERS", help="API processes (default 1)")] = None,
+        model: Annotated[list[str] | None, typer.Option(
+            "--model", "-m", help="a served model's NAME (or NAME=SPEC), repeated, when the "
+            "deployment serves several [env: CLEANDIFT_MODELS]")] = None,
+        fleet: FleetOpt = None, default_model: DefaultModelOpt = None,
         ) -> None:
+    from .fleet import FleetError, fleet_of
     from .processes.launch import run_api
 
-    run_api(_with_redis("the API", redis_url=redis_url, host=host, port=port,
-                        api_workers=processes))
+    names = {"models": model} if model else {}
+    settings = _with_redis("the API", redis_url=redis_url, host=host, port=port,
+                           api_workers=processes, fleet_file=fleet,
+                           default_model=default_model, **names)
+    try:
+        fleet_of(settings)
+    except FleetError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    run_api(settings)
 
 
 api.__doc__ = "Run the HTTP API (FastAPI + uvicorn) in front of the Redis queue." + KEY_NOTE
@@ -65,17 +97,20 @@ def worker(
         envvar="CLEANDIFT_WORKER_PORT",
         help="the worker's own port (probes, metrics, results); 0: any free port")] = None,
     torch_threads: ThreadsOpt = None,
+    model_name: Annotated[str | None, typer.Option(
+        envvar="CLEANDIFT_MODEL_NAME", help="the name its model is served under, when the "
+        "deployment serves several (its queue is then PREFIX.NAME)")] = None,
 ) -> None:
     """Run a worker: load the model, take batches from the queue, answer them."""
     from .processes.launch import run_worker
 
     run_worker(_with_redis("a worker", model=model, unet=unet, device=device, dtype=dtype,
                            redis_url=redis_url, max_batch=max_batch, worker_port=port,
-                           torch_threads=torch_threads))
+                           torch_threads=torch_threads, model_name=model_name))
 
 
 def serve(
-    model: ModelOpt = None,
+    model: ModelsOpt = None,
     unet: UnetOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -85,16 +120,28 @@ def serve(
     host: HostOpt = None,
     port: PortOpt = None,
     max_batch: BatchOpt = None,
-    workers: Annotated[int | None, typer.Option(envvar="CLEANDIFT_WORKERS",
-                                                help="worker processes (default 1)")] = None,
+    workers: Annotated[int | None, typer.Option(
+        envvar="CLEANDIFT_WORKERS", help="worker processes per model (default: 1 on CPU, "
+        "one per GPU)")] = None,
     torch_threads: ThreadsOpt = None,
+    devices: Annotated[str | None, typer.Option(
+        envvar="CLEANDIFT_DEVICES", help="all (every visible GPU), 0,1,3, or cpu")] = None,
+    fleet: FleetOpt = None,
+    default_model: DefaultModelOpt = None,
 ) -> None:
+    from .fleet import FleetError
     from .processes.serve import run_serve
 
-    run_serve(settings_with(model=model, unet=unet, device=device, dtype=dtype,
-                            redis_url=redis_url, host=host, port=port, max_batch=max_batch,
-                            workers=workers, torch_threads=torch_threads,
-                            redis_server=str(redis_server) if redis_server else None))
+    try:
+        run_serve(settings_with(unet=unet, device=device, dtype=dtype, redis_url=redis_url,
+                                host=host, port=port, max_batch=max_batch, workers=workers,
+                                torch_threads=torch_threads, devices=devices,
+                                fleet_file=fleet, default_model=default_model,
+                                redis_server=str(redis_server) if redis_server else None,
+                                **model_flags(model)))
+    except FleetError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
 serve.__doc__ = ("All in one: API + worker(s) (+ a private redis-server without REDIS_URL)."

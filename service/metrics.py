@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -39,29 +39,36 @@ class QueueState:
     pending: int | None = None
     workers_alive: int = 0
     model: tuple[str, str] | None = None  # (name, version)
+    served: str = ""  # the `model` label: the served name (or the model's name)
 
 
 class QueueStateCollector:
-    """Gauges of the whole queue, from the state read for this scrape."""
+    """Gauges of each served model's queue, from the states read for this scrape."""
 
-    def __init__(self, state: Callable[[], QueueState]) -> None:
-        self._state = state
+    def __init__(self, states: Callable[[], list[QueueState]]) -> None:
+        self._states = states
 
     def collect(self) -> Iterator[Metric]:
-        state = self._state()
-        if state.depth is not None:
-            yield GaugeMetricFamily(f"{PREFIX}_queue_depth", "Jobs in the stream",
-                                    value=state.depth)
-        if state.pending is not None:
-            yield GaugeMetricFamily(f"{PREFIX}_queue_pending",
+        states = self._states()
+        depth = GaugeMetricFamily(f"{PREFIX}_queue_depth", "Jobs in the stream",
+                                  labels=["model"])
+        pending = GaugeMetricFamily(f"{PREFIX}_queue_pending",
                                     "Jobs delivered to a worker, not yet acknowledged",
-                                    value=state.pending)
-        yield GaugeMetricFamily(f"{PREFIX}_workers_alive", "Workers with a recent heartbeat",
-                                value=state.workers_alive)
-        info = GaugeMetricFamily(f"{PREFIX}_model_info", "Served model", labels=["name",
-                                                                                 "version"])
-        if state.model is not None:
-            info.add_metric(list(state.model), 1)
+                                    labels=["model"])
+        alive = GaugeMetricFamily(f"{PREFIX}_workers_alive", "Workers with a recent heartbeat",
+                                  labels=["model"])
+        info = GaugeMetricFamily(f"{PREFIX}_model_info", "Served model",
+                                 labels=["model", "name", "version"])
+        for state in states:
+            if state.depth is not None:  # None: Redis unreachable, no stale figure
+                depth.add_metric([state.served], state.depth)
+            if state.pending is not None:
+                pending.add_metric([state.served], state.pending)
+            alive.add_metric([state.served], state.workers_alive)
+            if state.model is not None:
+                info.add_metric([state.served, *state.model], 1)
+        yield from (family for family in (depth, pending) if family.samples)
+        yield alive
         yield info
 
 
@@ -72,32 +79,32 @@ class ApiMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            f"{PREFIX}_requests", "HTTP requests by route and status", ["route", "status"],
-            registry=r,
+            f"{PREFIX}_requests", "HTTP requests by route, status and served model",
+            ["route", "status", "model"], registry=r,
         )
         self.latency = Histogram(
-            f"{PREFIX}_request_duration_seconds", "HTTP request latency by route", ["route"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            f"{PREFIX}_request_duration_seconds", "HTTP request latency by route and model",
+            ["route", "model"], buckets=LATENCY_BUCKETS, registry=r,
         )
         self.layer_requests = Counter(
             f"{PREFIX}_layer_requests", "Feature maps asked for, by request kind and layer",
             ["kind", "layer"], registry=r,
         )
-        self.state = QueueState()
+        self.states: list[QueueState] = []
         directory = multiprocess_dir or os.environ.get(MULTIPROC_ENV)
         if directory:  # every process's files, summed at each scrape
             self.exposed = CollectorRegistry()
             MultiProcessCollector(self.exposed, path=directory)
         else:
             self.exposed = self.registry
-        self.exposed.register(QueueStateCollector(lambda: self.state))
+        self.exposed.register(QueueStateCollector(lambda: self.states))
 
     def count_layers(self, kind: str, layers: list[str]) -> None:
         for layer in layers:
             self.layer_requests.labels(kind=kind, layer=layer).inc()
 
-    def render(self, state: QueueState) -> bytes:
-        self.state = state
+    def render(self, states: QueueState | list[QueueState]) -> bytes:
+        self.states = states if isinstance(states, list) else [states]
         return generate_latest(self.exposed)
 
 
@@ -123,6 +130,16 @@ class GpuCollector:
             family = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=["device"])
             family.add_metric([self._device], value)
             yield family
+
+
+# serve pins each GPU worker with CUDA_VISIBLE_DEVICES; this names the physical GPU in
+# the worker's gauges and heartbeat (inside, the worker sees it as cuda:0).
+GPU_LABEL_ENV = "CLEANDIFT_GPU_LABEL"
+
+
+def device_label(device: object) -> str:
+    """The device as people know it: the physical GPU of a pinned worker."""
+    return os.environ.get(GPU_LABEL_ENV) or str(device)
 
 
 def torch_gpu_reader(index: int) -> GpuReader:
@@ -200,20 +217,25 @@ class WorkerMetrics:
         return generate_latest(self.registry)
 
 
-def merge_worker_snapshots(snapshots: dict[str, str]) -> bytes:
-    """The workers' heartbeat snapshots as one text, each sample labelled by worker."""
+Snapshot = str | tuple[str, dict[str, str]]  # the text, and labels for all its samples
+
+
+def merge_worker_snapshots(snapshots: Mapping[str, Snapshot]) -> bytes:
+    """The workers' heartbeat snapshots as one text, each sample labelled by worker (and
+    by the model and device it serves, where given)."""
     registry = CollectorRegistry()
     registry.register(_Snapshots(snapshots))
     return generate_latest(registry)
 
 
 class _Snapshots:
-    def __init__(self, snapshots: dict[str, str]) -> None:
+    def __init__(self, snapshots: Mapping[str, Snapshot]) -> None:
         self._snapshots = snapshots
 
     def collect(self) -> Iterator[Metric]:
         merged: dict[str, Metric] = {}
-        for worker, text in sorted(self._snapshots.items()):
+        for worker, snapshot in sorted(self._snapshots.items()):
+            text, extra = snapshot if isinstance(snapshot, tuple) else (snapshot, {})
             for family in text_string_to_metric_families(text):
                 out = merged.get(family.name)
                 if out is None:
@@ -221,5 +243,5 @@ class _Snapshots:
                         family.name, family.documentation, family.type
                     )
                 for s in family.samples:
-                    out.add_sample(s.name, {**s.labels, "worker": worker}, s.value)
+                    out.add_sample(s.name, {**extra, **s.labels, "worker": worker}, s.value)
         yield from merged.values()

@@ -54,6 +54,11 @@ def span(name: str, **attributes: Any) -> Iterator[Span]:
         yield current
 
 
+def annotate(**attributes: Any) -> None:
+    """Attributes on the current span (the request's, in a route)."""
+    trace.get_current_span().set_attributes(attributes)
+
+
 def server_span(name: str, headers: Mapping[str, str], **attributes: Any) -> Any:
     """A request's root span, continuing the client's trace when it sent a traceparent."""
     return tracer().start_as_current_span(name, context=propagate.extract(headers),

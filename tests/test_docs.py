@@ -47,7 +47,7 @@ def test_http_reference_agrees_with_the_openapi_schema():
         if not params:
             continue
         section = _section(page, name)
-        documented = set(re.findall(r"^\| `(\w+)` \| (?:body|query)", section, re.M))
+        documented = set(re.findall(r"^\| `(\w+)` \| (?:body|query|path)", section, re.M))
         assert documented == params, f"{name}: documented {documented}, schema {params}"
         for status in op["responses"]:
             assert re.search(rf"\b{status}\b", section), f"{name}: status {status} undocumented"

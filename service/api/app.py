@@ -11,10 +11,8 @@ from fastapi.staticfiles import StaticFiles
 from cleandift import __version__
 from cleandift.settings import Settings
 
+from ..fleet import fleet_of
 from ..metrics import ApiMetrics
-from ..queue.connect import async_client
-from ..queue.keys import Keys
-from ..queue.producer import JobProducer
 from .decoding import MemoryBudget
 from .deps import Services
 from .fetch import ResultFetcher
@@ -27,6 +25,7 @@ from .middleware import (
 )
 from .problems import install_handlers
 from .routes import STATIC_DIR, router
+from .served import ServedModels
 
 DESCRIPTION = """CleanDIFT features (one clean forward pass of a distilled Stable Diffusion
 UNet, read at 11 decoder positions) and semantic correspondences. Errors are
@@ -37,22 +36,21 @@ def create_app(settings: Settings) -> FastAPI:
     if not settings.redis_url:
         raise ValueError("the API needs a Redis URL (CLEANDIFT_REDIS_URL or REDIS_URL)")
     redis_url = settings.redis_url
+    fleet_of(settings)  # a fleet that cannot be served fails here, by name
     metrics = ApiMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        producer = JobProducer(async_client(redis_url), Keys(settings.queue_prefix),
-                               max_queue=settings.max_queue, stream_maxlen=settings.stream_maxlen,
-                               worker_ttl_s=settings.worker_ttl_s)
-        await producer.start()
+        models = ServedModels.from_settings(settings, redis_url)
+        await models.start()
         app.state.services = Services(settings, metrics,
-                                      MemoryBudget(settings.decode_memory_bytes), producer,
+                                      MemoryBudget(settings.decode_memory_bytes), models,
                                       ResultFetcher(settings.request_timeout_s))
         try:
             yield
         finally:
             await app.state.services.fetcher.aclose()
-            await producer.stop()
+            await models.stop()
 
     return_memory_promptly()
     app = FastAPI(title="CleanDIFT feature service", version=__version__,

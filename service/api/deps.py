@@ -20,6 +20,7 @@ from ..queue.producer import JobProducer
 from .decoding import MemoryBudget
 from .fetch import ResultFetcher
 from .problems import Problem
+from .served import ServedModels
 
 
 @dataclass
@@ -29,8 +30,13 @@ class Services:
     settings: Settings
     metrics: ApiMetrics
     budget: MemoryBudget
-    producer: JobProducer
+    models: ServedModels
     fetcher: ResultFetcher
+
+    @property
+    def producer(self) -> JobProducer:
+        """The default model's queue."""
+        return self.models.main
 
 
 def get_services(request: Request) -> Services:

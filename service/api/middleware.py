@@ -83,6 +83,9 @@ class RequestContextMiddleware:
             request_id_var.reset(token)
 
 
+MODEL_STATE = "model"  # request.state.model: the served model a route chose
+
+
 class MetricsMiddleware:
     """Counts requests by route template and status, and their latency."""
 
@@ -105,8 +108,10 @@ class MetricsMiddleware:
         finally:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
-            self.metrics.requests.labels(route=path, status=str(status)).inc()
-            self.metrics.latency.labels(route=path).observe(time.perf_counter() - start)
+            model = scope.get("state", {}).get(MODEL_STATE, "")  # a served name, or none
+            self.metrics.requests.labels(route=path, status=str(status), model=model).inc()
+            self.metrics.latency.labels(route=path, model=model).observe(
+                time.perf_counter() - start)
 
 
 class CatchAllMiddleware:

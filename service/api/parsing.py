@@ -12,7 +12,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 
-from cleandift.contract import ModelInfo, RequestError, check_size, validate_layers, validate_points
+from cleandift.contract import (
+    ModelInfo,
+    RequestError,
+    check_size,
+    shown,
+    validate_layers,
+    validate_points,
+)
 from cleandift.cost import check_cost, request_cost
 from cleandift.method import SIZE_MULTIPLE
 from cleandift.settings import Settings
@@ -42,6 +49,8 @@ class _Params(BaseModel):
     mode: Literal["clean", "dift"] = Field(
         "clean", description="clean: one pass (CleanDIFT); dift: the 8-sample noisy baseline."
     )
+    model: str | None = Field(None, max_length=200, description="A served model's name "
+                              "(GET /v1/models lists them); the deployment's default if absent.")
 
 
 class FeaturesParams(_Params):
@@ -125,11 +134,26 @@ def input_size(params: _Params, model: ModelInfo, settings: Settings) -> int:
     return check_size(size, lo=settings.min_size, hi=settings.max_size)
 
 
-async def features_job(request: Request, settings: Settings, model: ModelInfo,
-                       budget: MemoryBudget, query_dtype: str | None = None) -> Job:
+def model_name(params: _Params, query: str | None) -> str | None:
+    """The model a request names, in its body or its query (not two different ones)."""
+    if params.model and query and params.model != query:
+        raise RequestError(f"the body names model {shown(params.model)} and the query "
+                           f"{shown(query)}; name one")
+    return params.model or query or None
+
+
+async def read_features(request: Request, query_dtype: str | None = None
+                        ) -> tuple[FeaturesParams, Blobs]:
+    """The parameters and files of a /features request, checked alone (before the model
+    they name is known)."""
     params, blobs = await _params(request, FeaturesParams, ("image",))
     if query_dtype is not None and "dtype" not in params.model_fields_set:
         params = params.model_copy(update={"dtype": query_dtype})
+    return params, blobs
+
+
+async def features_job(params: FeaturesParams, blobs: Blobs, settings: Settings,
+                       model: ModelInfo, budget: MemoryBudget) -> Job:
     size = input_size(params, model, settings)
     layers = validate_layers(params.layers, model.default_layers)
     _check_grid(params, layers, model, size)
@@ -168,10 +192,14 @@ def _check_grid(params: FeaturesParams, layers: list[str], model: ModelInfo, siz
                            "(their smallest map side)")
 
 
-async def correspond_job(request: Request, settings: Settings, model: ModelInfo,
-                         budget: MemoryBudget) -> Job:
-    params, blobs = await _params(request, CorrespondParams, ("source", "target", "targets"),
-                                  max_files=1 + settings.max_targets)
+async def read_correspond(request: Request, settings: Settings
+                          ) -> tuple[CorrespondParams, Blobs]:
+    return await _params(request, CorrespondParams, ("source", "target", "targets"),
+                         max_files=1 + settings.max_targets)
+
+
+async def correspond_job(params: CorrespondParams, blobs: Blobs, settings: Settings,
+                         model: ModelInfo, budget: MemoryBudget) -> Job:
     size = input_size(params, model, settings)
     layer = validate_layers([params.layer or model.correspondence_layer], [])
     if params.max_matches is not None and params.max_matches > settings.max_matches:

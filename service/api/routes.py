@@ -6,11 +6,11 @@ each mapped to their status once, in problems.py.
 
 from __future__ import annotations
 
+import pathlib
 import time
-from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import FileResponse, Response
 
 from cleandift.contract import ModelInfo
@@ -21,20 +21,38 @@ from ..metrics import CONTENT_TYPE, QueueState, merge_worker_snapshots
 from ..queue.errors import QueueUnavailable
 from ..queue.producer import JobProducer
 from . import openapi, parsing, responses
-from .deps import Protected, ServicesDep
+from .deps import Protected, Services, ServicesDep
 from .encoding import NPY_DTYPES, negotiate
 from .problems import RETRY, Problem
-from .schemas import CorrespondOut, FeaturesOut, HealthOut, Limits, ModelsOut, ReadyOut
+from .schemas import (
+    CorrespondOut,
+    FeaturesOut,
+    HealthOut,
+    Limits,
+    ModelOut,
+    ModelsOut,
+    ReadyOut,
+)
 
 router = APIRouter()
-STATIC_DIR = Path(__file__).parent / "static"
+STATIC_DIR = pathlib.Path(__file__).parent / "static"
 
 
-async def served_model(producer: JobProducer, *, fresh: bool = False) -> ModelInfo:
-    model = await producer.model_info(fresh=fresh)
-    if model is None:
-        raise Problem(503, "no worker has loaded a model yet", kind="not-ready", headers=RETRY)
-    return model
+ModelQuery = Annotated[str | None, Query(max_length=200, description="A served model's "
+                                         "name; the deployment's default if absent.")]
+
+
+async def pick(request: Request, services: Services, params: Any, query: str | None, *,
+               fresh: bool = False) -> tuple[JobProducer, ModelInfo]:
+    """The named model's queue and what it serves; refuse at once (404 unknown, 503 no
+    worker, 429 full) before any image is decoded."""
+    producer, name = await services.models.choose(parsing.model_name(params, query))
+    request.state.model = name or ""  # the metrics' label (only served names)
+    await producer.admit()  # no worker: 503 at once, and a call for workers
+    info = await services.models.info(producer, fresh=fresh)
+    request.state.model = info.name
+    tracing.annotate(**{"cleandift.model": info.name, "cleandift.model_version": info.version})
+    return producer, info
 
 
 async def run(producer: JobProducer, job: Job, request: Request) -> Result:
@@ -54,7 +72,7 @@ async def run(producer: JobProducer, job: Job, request: Request) -> Result:
     response_model=FeaturesOut,
     responses={**openapi.success("X-Model-Version", "ETag", "X-Cache",
                                  content=openapi.BINARY_FEATURES),
-               **openapi.errors(400, 401, 412, 413, 415, 422, 429, 503, 504)},
+               **openapi.errors(400, 401, 404, 412, 413, 415, 422, 429, 503, 504)},
     openapi_extra=openapi.FEATURES_BODY,
     summary="Per-layer feature maps of one image",
     operation_id="features",
@@ -67,20 +85,21 @@ async def features(
     dtype: Annotated[Literal["float16", "bfloat16", "float32", "int8"] | None,
                      Query(description="float16 (default), bfloat16, float32 or int8 (with "
                            "per-channel scales)")] = None,
+    model: ModelQuery = None,
 ) -> Response:
     fmt = negotiate(format, request.headers.get("accept"))
-    producer = services.producer
-    await producer.admit()  # no worker: 503 at once, and a call for workers
-    # A conditional request is answered from the version in Redis, never a cached one.
-    model = await served_model(producer, fresh="if-none-match" in request.headers)
     with tracing.span("parse"):
-        job = await parsing.features_job(request, services.settings, model, services.budget,
-                                         dtype)
+        params, blobs = await parsing.read_features(request, dtype)
+        # A conditional request is answered from the version in Redis, never a cached one.
+        producer, info = await pick(request, services, params, model,
+                                    fresh="if-none-match" in request.headers)
+        job = await parsing.features_job(params, blobs, services.settings, info,
+                                         services.budget)
     services.metrics.count_layers("features", job.spec.layers)
     if fmt == "npy" and (len(job.spec.layers) != 1 or job.spec.dtype not in NPY_DTYPES):
         raise Problem(422, "npy holds exactly one float16 or float32 array; ask for one "
                       "layer, or use safetensors or json")
-    etag = responses.answer_etag(job.spec, model.name, model.version, fmt)
+    etag = responses.answer_etag(job.spec, info.name, info.version, fmt)
     responses.check_not_modified(request.headers, etag)
     result, raw = await responses.obtain(producer, services.fetcher, job,
                                          gone=request.is_disconnected)
@@ -93,18 +112,20 @@ async def features(
     dependencies=Protected,
     response_model=CorrespondOut,
     responses={**openapi.success("X-Model-Version", "X-Cache"),
-               **openapi.errors(400, 401, 413, 415, 422, 429, 503, 504)},
+               **openapi.errors(400, 401, 404, 413, 415, 422, 429, 503, 504)},
     openapi_extra=openapi.CORRESPOND_BODY,
     summary="Matches from a source image to a target image",
     operation_id="correspond",
 )
-async def correspond(request: Request, services: ServicesDep) -> Response:
-    await services.producer.admit()
-    model = await served_model(services.producer)
+async def correspond(request: Request, services: ServicesDep, model: ModelQuery = None
+                     ) -> Response:
     with tracing.span("parse"):
-        job = await parsing.correspond_job(request, services.settings, model, services.budget)
+        params, blobs = await parsing.read_correspond(request, services.settings)
+        producer, info = await pick(request, services, params, model)
+        job = await parsing.correspond_job(params, blobs, services.settings, info,
+                                           services.budget)
     services.metrics.count_layers("correspond", job.spec.layers)
-    result = await run(services.producer, job, request)
+    result = await run(producer, job, request)
     with tracing.span("respond"):
         return responses.correspond_response(result)
 
@@ -112,10 +133,26 @@ async def correspond(request: Request, services: ServicesDep) -> Response:
 @router.get("/v1/models", dependencies=Protected, response_model=ModelsOut,
             responses=openapi.errors(401, 503), operation_id="models")
 async def models(services: ServicesDep) -> ModelsOut:
-    """The served model (during a reload, the version most recently loaded by a worker)
-    and the limits of one request."""
-    model = await served_model(services.producer, fresh=True)
-    return ModelsOut(**model.model_dump(), limits=Limits.of(services.settings))
+    """The default model (during a reload, the version most recently loaded by a worker)
+    and the limits of one request, at the top level; every served model in `models`."""
+    served = services.models
+    default = await served.info(served.main, fresh=True)
+    infos = [default if producer is served.main else await producer.model_info(fresh=True)
+             for producer in served.producers.values()]
+    return ModelsOut(**default.model_dump(), limits=Limits.of(services.settings),
+                     default_model=default.name,
+                     models=[info for info in infos if info is not None],
+                     served=served.names or [default.name])
+
+
+@router.get("/v1/models/{name}", dependencies=Protected, response_model=ModelOut,
+            responses=openapi.errors(401, 404, 503), operation_id="model")
+async def one_model(name: Annotated[str, Path(max_length=200)], services: ServicesDep
+                    ) -> ModelOut:
+    """One served model, by the name requests choose it with."""
+    producer, _ = await services.models.choose(name)
+    info = await services.models.info(producer, fresh=True)
+    return ModelOut(**info.model_dump(), limits=Limits.of(services.settings))
 
 
 @router.get("/", include_in_schema=False)
@@ -143,31 +180,43 @@ async def readyz_api(services: ServicesDep) -> HealthOut:
 @router.get("/readyz", response_model=ReadyOut, responses=openapi.errors(503),
             operation_id="readyz")
 async def readyz(services: ServicesDep) -> ReadyOut:
-    producer = services.producer
-    if not await producer.ping():
+    """Ready when every served model has a live worker with the model loaded."""
+    if not await services.producer.ping():
         raise Problem(503, "the queue (Redis) is unreachable", kind="not-ready")
-    workers = await producer.live_workers()
-    if not workers:
-        raise Problem(503, "no worker has sent a heartbeat recently", kind="not-ready")
-    model = await producer.model_info()
-    if model is None:
-        raise Problem(503, "no model is loaded", kind="not-ready")
-    return ReadyOut(status="ready", workers=len(workers), model=model.name,
-                    model_version=model.version)
+    workers, versions = 0, {}
+    for name, producer in services.models.producers.items():
+        label = f"model {name}: " if name else ""
+        live = await producer.live_workers()
+        if not live:
+            raise Problem(503, f"{label}no worker has sent a heartbeat recently",
+                          kind="not-ready")
+        model = await producer.model_info()
+        if model is None:
+            raise Problem(503, f"{label}no model is loaded", kind="not-ready")
+        workers += len(live)
+        versions[model.name] = model.version
+    default = await services.models.info(services.producer)
+    return ReadyOut(status="ready", workers=workers, model=default.name,
+                    model_version=default.version, models=versions)
 
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(services: ServicesDep) -> Response:
-    """This replica's API metrics (all its processes) and the queue as Redis sees it."""
-    producer, state = services.producer, QueueState()
-    try:
-        state.depth, state.pending = await producer.queue_state()
-        state.workers_alive = len(await producer.live_workers())
-        model = await producer.model_info()
-        state.model = (model.name, model.version) if model else None
-    except QueueUnavailable:  # metrics stay available while Redis is down
-        pass
-    return Response(services.metrics.render(state), media_type=CONTENT_TYPE)
+    """This replica's API metrics (all its processes) and each model's queue as Redis
+    sees it."""
+    states = []
+    for name, producer in services.models.producers.items():
+        state = QueueState(served=name or "")
+        try:
+            state.depth, state.pending = await producer.queue_state()
+            state.workers_alive = len(await producer.live_workers())
+            model = await producer.model_info()
+            state.model = (model.name, model.version) if model else None
+            state.served = state.served or (model.name if model else "")
+        except QueueUnavailable:  # metrics stay available while Redis is down
+            pass
+        states.append(state)
+    return Response(services.metrics.render(states), media_type=CONTENT_TYPE)
 
 
 @router.get("/metrics/workers", dependencies=Protected, include_in_schema=False)
@@ -177,8 +226,10 @@ async def worker_metrics(services: ServicesDep) -> Response:
     instead: this view repeats on every API replica. Behind the API key (when one is
     set): unlike /metrics it names every worker and its figures, and nothing scrapes it."""
     try:
-        beats = await services.producer.heartbeats()
+        beats = [beat for producer in services.models.producers.values()
+                 for beat in await producer.heartbeats()]
     except QueueUnavailable as exc:
         raise Problem(503, "the queue (Redis) is unreachable", kind="not-ready") from exc
-    snapshots = {beat.id: beat.metrics for beat in beats}
+    snapshots = {beat.id: (beat.metrics, {"model": beat.model, "device": beat.device})
+                 for beat in beats}
     return Response(merge_worker_snapshots(snapshots), media_type=CONTENT_TYPE)

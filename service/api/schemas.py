@@ -85,8 +85,17 @@ class Limits(BaseModel):
                    max_job_cost=settings.max_job_cost)
 
 
-class ModelsOut(ModelInfo):
+class ModelOut(ModelInfo):
     limits: Limits
+
+
+class ModelsOut(ModelOut):
+    """The default model at the top level (clients of one model keep working)."""
+
+    default_model: str = Field(description="The model of requests that name none.")
+    served: list[str] = Field(description="Every served model's name (`model` of a request).")
+    models: list[ModelInfo] = Field(description="Every served model that a worker has "
+                                    "loaded, each under its name.")
 
 
 class ReadyOut(BaseModel):
@@ -94,6 +103,8 @@ class ReadyOut(BaseModel):
     workers: int
     model: str
     model_version: str
+    models: dict[str, str] = Field(default_factory=dict,
+                                   description="Every served model's name and version.")
 
 
 class HealthOut(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import signal
@@ -15,7 +16,7 @@ from pydantic import SecretStr
 
 from cleandift.settings import Settings
 
-from ..metrics import MULTIPROC_ENV
+from ..metrics import MULTIPROC_ENV, device_label
 
 if TYPE_CHECKING:
     import redis
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from cleandift.extractor import Extractor
 
     from ..metrics import WorkerMetrics
+    from ..queue.keys import Keys
     from ..worker.cache import FeatureCache
     from ..worker.holder import ModelHolder
     from ..worker.loop import Worker
@@ -86,14 +88,17 @@ def build_worker(settings: Settings, extractor: Extractor | None = None) -> Work
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    if extractor is None:
-        extractor = load_extractor(**settings.extractor_args())  # type: ignore[arg-type]
-    prepare_model(extractor, settings)
-    log.info("loaded %s %s on %s", extractor.info.name, extractor.info.version, extractor.device)
     assert settings.redis_url, "the worker needs a Redis URL"
     client = sync_client(settings.redis_url)
+    keys = Keys(settings.queue_prefix, settings.model_name)
+    if extractor is None:  # the version its fleet serves, where that is known
+        args = {**settings.extractor_args(), "spec": live_spec(settings, client, keys)}
+        extractor = load_extractor(**args)  # type: ignore[arg-type]
+    extractor = served_as(extractor, settings.model_name)
+    prepare_model(extractor, settings)
+    log.info("loaded %s %s on %s", extractor.info.name, extractor.info.version, extractor.device)
     consumer = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    jobs = JobConsumer(client, Keys(settings.queue_prefix), consumer,
+    jobs = JobConsumer(client, keys, consumer,
                        visibility_timeout_s=settings.visibility_timeout_s,
                        max_deliveries=settings.max_deliveries, result_ttl_s=settings.result_ttl_s,
                        stream_maxlen=settings.stream_maxlen)
@@ -102,9 +107,36 @@ def build_worker(settings: Settings, extractor: Extractor | None = None) -> Work
         from ..metrics import torch_gpu_reader
 
         index = extractor.device.index or 0
-        metrics.watch_gpu(torch_gpu_reader(index), f"cuda:{index}")
-    return Worker(settings, holder, jobs, metrics, watcher(settings, holder, metrics, client),
+        metrics.watch_gpu(torch_gpu_reader(index), device_label(extractor.device))
+    return Worker(settings, holder, jobs, metrics,
+                  watcher(settings, holder, metrics, client, consumer),
                   feature_cache(settings, client))
+
+
+def served_as(extractor: Extractor, name: str | None) -> Extractor:
+    """Answers, /v1/models and the cache name a model by its served name, when it has one
+    (the name clients choose it by); `base` and `version` still say what it is. A shallow
+    copy: the modules are shared, the caller's extractor keeps its own name."""
+    if not name or extractor.info.name == name:
+        return extractor
+    named = copy.copy(extractor)
+    named.info = extractor.info.model_copy(update={"name": name})
+    return named
+
+
+def live_spec(settings: Settings, client: redis.Redis, keys: Keys) -> str | None:
+    """A registry model's workers join at the version their fleet serves (a worker that
+    restarts mid-rollout must not answer with another one); others load their spec."""
+    from ..worker.reload import watched_model_dir
+    from ..worker.switch import live_version
+
+    model_dir = watched_model_dir(settings.model)
+    if model_dir is None or settings.unet is not None:
+        return settings.model
+    version = live_version(client, keys)
+    if version is not None and (model_dir / version).is_dir():
+        return str(model_dir / version)
+    return settings.model
 
 
 def feature_cache(settings: Settings, client: redis.Redis) -> FeatureCache | None:
@@ -119,7 +151,7 @@ def feature_cache(settings: Settings, client: redis.Redis) -> FeatureCache | Non
         if risk:
             log.warning("shared feature cache off: %s (use noeviction)", risk)
         else:
-            shared = SharedTier(client, Keys(settings.queue_prefix),
+            shared = SharedTier(client, Keys(settings.queue_prefix, settings.model_name),
                                 settings.feature_cache_shared_bytes)
     return FeatureCache(memory, shared) if memory is not None or shared is not None else None
 
@@ -137,12 +169,13 @@ def prepare_model(extractor: Extractor, settings: Settings) -> None:
 
 
 def watcher(settings: Settings, holder: ModelHolder, metrics: WorkerMetrics,
-            client: redis.Redis) -> RegistryWatcher | None:
+            client: redis.Redis, worker_id: str) -> RegistryWatcher | None:
     """A registry watcher when the worker serves DIR/NAME (following LATEST)."""
     from cleandift.loading import load_extractor
 
     from ..queue.keys import Keys
     from ..worker.reload import RegistryWatcher, watched_model_dir
+    from ..worker.switch import FleetSwitch
 
     model_dir = watched_model_dir(settings.model)
     if model_dir is None or settings.unet is not None:
@@ -152,11 +185,15 @@ def watcher(settings: Settings, holder: ModelHolder, metrics: WorkerMetrics,
     def load(version_dir: Path) -> Extractor:
         extractor = load_extractor(version_dir, device=device, dtype=dtype,
                                    cache_dir=settings.cache_dir, demo_seed=settings.demo_seed)
+        extractor = served_as(extractor, settings.model_name)
         prepare_model(extractor, settings)
         return extractor
 
+    keys = Keys(settings.queue_prefix, settings.model_name)
+    switch = FleetSwitch(client, keys, worker_id, settings.worker_ttl_s,  # as it heartbeats
+                         settings.switch_timeout_s)
     return RegistryWatcher(model_dir, holder, load, metrics, poll_s=settings.reload_poll_s,
-                           client=client, channel=Keys(settings.queue_prefix).registry_channel)
+                           client=client, channel=keys.registry_channel, switch=switch)
 
 
 def run_worker(settings: Settings, extractor: Extractor | None = None) -> None:
@@ -176,6 +213,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     for name, value in settings.model_dump().items():
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
+        if isinstance(value, list):
+            value = ",".join(str(v) for v in value)
         if value is not None:
             env[f"CLEANDIFT_{name.upper()}"] = str(value)
     return env

@@ -16,10 +16,13 @@ import redis
 
 from cleandift.settings import Settings
 
+from ..fleet import fleet_of
+from ..metrics import GPU_LABEL_ENV
 from ..queue.connect import sync_client
 from ..queue.consumer import remove_worker
 from ..queue.keys import Keys
 from .launch import run_api, settings_env
+from .placement import WorkerPlan, place
 from .redis_server import RedisServer, die_with_parent, start_redis_server
 from .supervisor import Child, Supervisor
 
@@ -49,12 +52,20 @@ class PrivateRedis:
         self.server.stop()
 
 
-def worker_child(settings: Settings, index: int, client: redis.Redis) -> Child:
-    """Worker `index`: a fixed name (so a restart takes over its jobs) and its own port."""
-    worker_id = f"{socket.gethostname()}-{os.getpid()}-w{index}"
-    port = settings.worker_port + index if settings.worker_port else 0
-    env = settings_env(settings.model_copy(update={"worker_id": worker_id, "worker_port": port}))
-    keys = Keys(settings.queue_prefix)
+def worker_child(settings: Settings, plan: WorkerPlan, client: redis.Redis) -> Child:
+    """A worker of `plan`: a fixed name (so a restart takes over its jobs), its own port,
+    its model's settings and, on a GPU, only its GPU visible."""
+    worker_id = f"{socket.gethostname()}-{os.getpid()}-w{plan.index}"
+    port = settings.worker_port + plan.index if settings.worker_port else 0
+    own = plan.model.settings(settings)
+    update: dict[str, object] = {"worker_id": worker_id, "worker_port": port}
+    if plan.gpu is not None:
+        update["device"] = "cuda"  # cuda:0 of the one GPU it sees
+    env = settings_env(own.model_copy(update=update))
+    if plan.gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(plan.gpu)
+        env[GPU_LABEL_ENV] = plan.device_label
+    keys = Keys(settings.queue_prefix, plan.model.name)
 
     def start() -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-m", "cleandift.cli", "worker"], env=env,
@@ -67,8 +78,8 @@ def worker_child(settings: Settings, index: int, client: redis.Redis) -> Child:
             return None
         return None if score is None else time.time() - float(score)
 
-    return Child(f"worker {worker_id}", start, on_exit=lambda: remove_worker(client, keys,
-                                                                             worker_id),
+    name = f"worker {worker_id} ({plan.model.name or 'model'} on {plan.device_label})"
+    return Child(name, start, on_exit=lambda: remove_worker(client, keys, worker_id),
                  heartbeat_age=heartbeat_age)
 
 
@@ -81,11 +92,27 @@ def worker_device(settings: Settings) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def worker_plans(settings: Settings, gpus: int | None = None) -> list[WorkerPlan]:
+    """serve's workers: the fleet placed on the usable devices. A device set for all
+    models (--device cpu) keeps them on it; a GPU count of 0 means CPU workers."""
+    visible = visible_gpus() if gpus is None else gpus
+    explicit = settings.workers if "workers" in settings.model_fields_set else None
+    return place(fleet_of(settings), settings.devices, visible, settings.workers,
+                 device=settings.device, gpu_workers=explicit)
+
+
 def _exit(*_args: object) -> None:
     raise SystemExit(0)
 
 
 def run_serve(settings: Settings) -> None:
+    plans = worker_plans(settings)  # a fleet that cannot be placed fails before anything runs
     private = None
     children: list[Child] = []
     if not settings.redis_url:
@@ -93,10 +120,11 @@ def run_serve(settings: Settings) -> None:
         settings = settings.model_copy(update={"redis_url": private.url})
         children.append(Child("redis-server", private.start, tier=0))
         log.info("started a private redis-server at %s", private.url)
-    settings = settings.job_cost_for(worker_device(settings))
+    on_gpu = any(plan.gpu is not None for plan in plans)
+    settings = settings.job_cost_for("cuda" if on_gpu else worker_device(settings))
     assert settings.redis_url
     client = sync_client(settings.redis_url, socket_timeout=2.0)
-    children += [worker_child(settings, i, client) for i in range(settings.workers)]
+    children += [worker_child(settings, plan, client) for plan in plans]
     supervisor = Supervisor(children, hung_after_s=settings.worker_ttl_s)
     supervisor.start()
     # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into SystemExit so

@@ -232,6 +232,7 @@ def remove_worker(client: redis.Redis, keys: Keys, worker_id: str) -> None:
     pipe = client.pipeline(transaction=False)
     pipe.zrem(keys.workers, worker_id)
     pipe.delete(keys.worker(worker_id))
+    pipe.hdel(keys.staged, worker_id)  # out of any version switch (worker/switch.py)
     pipe.execute()
 
 

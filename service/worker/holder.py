@@ -28,11 +28,22 @@ class ModelHolder:
         with self._lock:
             self._pending = extractor
 
-    def maybe_swap(self) -> bool:
-        """Called by the forward thread between batches; True if the model changed."""
-        if self._pending is None:
+    def get(self, version: str | None) -> Extractor | None:
+        """The model of `version` if this worker holds it (None: the current one)."""
+        current, pending = self.current, self._pending
+        if version is None or current.info.version == version:
+            return current
+        return pending if pending is not None and pending.info.version == version else None
+
+    def maybe_swap(self, version: str | None = None) -> bool:
+        """Called by the forward thread between batches; True if the model changed. With
+        a `version` (the fleet's live one) only to that version, never before."""
+        pending = self._pending
+        if pending is None or version not in (None, pending.info.version):
             return False
         with self._lock:
+            if self._pending is not pending:
+                return False
             new, self._pending = self._pending, None
         old, self.current = self.current, new
         log.info("now serving %s %s (was %s)", new.info.name, new.info.version, old.info.version)

@@ -7,53 +7,38 @@ SIGTERM stops claiming, finishes and acknowledges what was claimed, then exits.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import queue
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from http.server import ThreadingHTTPServer
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
+from cleandift.extractor import Extractor
 from cleandift.settings import Settings
 
 from ..messages import Heartbeat, Job, Result
-from ..metrics import WorkerMetrics
+from ..metrics import WorkerMetrics, device_label
 from ..queue.errors import QueueUnavailable
 from . import answering, isolation, stages
 from .batching import collate_requests
 from .cache import FeatureCache, image_keys
+from .claiming import Claimer, Consumer
 from .holder import ModelHolder
 from .reload import RegistryWatcher
 from .results import ResultStore
 from .server import advertised_host, serve_worker_http
+from .switch import FleetSwitch
 from .waiting import Waiting
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2
-CLAIM_BLOCK_MS = 500
 BACKOFF_S = 1.0
 T = TypeVar("T")
 Answer = tuple[Job, Result]
-
-
-class Consumer(Protocol):
-    """What the worker needs of its queue (JobConsumer; an in-memory fake in unit tests)."""
-
-    consumer: str
-
-    def claim(self, count: int, block_ms: int) -> list[Job]: ...
-    def claim_own_pending(self, count: int, after: str = "0") -> tuple[list[Job], int, str]: ...
-    def reclaim(self, count: int) -> tuple[list[Job], int]: ...
-    def complete(self, answers: Sequence[Answer]) -> None: ...
-    def touch(self, entry_ids: Sequence[str]) -> None: ...
-    def cancelled(self, job_ids: Sequence[str]) -> set[str]: ...
-    def heartbeat(self, beat: Heartbeat, ttl_s: float) -> None: ...
-    def leave(self) -> None: ...
-    def publish_model(self, info_json: str) -> None: ...
 
 
 class Worker:
@@ -63,6 +48,8 @@ class Worker:
     ) -> None:
         self.settings, self.model, self.jobs, self.metrics = settings, model, jobs, metrics
         self.watcher, self.cache = watcher, cache
+        self.switch: FleetSwitch | None = watcher.switch if watcher is not None else None
+        self.claimer = Claimer(jobs, settings, metrics, model, self.switch, self._safe)
         self.results = ResultStore(settings.result_store_bytes, settings.result_hold_s)
         self.url = ""  # where the API fetches held results (set when the port is open)
         self._http: ThreadingHTTPServer | None = None
@@ -107,6 +94,8 @@ class Worker:
                 thread.join()
             self.waiting.stop()
             self._safe(self.jobs.leave, None)
+            if self.switch is not None:
+                self.switch.leave()
             self._close_port()
         log.info("worker %s stopped", self.jobs.consumer)
 
@@ -136,44 +125,31 @@ class Worker:
     # -- stages -----------------------------------------------------------------------
     def _intake(self) -> None:
         pin = self.model.current.device.type == "cuda"
-        next_reclaim = 0.0
-        max_batch = self.settings.max_batch
-        own_after: str | None = "0"  # first the jobs of a previous life under this name
         while not self.stopping.is_set():
-            jobs: list[Job] = []
-            if own_after is not None:
-                nothing_own: tuple[list[Job], int, str] = ([], 0, "")
-                own, dead, last = self._safe(
-                    functools.partial(self.jobs.claim_own_pending, max_batch, own_after),
-                    nothing_own)
-                jobs.extend(self._count_retries(own, dead))
-                own_after = last or None
-                if own_after is not None and not jobs:  # a page of deleted entries: the
-                    continue  # next page first, or new claims would be read back as own
-            if not jobs and time.monotonic() >= next_reclaim:
-                nothing: tuple[list[Job], int] = ([], 0)
-                jobs.extend(self._count_retries(*self._safe(
-                    functools.partial(self.jobs.reclaim, max_batch), nothing)))
-                next_reclaim = time.monotonic() + self.settings.visibility_timeout_s / 4
-            if not jobs:
-                jobs = self._safe(lambda: self.jobs.claim(max_batch, CLAIM_BLOCK_MS), [])
+            jobs, version = self.claimer.next()
             with self._held_lock:
                 self._held.update(job.entry_id for job in jobs)
+            extractor = self.model.get(version)
+            if extractor is None:  # the fleet switched to a version this worker lacks
+                self._release(jobs)
+                continue
             self.waiting.watch(jobs)
             jobs, refused = isolation.batchable(self._live(jobs))
             self._answer(refused)
-            for batch in collate_requests(self._from_cache(jobs), max_batch,
+            for batch in collate_requests(self._from_cache(jobs, extractor),
+                                          self.settings.max_batch,
                                           self.settings.max_batch_pixels):
                 prepared, failed = isolation.prepare(batch, pin)  # one bad job fails alone
                 self._answer(failed)
                 for part in prepared:
+                    part.version = version
                     self._put(self._pre, part)
 
-    def _from_cache(self, jobs: list[Job]) -> list[Job]:
+    def _from_cache(self, jobs: list[Job], extractor: Extractor) -> list[Job]:
         """Jobs whose maps the cache holds go straight to the post stage; the rest return."""
         if self.cache is None:
             return jobs
-        extractor, left = self.model.current, []
+        left = []
         for job in jobs:
             keys = image_keys(job.spec, extractor)
             maps, where = self.cache.get(keys, job.spec.layers) if keys else (None, "miss")
@@ -196,30 +172,35 @@ class Worker:
         if self.cache.memory is not None:
             self.metrics.cache_bytes.set(self.cache.memory.used)
 
-    def _count_retries(self, jobs: list[Job], dead: int) -> list[Job]:
-        self.metrics.retried.inc(len(jobs))
-        self.metrics.dead.inc(dead)
-        return jobs
-
     def _core(self) -> None:
         while True:
-            replaced = self.model.current.info
-            if self.model.maybe_swap():  # between batches only: a batch never mixes versions
-                if self.cache is not None:
-                    log.info("dropped %d cached maps of %s %s", self.cache.invalidate(replaced),
-                             replaced.name, replaced.version)
-                self._publish_model()
+            self._swap()  # idle too: /v1/models then names the new version at once
             try:
                 prepared = self._pre.get(timeout=POLL_S)
             except queue.Empty:
                 if self._intake_done.is_set():
                     return
                 continue
+            self._swap()  # the batch may have been claimed after a flip
             self._forward(prepared)  # a method, so no stale reference to a model outlives it
 
+    def _swap(self) -> None:
+        """Between batches only (one version per batch); with a switch only to the fleet's
+        live version, never before the fleet has it."""
+        replaced, live = self.model.current.info, self.claimer.live
+        if (self.switch is None or live is not None) and self.model.maybe_swap(live):
+            if self.cache is not None:
+                log.info("dropped %d cached maps of %s %s", self.cache.invalidate(replaced),
+                         replaced.name, replaced.version)
+            self._publish_model()
+
     def _forward(self, prepared: stages.Prepared) -> None:
-        self._busy_since = time.monotonic()
         extractor = self.model.current
+        wanted = prepared.version  # the fleet's version at the claim, or a newer live one
+        if wanted is not None and extractor.info.version not in (wanted, self.claimer.live):
+            self._release(prepared.batch.jobs)  # claimed for a version no longer held here
+            return
+        self._busy_since = time.monotonic()
         try:  # a fault is bisected to the job that causes it; expired jobs stop here
             done, failed = isolation.forward(prepared, extractor, extractor.device.type == "cuda",
                                              self.waiting)
@@ -277,6 +258,16 @@ class Worker:
         live, answers = isolation.unwaited(jobs, self.waiting)
         self._answer(answers)
         return live
+
+    def _release(self, jobs: list[Job]) -> None:
+        """Stop holding jobs this worker cannot run: another takes them over once their
+        visibility timeout passes (they stay pending in Redis)."""
+        if jobs:
+            log.warning("released %d jobs: the fleet serves %s, which this worker does not "
+                        "hold", len(jobs), self.claimer.live)
+        self.waiting.forget([job.spec.id for job in jobs])
+        with self._held_lock:
+            self._held.difference_update(job.entry_id for job in jobs)
 
     def _answer(self, answers: list[Answer]) -> None:
         """Count and store; whatever happens, this worker holds the jobs no more (one
@@ -370,7 +361,8 @@ class Worker:
         current = self.model.current
         beat = Heartbeat(
             id=self.jobs.consumer, pid=os.getpid(), host=socket.gethostname(),
-            model=current.info.name, version=current.info.version, device=str(current.device),
+            model=current.info.name, version=current.info.version,
+            device=device_label(current.device),
             started_at=self.started_at, metrics=self.metrics.render().decode(),
         )
         def send() -> bool:
@@ -394,6 +386,9 @@ class Worker:
             return False, "a forward pass is hung"
         if time.monotonic() - self.last_heartbeat > self.settings.worker_ttl_s:
             return False, "no heartbeat has reached Redis recently"
+        lacking = self.claimer.out_of_fleet()
+        if lacking is not None:
+            return False, f"out of the fleet: it serves {lacking}, which this worker lacks"
         info = self.model.current.info
         return True, f"ready: {info.name} {info.version}"
 

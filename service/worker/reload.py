@@ -4,6 +4,8 @@ A new version is loaded beside the live one, verified (checksums, strict keys, a
 smoke forward) and only then offered to the forward thread, which swaps between batches.
 A broken version is refused and counted; the old one keeps serving. The trainer's Redis
 announcement triggers a check at once; a periodic look at LATEST covers lost messages.
+With a FleetSwitch (switch.py) the loaded version is staged, and served only once the
+model's whole fleet has it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from cleandift import registry
 from cleandift.extractor import Extractor
 
 from ..metrics import WorkerMetrics
+from ..queue.errors import QueueUnavailable
 from .holder import ModelHolder
+from .switch import FleetSwitch
 
 log = logging.getLogger(__name__)
 WAKE_S = 0.25  # longest a stop() waits for the watcher's loop to notice
@@ -41,9 +45,10 @@ def watched_model_dir(spec: str | None) -> Path | None:
 class RegistryWatcher:
     def __init__(self, model_dir: Path, holder: ModelHolder, load: Callable[[Path], Extractor],
                  metrics: WorkerMetrics, *, poll_s: float, client: redis.Redis | None,
-                 channel: str) -> None:
+                 channel: str, switch: FleetSwitch | None = None) -> None:
         self.model_dir, self.holder, self.load, self.metrics = model_dir, holder, load, metrics
         self.poll_s, self.client, self.channel = poll_s, client, channel
+        self.switch = switch
         self.stopping = threading.Event()
         self._refused: set[str] = set()
         self._offered: str | None = None
@@ -63,10 +68,13 @@ class RegistryWatcher:
                             STOP_WAIT_S)
 
     def check(self) -> None:
-        """Load LATEST if it is new; offer it to the holder or refuse it."""
+        """Load LATEST if it is new; offer it to the holder or refuse it; tell the fleet."""
         version = registry.latest_version(self.model_dir)
         live = self.holder.current.info.version
-        if version in (None, live, self._offered) or version in self._refused:
+        if version is None:
+            return
+        if version in (live, self._offered) or version in self._refused:
+            self._tell_fleet(version, version not in self._refused)
             return
         log.info("new version %s of %s (serving %s): loading beside it", version,
                  self.model_dir.name, live)
@@ -76,10 +84,25 @@ class RegistryWatcher:
             self._refused.add(version)
             self.metrics.reloads.labels(result="failed").inc()
             log.error("refused %s %s: %s", self.model_dir.name, version, exc)
+            self._tell_fleet(version, False)
             return
         self._offered = version
         self.holder.offer(candidate)
         self.metrics.reloads.labels(result="ok").inc()
+        self._tell_fleet(version, True)
+
+    def _tell_fleet(self, version: str, ready: bool) -> None:
+        """Stage the version (or say it failed here); repeated on every check, so the
+        switch also completes when the last worker to stage it died meanwhile."""
+        if self.switch is None:
+            return
+        try:
+            if ready:
+                self.switch.stage(version, self.holder.current.info.version)
+            else:
+                self.switch.failed(version)
+        except QueueUnavailable as exc:
+            log.warning("could not tell the fleet about %s: %s", version, exc)
 
     def _run(self) -> None:
         """Check at once on an announcement, and every poll_s anyway; wake at least every

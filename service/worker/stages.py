@@ -51,6 +51,7 @@ class Prepared:
     pixels: torch.Tensor
     started: float  # when the worker began this batch (end of queueing)
     marks: dict[str, tuple[float, float]] = field(default_factory=dict)  # stage: start, end
+    version: str | None = None  # the fleet's live version when its jobs were claimed
 
 
 @dataclass
@@ -225,7 +226,9 @@ def trace(computed: Computed, post_started: float) -> None:
             job.spec.trace, [("queue wait", job.spec.enqueued_at, prepared.started),
                              *worker_stages],
             **{"cleandift.job_id": job.spec.id, "cleandift.cached": computed.cached,
-               "cleandift.batch_images": len(prepared.batch.images)})
+               "cleandift.batch_images": len(prepared.batch.images),
+               "cleandift.model": computed.extractor.info.name,
+               "cleandift.model_version": computed.extractor.info.version})
 
 
 def job_result(job: Job, index: int, rows: slice, computed: Computed,

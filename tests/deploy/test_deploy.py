@@ -3,7 +3,10 @@ every command and setting they use exists."""
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -21,7 +24,7 @@ from cleandift.service.queue.keys import Keys
 from cleandift.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
-COMPOSE_FILES = ["docker-compose.yml", "docker-compose.cpu.yml"]
+COMPOSE_FILES = ["docker-compose.yml", "docker-compose.cpu.yml", "docker-compose.two-models.yml"]
 DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile.*"))
 K8S_VERSION = "1.30.0"
 
@@ -70,10 +73,39 @@ def merge(base, override):
 
 
 def k8s_documents():
+    """(file name, object) of every manifest file under k8s/. The overlays hold patches,
+    not manifests: they are checked rendered (`kustomize`, below)."""
     for path in sorted((ROOT / "k8s").glob("**/*.yaml")):
+        if ROOT / "k8s" / "overlays" in path.parents:
+            continue
         for doc in yaml.safe_load_all(path.read_text()):
             if doc:
                 yield path.name, doc
+
+
+# What `kubectl apply -k` applies: the one-model deployment and the several-models overlay
+# (k8s/monitoring is applied on its own).
+KUSTOMIZATIONS = ["k8s", "k8s/overlays/two-models"]
+NO_SCHEMA = ("Kustomization", "ScaledObject", "PodMonitor", "PrometheusRule")
+
+
+@functools.cache
+def _render(folder: str) -> tuple[dict, ...]:
+    for argv in (["kubectl", "kustomize"], ["kustomize", "build"]):
+        if shutil.which(argv[0]):
+            break
+    else:
+        if os.environ.get("CI"):
+            pytest.fail("CI renders k8s/ with kubectl (or kustomize): install one")
+        pytest.skip("neither kubectl nor kustomize is installed: k8s/ not rendered")
+    done = subprocess.run([*argv, str(ROOT / folder)], capture_output=True, text=True)
+    assert done.returncode == 0, f"{folder}: {done.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(done.stdout) if doc)
+
+
+def kustomize(folder: str) -> list[dict]:
+    """The objects `kubectl apply -k FOLDER` sends (`kubectl kustomize FOLDER`)."""
+    return copy.deepcopy(list(_render(folder)))
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +136,37 @@ def test_gpu_by_default_cpu_with_the_override():
 def test_kubernetes_manifests_validate_strictly():
     checked = 0
     for _name, doc in k8s_documents():
-        if doc["kind"] in ("Kustomization", "ScaledObject", "PodMonitor", "PrometheusRule"):
+        if doc["kind"] in NO_SCHEMA:
             continue  # no schema bundled for these: checked below and in test_k8s_policy
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
         checked += 1
     assert checked >= 12
+
+
+@pytest.mark.parametrize("folder", KUSTOMIZATIONS)
+def test_rendered_kustomizations_validate_strictly(folder):
+    """What kustomize makes of the files (names, labels, patches) is checked like them."""
+    docs = kustomize(folder)
+    for doc in docs:
+        if doc["kind"] not in NO_SCHEMA:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        assert doc["metadata"]["namespace" if doc["kind"] != "Namespace" else "name"] \
+            == "cleandift"
+        assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "cleandift"
+    kind_names = [(doc["kind"], doc["metadata"]["name"]) for doc in docs]
+    assert len(kind_names) == len(set(kind_names)), sorted(kind_names)
+    assert len(docs) >= 16
+
+
+def test_the_base_renders_its_files():
+    """k8s/ is the one-model deployment: exactly the objects of common/ and worker/."""
+    files = {(doc["kind"], doc["metadata"]["name"])
+             for folder in ("common", "worker")
+             for path in sorted((ROOT / "k8s" / folder).glob("*.yaml"))
+             for doc in yaml.safe_load_all(path.read_text()) if doc
+             if doc["kind"] != "Kustomization"}
+    assert len(files) >= 16
+    assert {(doc["kind"], doc["metadata"]["name"]) for doc in kustomize("k8s")} == files
 
 
 # Applied once, on their own (docs/deploy.md): a re-apply of the kustomization must not
@@ -117,10 +175,16 @@ APPLIED_ONCE = {"secret.example.yaml", "seed-job.yaml"}
 
 
 def test_kustomization_lists_every_manifest_but_the_secret_and_the_seed():
-    for folder in (ROOT / "k8s", ROOT / "k8s" / "monitoring"):
+    k8s = ROOT / "k8s"
+    for folder in (k8s / "common", k8s / "worker", k8s / "monitoring"):
         kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
         files = {p.name for p in folder.glob("*.yaml")} - {"kustomization.yaml"}
-        assert set(kustomization["resources"]) == files - APPLIED_ONCE
+        assert set(kustomization["resources"]) == files, folder.name
+    # k8s/ itself: what every deployment shares and the one-model worker; beside them only
+    # the files applied once.
+    root = yaml.safe_load((k8s / "kustomization.yaml").read_text())
+    assert root["resources"] == ["common", "worker"]
+    assert {p.name for p in k8s.glob("*.yaml")} == {"kustomization.yaml"} | APPLIED_ONCE
     kinds = {doc["kind"] for name, doc in k8s_documents() if name not in APPLIED_ONCE}
     assert "Secret" not in kinds
 
@@ -189,7 +253,9 @@ def deployment_env_names():
     compose = untag(load_compose("docker-compose.yml"))
     for service in compose["services"].values():
         yield from service.get("environment", {})
-    yield from untag(load_compose("docker-compose.cpu.yml"))["services"]["worker"]["environment"]
+    for override in ("docker-compose.cpu.yml", "docker-compose.two-models.yml"):
+        for service in untag(load_compose(override))["services"].values():
+            yield from service.get("environment", {})
     for _, doc in k8s_documents():
         yield from doc.get("data", {}) if doc["kind"] == "ConfigMap" else ()
         yield from doc.get("stringData", {}) if doc["kind"] == "Secret" else ()

@@ -12,7 +12,7 @@ import yaml
 
 from cleandift.service.api.app import create_app
 from cleandift.settings import Settings
-from tests.deploy.test_deploy import k8s_documents
+from tests.deploy.test_deploy import KUSTOMIZATIONS, k8s_documents, kustomize
 
 ROOT = Path(__file__).resolve().parents[2]
 # https://kubernetes.io/docs/concepts/security/pod-security-standards/ (restricted)
@@ -20,11 +20,16 @@ RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral"
                       "persistentVolumeClaim", "projected", "secret"}
 
 
-def pod_specs():
-    for name, doc in k8s_documents():
+def pod_specs(documents=None):
+    for name, doc in documents if documents is not None else k8s_documents():
         template = doc.get("spec", {}).get("template", {})
         if doc["kind"] in ("Deployment", "StatefulSet", "Job", "DaemonSet"):
             yield f"{name}:{doc['metadata']['name']}", template["spec"]
+
+
+def rendered(folder: str) -> list[tuple[str, dict]]:
+    """A kustomization's objects as (where, object), like k8s_documents()."""
+    return [(folder, doc) for doc in kustomize(folder)]
 
 
 PODS = list(pod_specs())
@@ -36,6 +41,27 @@ def containers(pod: dict) -> list[dict]:
 
 @pytest.mark.parametrize("where,pod", PODS, ids=[w for w, _ in PODS])
 def test_every_pod_meets_the_restricted_pod_security_standard(where, pod):
+    check_restricted(pod)
+
+
+@pytest.mark.parametrize("where,pod", PODS, ids=[w for w, _ in PODS])
+def test_writable_paths_are_volumes(where, pod):
+    check_writable_paths(where, pod)
+
+
+@pytest.mark.parametrize("folder", KUSTOMIZATIONS)
+def test_rendered_pods_and_policies_follow_the_same_rules(folder):
+    """The overlays' pods (a worker per model) as kustomize renders them."""
+    docs = rendered(folder)
+    pods = list(pod_specs(docs))
+    assert len(pods) >= 4
+    for where, pod in pods:
+        check_restricted(pod)
+        check_writable_paths(where, pod)
+    check_network_policies(docs)
+
+
+def check_restricted(pod: dict) -> None:
     assert not (pod.get("hostNetwork") or pod.get("hostPID") or pod.get("hostIPC"))
     assert {k for v in pod.get("volumes", []) for k in v if k != "name"} <= RESTRICTED_VOLUMES
     pod_ctx = pod.get("securityContext", {})
@@ -56,8 +82,7 @@ def test_every_pod_meets_the_restricted_pod_security_standard(where, pod):
     assert pod.get("automountServiceAccountToken") is False  # no pod talks to the API server
 
 
-@pytest.mark.parametrize("where,pod", PODS, ids=[w for w, _ in PODS])
-def test_writable_paths_are_volumes(where, pod):
+def check_writable_paths(where: str, pod: dict) -> None:
     volumes = {v["name"] for v in pod.get("volumes", [])}
     for container in containers(pod):
         for mount in container.get("volumeMounts", []):
@@ -69,7 +94,7 @@ def test_writable_paths_are_volumes(where, pod):
 
 def test_redis_requires_a_password_and_every_client_sends_it():
     docs = dict(k8s_documents())
-    [redis] = [d for d in yaml.safe_load_all((ROOT / "k8s/redis.yaml").read_text())
+    [redis] = [d for d in yaml.safe_load_all((ROOT / "k8s/common/redis.yaml").read_text())
                if d["kind"] == "StatefulSet"][0]["spec"]["template"]["spec"]["containers"]
     args = redis["args"]
     assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
@@ -90,9 +115,9 @@ def test_api_readiness_does_not_depend_on_workers():
     assert probe == "/readyz/api"
 
 
-def container_ports() -> dict[str, set[int]]:
+def container_ports(documents) -> dict[str, set[int]]:
     out: dict[str, set[int]] = {}
-    for _name, doc in k8s_documents():
+    for _name, doc in documents:
         pod = doc.get("spec", {}).get("template", {})
         app = pod.get("metadata", {}).get("labels", {}).get("app.kubernetes.io/name")
         for c in pod.get("spec", {}).get("containers", []):
@@ -101,8 +126,12 @@ def container_ports() -> dict[str, set[int]]:
 
 
 def test_network_policies_open_exactly_the_ports_pods_listen_on():
-    ports = container_ports()
-    policies = [doc for _, doc in k8s_documents() if doc["kind"] == "NetworkPolicy"]
+    check_network_policies(list(k8s_documents()))
+
+
+def check_network_policies(documents: list[tuple[str, dict]]) -> None:
+    ports = container_ports(documents)
+    policies = [doc for _, doc in documents if doc["kind"] == "NetworkPolicy"]
     covered = set()
     for policy in policies:
         app = policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"]

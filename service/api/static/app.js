@@ -50,9 +50,23 @@ function showTimings(body) {
 
 const fmt = (v) => (v === undefined ? "–" : Number(v).toFixed(0));
 
+// The served model chosen in the header (empty: the deployment's default).
+const chosenModel = () => $("model-choice").value;
+
+function fillModelChoice(listing) {
+  const select = $("model-choice");
+  const names = listing.served || [listing.name];
+  const keep = select.value || listing.default_model || names[0];
+  select.replaceChildren(...names.map((name) => new Option(name, name)));
+  select.value = names.includes(keep) ? keep : names[0];
+  select.disabled = names.length < 2;
+}
+
 async function loadModel() {
   try {
-    const model = await call("/v1/models");
+    const listing = await call("/v1/models");
+    fillModelChoice(listing);
+    const model = (listing.models || []).find((m) => m.name === chosenModel()) || listing;
     $("model").textContent = `model: ${model.name} ${model.version} (${model.input_size} px)`;
     $("layer").value = model.correspondence_layer;
     showError("");
@@ -194,6 +208,7 @@ async function run() {
   form.append("points", JSON.stringify(state.points));
   form.append("layer", $("layer").value);
   form.append("heatmap", "true");
+  if (chosenModel()) form.append("model", chosenModel());
   $("status").textContent = "matching…";
   try {
     const body = await call("/correspond", { method: "POST", body: form });
@@ -270,6 +285,7 @@ async function showPca(role) {
   const form = new FormData();
   form.append("image", img.file);
   form.append("layers", $("layer").value);
+  if (chosenModel()) form.append("model", chosenModel());
   $("pca-title").textContent = `(${role}, ${$("layer").value}, computing…)`;
   try {
     const body = await call("/features?format=json", { method: "POST", body: form });
@@ -308,6 +324,10 @@ function wire() {
     loadModel();
   });
   $("layer").addEventListener("change", run);
+  $("model-choice").addEventListener("change", async () => {
+    await loadModel();
+    run();
+  });
   $("show-heatmap").addEventListener("change", drawHeatmap);
   $("clear").addEventListener("click", () => {
     state.points = [];

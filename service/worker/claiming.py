@@ -1,0 +1,103 @@
+"""Where a worker's next jobs come from, and which model version runs them.
+
+First the jobs a previous life of this worker held (page by page), then jobs other
+workers left behind, then new ones. With a fleet switch, nothing is claimed while the
+fleet serves a version this worker does not hold, and `live` is read after each claim:
+that version runs the batch (switch.py says why this keeps versions from going back).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
+
+from cleandift.settings import Settings
+
+from ..messages import Heartbeat, Job, Result
+from ..metrics import WorkerMetrics
+from .holder import ModelHolder
+from .switch import FleetSwitch
+
+T = TypeVar("T")
+CLAIM_BLOCK_MS = 500
+Answer = tuple[Job, Result]
+
+
+class Consumer(Protocol):
+    """What the worker needs of its queue (JobConsumer; an in-memory fake in unit tests)."""
+
+    consumer: str
+
+    def claim(self, count: int, block_ms: int) -> list[Job]: ...
+    def claim_own_pending(self, count: int, after: str = "0") -> tuple[list[Job], int, str]: ...
+    def reclaim(self, count: int) -> tuple[list[Job], int]: ...
+    def complete(self, answers: Sequence[Answer]) -> None: ...
+    def touch(self, entry_ids: Sequence[str]) -> None: ...
+    def cancelled(self, job_ids: Sequence[str]) -> set[str]: ...
+    def heartbeat(self, beat: Heartbeat, ttl_s: float) -> None: ...
+    def leave(self) -> None: ...
+    def publish_model(self, info_json: str) -> None: ...
+
+
+class Safe(Protocol):
+    def __call__(self, call: Callable[[], T], default: T) -> T: ...
+
+
+class Claimer:
+    def __init__(self, jobs: Consumer, settings: Settings, metrics: WorkerMetrics,
+                 holder: ModelHolder, switch: FleetSwitch | None, safe: Safe) -> None:
+        self.jobs = jobs
+        self.settings, self.metrics, self.holder = settings, metrics, holder
+        self.switch, self._safe = switch, safe
+        self.live: str | None = None  # the fleet's version, as last read
+        self._own_after: str | None = "0"
+        self._next_reclaim = 0.0
+
+    def out_of_fleet(self) -> str | None:
+        """The live version when this worker cannot serve it (it then claims nothing)."""
+        live = self.live
+        return live if live is not None and self.holder.get(live) is None else None
+
+    def next(self) -> tuple[list[Job], str | None]:
+        """(jobs, the version to run them with; None: whatever the worker serves)."""
+        if self.switch is not None:
+            self._read_live()
+            if self.out_of_fleet():
+                time.sleep(CLAIM_BLOCK_MS / 1000)
+                return [], self.live
+        jobs = self._claim()
+        if jobs and self.switch is not None:
+            self._read_live()  # after the claim: a job sent after a flip sees the flip
+        return jobs, self.live
+
+    def _read_live(self) -> None:
+        assert self.switch is not None
+        serving = self.holder.current.info.version
+        self.live = self._safe(functools.partial(self.switch.live, serving), self.live)
+
+    def _claim(self) -> list[Job]:
+        jobs, max_batch = self.jobs, self.settings.max_batch
+        if self._own_after is not None:
+            nothing_own: tuple[list[Job], int, str] = ([], 0, "")
+            own, dead, last = self._safe(
+                functools.partial(jobs.claim_own_pending, max_batch, self._own_after),
+                nothing_own)
+            self._own_after = last or None
+            own = self._count_retries(own, dead)
+            if own or self._own_after is not None:  # a page of deleted entries: the next
+                return own  # page first, or new claims would be read back as own
+        if time.monotonic() >= self._next_reclaim:
+            self._next_reclaim = time.monotonic() + self.settings.visibility_timeout_s / 4
+            nothing: tuple[list[Job], int] = ([], 0)
+            taken = self._count_retries(*self._safe(
+                functools.partial(jobs.reclaim, max_batch), nothing))
+            if taken:
+                return taken
+        return self._safe(lambda: jobs.claim(max_batch, CLAIM_BLOCK_MS), [])
+
+    def _count_retries(self, jobs: list[Job], dead: int) -> list[Job]:
+        self.metrics.retried.inc(len(jobs))
+        self.metrics.dead.inc(dead)
+        return jobs

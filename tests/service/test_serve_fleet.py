@@ -1,0 +1,94 @@
+"""`cleandift serve` with a fleet: two demo models (each its own worker process and queue)
+from one command, and a version switch of two worker processes under load."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cleandift.service.processes.redis_server import free_port
+from tests.corpus import encode, textured_image
+from tests.service.test_reload import publish, unet_files  # noqa: F401 (a fixture)
+from tests.service.test_switch import Clients
+
+pytestmark = pytest.mark.integration
+
+
+@contextmanager
+def serving(args: list[str], cache_dir: Path, log: Path, **env: str):
+    port = free_port()
+    full = {**os.environ, "CLEANDIFT_CACHE_DIR": str(cache_dir), "CLEANDIFT_WORKER_PORT": "0",
+            "CLEANDIFT_TORCH_THREADS": "1", **env}
+    for name in ("REDIS_URL", "CLEANDIFT_MODEL", "CLEANDIFT_MODELS"):
+        full.pop(name, None)
+    with open(log, "wb") as out:
+        serve = subprocess.Popen([sys.executable, "-m", "cleandift.cli", "serve", "--port",
+                                  str(port), *args], env=full, stdout=out,
+                                 stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert serve.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        yield url
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(timeout=60)
+
+
+def test_one_serve_runs_two_different_demo_models(cache_dir, tmp_path, jpeg):
+    with serving(["--model", "sd21=demo", "--model", "sd15=demo15"], cache_dir,
+                 tmp_path / "serve.log") as url:
+        listing = httpx.get(url + "/v1/models").json()
+        ready = httpx.get(url + "/readyz").json()
+        answers = {name: httpx.post(f"{url}/features?model={name}", timeout=60,
+                                    files={"image": ("a.jpg", jpeg)},
+                                    data={"layers": "mid,us6"}).json()
+                   for name in ("sd21", "sd15")}
+    models = {m["name"]: m for m in listing["models"]}
+    assert listing["served"] == ["sd21", "sd15"] and ready["workers"] == 2
+    assert models["sd21"]["base"] != models["sd15"]["base"]
+    for name, answer in answers.items():
+        model = models[name]
+        assert answer["model"] == name and answer["model_version"] == model["version"]
+        for key in ("mid", "us6"):
+            layer = model["layers"][key]
+            side = model["input_size"] // layer["stride"]
+            assert answer["features"][key]["shape"] == [layer["channels"], side, side]
+    assert answers["sd21"]["features"]["us6"]["shape"] != answers["sd15"]["features"]["us6"][
+        "shape"]
+
+
+def test_two_serve_workers_switch_versions_as_one_under_load(
+        demo_dir, cache_dir, unet_files, tmp_path):  # noqa: F811
+    reg = tmp_path / "reg"
+    publish(reg, unet_files[0], demo_dir)
+    images = [encode(textured_image(160, 120, seed), "PNG") for seed in range(30)]
+    with serving(["--model", str(reg / "m"), "--workers", "2"], cache_dir,
+                 tmp_path / "serve.log", CLEANDIFT_RELOAD_POLL_S="0.2") as url:
+        clients = Clients(url, images, n=4)
+        try:
+            clients.wait_for("v1")
+            publish(reg, unet_files[1], demo_dir)
+            clients.wait_for("v2")
+            time.sleep(3.0)
+        finally:
+            clients.finish()
+    assert {status for *_, status in clients.seen} == {200}
+    assert clients.went_back("v2") == []
+    assert sum(v == "v1" for _, _, v, _ in clients.seen) > 0
