@@ -151,9 +151,12 @@ def demo_model(
 
 @app.command()
 def info(model: ModelOpt = None, unet: UnetOpt = None, device: DeviceOpt = None) -> None:
-    """Print the model description (the body of GET /v1/models) as JSON."""
-    extractor, _ = _load(model, unet, device, None)
-    typer.echo(extractor.info.model_dump_json(indent=2))
+    """Print the model description as JSON: the body of GET /v1/models when a service
+    serves this model alone (with these settings' limits)."""
+    from .service.api.schemas import ModelsOut
+
+    extractor, settings = _load(model, unet, device, None)
+    typer.echo(ModelsOut.of_one(extractor.info, settings).model_dump_json(indent=2))
 
 
 @app.command()

@@ -33,6 +33,9 @@ from cleandift.contract import ModelInfo
 PROTOCOL_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 CLIENT_CLOSED = 499  # the status of a job whose client went away (nginx's "client closed")
+# RFC 9457 problems, as the API and a worker's own port answer them.
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+PROBLEM_TYPE_BASE = "https://cleandift.dev/problems/"
 
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "int8": 1}  # bytes per value on the wire
 

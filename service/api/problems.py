@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cleandift.contract import ECHO_CHARS, RequestError
 from cleandift.images import ImageError
 
-from ..messages import CLIENT_CLOSED
+from ..messages import CLIENT_CLOSED, PROBLEM_MEDIA_TYPE, PROBLEM_TYPE_BASE
 from ..queue.errors import (
     ClientGone,
     DeadlineExceeded,
@@ -29,8 +29,8 @@ from ..queue.errors import (
     QueueUnavailable,
 )
 
-MEDIA_TYPE = "application/problem+json"
-TYPE_BASE = "https://cleandift.dev/problems/"
+MEDIA_TYPE = PROBLEM_MEDIA_TYPE
+TYPE_BASE = PROBLEM_TYPE_BASE
 RETRY = {"Retry-After": "1"}  # 429 and 503: worth retrying after a second
 PHRASES = {CLIENT_CLOSED: "Client Closed Request"}  # statuses HTTPStatus does not name
 MAX_DETAIL_CHARS = 2000

@@ -92,6 +92,12 @@ class ModelOut(ModelInfo):
 class ModelsOut(ModelOut):
     """The default model at the top level (clients of one model keep working)."""
 
+    @classmethod
+    def of_one(cls, info: ModelInfo, settings: Settings) -> ModelsOut:
+        """The body a one-model deployment of `info` answers (`cleandift info` prints it)."""
+        return cls(**info.model_dump(), limits=Limits.of(settings), default_model=info.name,
+                   served=[info.name], models=[info])
+
     default_model: str = Field(description="The model of requests that name none.")
     served: list[str] = Field(description="Every served model's name (`model` of a request).")
     models: list[ModelInfo] = Field(description="Every served model that a worker has "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import shutil
 import signal
 import socket
 import tempfile
@@ -47,9 +48,14 @@ def run_api(settings: Settings) -> None:
                               "timeout_graceful_shutdown": int(settings.request_timeout_s)}
     if settings.api_workers > 1:  # CPU-bound encoding scales with processes, not threads
         os.environ.update(settings_env(settings))
-        os.environ[MULTIPROC_ENV] = str(metrics_directory(settings.metrics_dir))
-        uvicorn.run("cleandift.service.api.app:app_from_env", factory=True,
-                    workers=settings.api_workers, **common)
+        directory = metrics_directory(settings.metrics_dir)
+        os.environ[MULTIPROC_ENV] = str(directory)
+        try:
+            uvicorn.run("cleandift.service.api.app:app_from_env", factory=True,
+                        workers=settings.api_workers, **common)
+        finally:  # a directory of our own making goes with us; a configured one stays
+            if settings.metrics_dir is None:
+                shutil.rmtree(directory, ignore_errors=True)
     else:
         uvicorn.run(create_app(settings), **common)
 

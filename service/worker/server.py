@@ -9,6 +9,7 @@ result is served once, to whoever shows its token (the API read it from Redis).
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from ..messages import PROBLEM_MEDIA_TYPE, PROBLEM_TYPE_BASE
 from .results import ResultStore
 
 Check = Callable[[], tuple[bool, str]]
@@ -56,7 +58,7 @@ def serve_worker_http(port: int, render_metrics: Callable[[], bytes], ready: Che
                 self._send(200, render_metrics(), CONTENT_TYPE_LATEST)
             elif url.path in ("/healthz", "/readyz"):
                 ok, reason = (alive if url.path == "/healthz" else ready)()
-                self._send(200 if ok else 503, reason.encode() + b"\n")
+                self._send(*probe_answer(url.path, ok, reason))
             else:
                 self._send(404, b"not found\n")
 
@@ -74,6 +76,17 @@ def serve_worker_http(port: int, render_metrics: Callable[[], bytes], ready: Che
     server = _Server((host, port), Handler)
     threading.Thread(target=server.serve_forever, name="worker-http", daemon=True).start()
     return server
+
+
+def probe_answer(path: str, ok: bool, reason: str) -> tuple[int, bytes, str]:
+    """(status, body, media type) of a probe, in the API's format: 200 with
+    {"status", "detail"}, or a 503 problem+json with the reason."""
+    if ok:
+        status = "ok" if path == "/healthz" else "ready"
+        return 200, json.dumps({"status": status, "detail": reason}).encode(), "application/json"
+    problem = {"type": PROBLEM_TYPE_BASE + "not-ready", "title": "Service Unavailable",
+               "status": 503, "detail": reason}
+    return 503, json.dumps(problem).encode(), PROBLEM_MEDIA_TYPE
 
 
 def advertised_host(bind: str) -> str:

@@ -130,3 +130,18 @@ def test_the_client_and_extract_dataset_choose_a_model(two_models, jpeg, tmp_pat
     assert run.exit_code == 0, run.output
     item = next(iter(FeatureDataset(tmp_path / "out")))
     assert item.meta["model"] == "sd15" and item.features["us6"].shape[0] == channels
+
+
+def test_cleandift_info_prints_what_v1_models_answers(service, settings):
+    import json
+
+    from typer.testing import CliRunner
+
+    from cleandift.cli import app
+
+    env = {"CLEANDIFT_REQUEST_TIMEOUT_S": str(settings.request_timeout_s),
+           "CLEANDIFT_MAX_JOB_COST": str(settings.max_job_cost)}
+    printed = CliRunner().invoke(app, ["info", "--model", str(settings.model)], env=env)
+    assert printed.exit_code == 0, printed.output
+    body = printed.stdout[printed.stdout.index("{"):]
+    assert json.loads(body) == service.get("/v1/models").json()

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -29,12 +30,18 @@ TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 @pytest.fixture
 def api_processes(settings, tmp_path):
     """`cleandift api` with two uvicorn processes, as compose and k8s run it."""
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "counter_1.db").write_bytes(b"stale")  # an earlier run's file
+    with two_api_processes(settings, CLEANDIFT_METRICS_DIR=str(tmp_path / "metrics")) as url:
+        yield url
+
+
+@contextmanager
+def two_api_processes(settings, **env: str):
     port = free_port()
     env = {**os.environ, "CLEANDIFT_REDIS_URL": settings.redis_url,
            "CLEANDIFT_QUEUE_PREFIX": settings.queue_prefix, "CLEANDIFT_PORT": str(port),
-           "CLEANDIFT_API_WORKERS": "2", "CLEANDIFT_METRICS_DIR": str(tmp_path / "metrics")}
-    (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics" / "counter_1.db").write_bytes(b"stale")  # an earlier run's file
+           "CLEANDIFT_API_WORKERS": "2", **env}
     proc = subprocess.Popen([sys.executable, "-m", "cleandift.cli", "api"], env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -51,6 +58,12 @@ def api_processes(settings, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_the_api_removes_the_metrics_directory_it_made(settings, tmp_path):
+    with two_api_processes(settings, TMPDIR=str(tmp_path)):
+        assert len(list(tmp_path.glob("cleandift-metrics-*"))) == 1
+    assert list(tmp_path.glob("cleandift-metrics-*")) == []
 
 
 def test_metrics_of_several_api_processes_add_up(api_processes):

@@ -324,11 +324,13 @@ def test_worker_http_port_serves_probes_and_metrics(settings, extractor, jpeg):
         assert post(client, jpeg).status_code == 200
         assert httpx.get(base + "/healthz").status_code == 200
         ready = httpx.get(base + "/readyz")
-        assert ready.status_code == 200 and "demo-seed0" in ready.text
+        assert ready.status_code == 200 and "demo-seed0" in ready.json()["detail"]
         assert metric(httpx.get(base + "/metrics").text,
                       "cleandift_images_processed_total") == 1
         worker.stop()
-        assert httpx.get(base + "/readyz").status_code == 503
+        stopped = httpx.get(base + "/readyz")
+        assert stopped.status_code == 503 and stopped.json()["detail"] == "stopping"
+        assert stopped.headers["content-type"] == "application/problem+json"
 
 
 def test_long_batches_are_never_taken_from_a_live_worker(settings, extractor, jpeg):

@@ -45,7 +45,7 @@ def test_the_port_serves_results_and_probes():
             assert answer.status_code == 200 and answer.content == bytes(body(5000))
             assert answer.headers["content-length"] == "5000"
             assert client.get("/results/j1", params={"token": token}).status_code == 404
-            assert client.get("/readyz").text == "ready\n"
+            assert client.get("/readyz").json() == {"status": "ready", "detail": "ready"}
             assert client.get("/metrics").text == "metrics\n"
     finally:
         server.shutdown()
@@ -121,7 +121,7 @@ def test_the_port_closes_idle_connections():
         for sock in idle:
             assert sock.recv(1) == b""  # closed by the server, not by our 5 s timeout
             sock.close()
-        assert httpx.get(f"http://{address[0]}:{address[1]}/readyz").text == "ready\n"
+        assert httpx.get(f"http://{address[0]}:{address[1]}/readyz").json()["status"] == "ready"
         deadline = time.monotonic() + 5
         while threading.active_count() > before and time.monotonic() < deadline:
             time.sleep(0.05)
