@@ -3,9 +3,11 @@ a corrupt version published, a publisher killed mid-write."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -57,9 +59,10 @@ def test_redis_restarted_empty_loses_no_accepted_request(demo_dir, record):
     try:
         with service_stack(str(demo_dir), redis_url=server.url, queue_prefix="restart",
                            max_batch="1", request_timeout_s="60") as stack:
+            accepted = _Accepted(server.url, "restart:jobs")
             inflight = Background(stack.url, concurrency=16, total=16, timeout_s=60,
                                   fields={"size": "512"})
-            wait_for(lambda: _queued(server.url) >= 8, 30, "jobs queued in Redis")
+            wait_for(lambda: accepted.count >= 16, 60, "every job in Redis")
             server.stop()
             down = [status(stack.url, "/readyz"),
                     httpx.post(stack.url + "/features", files={"image": IMAGE},
@@ -86,11 +89,24 @@ def test_redis_restarted_empty_loses_no_accepted_request(demo_dir, record):
                  f"(no stale pooled connection)")
 
 
-def _queued(redis_url: str) -> int:
-    try:
-        return int(redis.Redis.from_url(redis_url).xlen("restart:jobs"))
-    except redis.RedisError:
-        return 0
+class _Accepted:
+    """Jobs added to the stream so far, counted from Redis' keyspace events (XLEN alone
+    misses the jobs already run): a request is in flight once its job is in Redis; one
+    still being decoded when Redis stops is refused (503), not lost, so the test waits
+    until every job is in."""
+
+    def __init__(self, redis_url: str, stream: str) -> None:
+        self.client = client = redis.Redis.from_url(redis_url)  # (its pool serves pubsub)
+        client.config_set("notify-keyspace-events", "Kt")
+        self.pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.subscribe(f"__keyspace@0__:{stream}")
+        self.count = 0
+        threading.Thread(target=self._listen, daemon=True).start()
+
+    def _listen(self) -> None:
+        with contextlib.suppress(redis.RedisError, OSError, ValueError):
+            for message in self.pubsub.listen():
+                self.count += message["data"] == b"xadd"
 
 
 def test_corrupt_version_is_refused_while_serving(demo_dir, extractor, tmp_path, record):
@@ -116,6 +132,7 @@ def test_corrupt_version_is_refused_while_serving(demo_dir, extractor, tmp_path,
 
 PUBLISHER = """
 import sys
+import threading
 from pathlib import Path
 
 from cleandift.trainer.publish import publish_weights
