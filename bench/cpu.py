@@ -16,6 +16,7 @@ from . import measure
 from .fleet import FLEET_DESCRIPTIONS, fleet_figures
 from .load import features_request, run_load
 from .outputs import OUTPUT_DESCRIPTIONS, cache_figures, output_figures
+from .queue import QUEUE_DESCRIPTIONS, photo_jpeg, queue_figures
 from .stack import service_stack
 from .transport import TRANSPORT_DESCRIPTIONS, bench_jpeg, transport_figures
 
@@ -41,6 +42,7 @@ DESCRIPTIONS = {
     **TRANSPORT_DESCRIPTIONS,
     **OUTPUT_DESCRIPTIONS,
     **FLEET_DESCRIPTIONS,
+    **QUEUE_DESCRIPTIONS,
 }
 
 
@@ -73,7 +75,7 @@ def service_figures(model: str, jpeg: bytes, quick: bool, batch: int) -> dict[st
     }
 
 
-PARTS = ("model", "service", "transport", "outputs", "fleet")
+PARTS = ("model", "service", "transport", "outputs", "fleet", "queue")
 
 
 def run_bench(model: str | None, quick: bool, parts: tuple[str, ...] = PARTS
@@ -99,6 +101,8 @@ def run_bench(model: str | None, quick: bool, parts: tuple[str, ...] = PARTS
         figures.update(cache_figures(model, new_images, 200 if quick else 600))
     if "fleet" in parts:
         figures.update(fleet_figures(bench_jpeg(320, 240), quick))
+    if "queue" in parts:
+        figures.update(queue_figures(photo_jpeg(), quick))
     return {key: round(float(value), 4) for key, value in figures.items()}
 
 

@@ -199,6 +199,12 @@ def pixels_digest(pixels: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(pixels).data).hexdigest()[:32]
 
 
+def upload_digest(data: bytes) -> str:
+    """Content hash of an upload as sent: the ETag's part of a job a worker decodes (the
+    same bytes make the same pixels; `u` keeps it apart from `pixels_digest`)."""
+    return "u" + hashlib.sha256(data).hexdigest()[:31]
+
+
 def noise_seed(digest: str) -> int:
     """DIFT mode's noise seed of an image, from `pixels_digest`: the same noise for the same
     image in the service, its cache and `extract-dataset`."""

@@ -144,6 +144,14 @@ class Settings(BaseSettings):
         512 * 1024 * 1024, ge=1024 * 1024,
         description="Memory an API process may hold in images being decoded at once; "
         "uploads beyond it wait for room.")
+    decode_at: Literal["auto", "api"] = Field(
+        "auto", description="Where uploads are decoded: `auto` sends them to the workers "
+        "as uploaded (small jobs; the API reads headers only) once every live worker of the "
+        "model reads job format v4, else the API decodes; `api` always decodes in the API "
+        "(workers short of CPU). docs/scale.md.")
+    decode_threads: int = Field(
+        2, ge=1, description="Threads a worker decodes uploads with: at most this many "
+        "images are decoded at once (each within max_image_pixels).")
     api_key: SecretStr | None = Field(
         None, description="Clients must send it (Authorization: Bearer KEY or X-API-Key); "
         "set it by environment or a secret, never on a command line.")

@@ -1,19 +1,24 @@
 """What travels through Redis between the API and the workers, typed and versioned.
 
-Jobs (API -> worker) carry a validated `JobSpec` and the model-sized pixels (uint8,
-s x s x 3); results (worker -> API) carry raw little-endian feature bytes. Nothing is
-pickled and no float travels as JSON text. No torch here: the API imports this module.
+Jobs (API -> worker) carry a validated `JobSpec` and each image, either as the upload
+itself (v4: the encoded bytes whose header the API checked; the worker decodes them) or as
+the model-sized pixels (uint8, s x s x 3; what older workers read); results (worker ->
+API) carry raw little-endian feature bytes. Nothing is pickled and no float travels as
+JSON text. No torch here: the API imports this module.
 
 Versions: every job and result names its format version (`v`). Readers accept the
 previous versions and the current one, so API and worker pods can roll in any order; a
 job of a version this worker cannot read is answered with an error (503: a newer worker
 will read it), never dropped. A job is written in the oldest version that can express
-it, so older workers keep serving every request they understand during a rollout. Within
+it, so older workers keep serving every request they understand during a rollout (the
+API sends uploads only once every live worker reads v4). Within
 a version, fields a reader does not know are ignored.
 
 v1: the first format (no `v` field; `size` and `sizes`). v2: `input_size`,
 `image_sizes`. v3: descriptors at points and pooled grids on /features, bfloat16 and
 int8 outputs, several targets on /correspond, content hashes for the feature cache.
+v4: images as uploaded (`enc0`, `enc1`, ...) instead of decoded pixels; `content` hashes
+the upload's bytes (see docs/scale.md).
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cleandift.contract import ModelInfo
 
-PROTOCOL_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+PROTOCOL_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
+UPLOADS_VERSION = 4  # the first version whose jobs may carry uploads, not pixels
 CLIENT_CLOSED = 499  # the status of a job whose client went away (nginx's "client closed")
 # RFC 9457 problems, as the API and a worker's own port answer them.
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -71,7 +77,9 @@ class JobSpec(BaseModel):
     dtype: OutputDtype = "float16"
     points: list[tuple[float, float]] | None = None  # correspond: source; features: where to read
     grid: int | None = None  # features: pool each map to grid x grid
-    content: list[str] = Field(default_factory=list)  # a hash of each image's pixels (cache)
+    # A hash of each image (its pixels before v4, its upload from v4): the answer's ETag;
+    # the cache and DIFT's seed use the pixels' hash (the API's before v4, the worker's).
+    content: list[str] = Field(default_factory=list)
     max_matches: int = 100
     heatmap: bool = False  # also return the last point's similarity over the target
     deadline: float = 0.0
@@ -107,15 +115,29 @@ def _spec_from_v1(raw: dict[str, Any]) -> dict[str, Any]:
 @dataclass
 class Job:
     spec: JobSpec
-    images: list[np.ndarray]  # uint8 [s, s, 3]
+    images: list[np.ndarray]  # uint8 [s, s, 3]; empty until a worker decodes `uploads`
     entry_id: str = ""  # the stream entry, set once read
     deliveries: int = 1
+    uploads: list[bytes] = field(default_factory=list)  # v4: the images as uploaded
+    # A hash of each image's model-sized pixels: DIFT's noise seed (set where decoded).
+    digests: list[str] = field(default_factory=list)
 
-    def to_fields(self, version: int = PROTOCOL_VERSION) -> dict[str, bytes | str | memoryview]:
+    def __post_init__(self) -> None:
+        if self.images and not self.digests:  # pixels hashed where they were decoded
+            self.digests = list(self.spec.content)
+
+    def minimum_version(self) -> int:
+        """The oldest format that expresses this job (older workers can run it)."""
+        return UPLOADS_VERSION if self.uploads else self.spec.minimum_version()
+
+    def to_fields(self, version: int | None = None) -> dict[str, bytes | str | memoryview]:
+        version = version or self.minimum_version()
         spec = self.spec.model_dump(mode="json")
         if version == 1:
             spec["size"], spec["sizes"] = spec.pop("input_size"), spec.pop("image_sizes")
         fields: dict[str, bytes | str | memoryview] = {"v": str(version), "spec": json.dumps(spec)}
+        if self.uploads:
+            fields.update({f"enc{i}": data for i, data in enumerate(self.uploads)})
         for i, image in enumerate(self.images):  # the pixels' own memory: Redis' client
             fields[f"img{i}"] = np.ascontiguousarray(image, dtype=np.uint8).data.cast("B")
         return fields
@@ -133,16 +155,25 @@ class Job:
         try:
             raw = json.loads(fields[b"spec"])
             spec = JobSpec.model_validate(_spec_from_v1(raw) if version == 1 else raw)
+            count = len(spec.image_sizes)
+            if version >= UPLOADS_VERSION and b"enc0" in fields:
+                uploads = [bytes(fields[f"enc{i}".encode()]) for i in range(count)]
+                return cls(spec=spec, images=[], entry_id=entry_id, uploads=uploads)
             shape = (spec.input_size, spec.input_size, 3)
             images = [np.frombuffer(fields[f"img{i}".encode()], dtype=np.uint8).reshape(shape)
-                      for i in range(len(spec.image_sizes))]
+                      for i in range(count)]
         except (KeyError, ValueError, TypeError) as exc:
             raise UnreadableJob(f"malformed job: {exc}", envelope) from exc
         return cls(spec=spec, images=images, entry_id=entry_id)
 
     @property
+    def image_bytes(self) -> int:
+        """What its images put in the queue."""
+        return sum(map(len, self.uploads)) + sum(image.nbytes for image in self.images)
+
+    @property
     def pixels(self) -> int:
-        return len(self.images) * self.spec.input_size * self.spec.input_size
+        return len(self.spec.image_sizes) * self.spec.input_size * self.spec.input_size
 
 
 def _version(fields: Fields) -> int:

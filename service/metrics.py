@@ -28,6 +28,7 @@ PREFIX = "cleandift"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+JOB_BYTES_BUCKETS = (16e3, 64e3, 256e3, 1e6, 4e6, 16e6, 64e6)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 
@@ -90,6 +91,11 @@ class ApiMetrics:
             f"{PREFIX}_layer_requests", "Feature maps asked for, by request kind and layer",
             ["kind", "layer"], registry=r,
         )
+        self.job_bytes = Histogram(
+            f"{PREFIX}_job_image_bytes", "Image bytes a job puts in the queue, by what "
+            "travels: `uploads` (a worker decodes) or `pixels` (the API decoded)",
+            ["images"], buckets=JOB_BYTES_BUCKETS, registry=r,
+        )
         self.states: list[QueueState] = []
         directory = multiprocess_dir or os.environ.get(MULTIPROC_ENV)
         if directory:  # every process's files, summed at each scrape
@@ -102,6 +108,9 @@ class ApiMetrics:
     def count_layers(self, kind: str, layers: list[str]) -> None:
         for layer in layers:
             self.layer_requests.labels(kind=kind, layer=layer).inc()
+
+    def count_job(self, uploads: bool, nbytes: int) -> None:
+        self.job_bytes.labels(images="uploads" if uploads else "pixels").observe(nbytes)
 
     def render(self, states: QueueState | list[QueueState]) -> bytes:
         self.states = states if isinstance(states, list) else [states]

@@ -1,6 +1,9 @@
 """Decoding uploads with bounded memory: the header first (cheap, checked), then the
 pixels, under a per-process budget of pixels being decoded at once.
 
+Where the workers decode (job format v4, `decode_at`), the API reads the header only:
+the limits are checked on it, and the upload travels as sent (docs/scale.md).
+
 The model needs at most s x s pixels, so JPEGs are decoded at a reduced scale (see
 cleandift.images); other formats decode whole, which the budget keeps in check: a burst
 of large PNGs waits for room instead of holding gigabytes at once.
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from cleandift.images import ImageError, ImageSource, pixels_digest, resize_rgb
+from cleandift.images import ImageError, ImageSource, pixels_digest, resize_rgb, upload_digest
 from cleandift.settings import Settings
 
 from .problems import Problem
@@ -49,21 +52,25 @@ class MemoryBudget:
 
 @dataclass(frozen=True)
 class Upload:
-    pixels: np.ndarray  # s x s x 3 uint8: what the model sees
+    pixels: np.ndarray | None  # s x s x 3 uint8: what the model sees (decoded here)
+    data: bytes | None  # the upload as sent, for a worker to decode (not decoded here)
     size: tuple[int, int]  # the image's displayed (width, height): the frame of points
-    content: str  # a hash of `pixels`: the feature cache's key and the answer's ETag
+    content: str  # a hash of `pixels` (or of `data`): the feature cache's key and the ETag
 
 
-async def decode_upload(name: str, data: bytes, size: int, settings: Settings,
-                        budget: MemoryBudget) -> Upload:
+async def take_upload(name: str, data: bytes, size: int, settings: Settings,
+                      budget: MemoryBudget, *, decode: bool) -> Upload:
+    """An upload checked on its header; decoded to the model's view when `decode`."""
     try:
         source = await run_in_threadpool(ImageSource, data, max_bytes=settings.max_body_bytes,
                                          max_pixels=settings.max_image_pixels)
+        if not decode:
+            return Upload(None, data, source.size, upload_digest(data))
         async with budget.hold(BYTES_PER_PIXEL * source.cost(size)):
             pixels, content = await run_in_threadpool(_model_view, source, size)
     except ImageError as exc:
         raise Problem(exc.status, f"{name}: {exc}") from exc
-    return Upload(pixels, source.size, content)
+    return Upload(pixels, None, source.size, content)
 
 
 def _model_view(source: ImageSource, size: int) -> tuple[np.ndarray, str]:

@@ -25,7 +25,7 @@ from cleandift.method import SIZE_MULTIPLE
 from cleandift.settings import Settings
 
 from ..messages import Job, JobSpec
-from .decoding import MemoryBudget, decode_upload
+from .decoding import MemoryBudget, Upload, take_upload
 from .payload import Blobs, Fields, loads, read_payload
 from .problems import Problem, describe_validation
 
@@ -153,12 +153,14 @@ async def read_features(request: Request, query_dtype: str | None = None
 
 
 async def features_job(params: FeaturesParams, blobs: Blobs, settings: Settings,
-                       model: ModelInfo, budget: MemoryBudget) -> Job:
+                       model: ModelInfo, budget: MemoryBudget, *, decode: bool = True) -> Job:
+    """`decode`: the API makes the pixels (else the worker does, from the upload)."""
     size = input_size(params, model, settings)
     layers = validate_layers(params.layers, model.default_layers)
     _check_grid(params, layers, model, size)
     within_ceiling("features", params.mode, size, layers, 1, params.points, model, settings)
-    image = await decode_upload("image", _one(blobs, "image"), size, settings, budget)
+    image = await take_upload("image", _one(blobs, "image"), size, settings, budget,
+                              decode=decode)
     points = None
     if params.points is not None:
         points = validate_points(params.points, image.size, settings.max_points)
@@ -166,7 +168,7 @@ async def features_job(params: FeaturesParams, blobs: Blobs, settings: Settings,
                    prompt=params.prompt, mode=params.mode, dtype=params.dtype, points=points,
                    grid=params.grid, content=[image.content],
                    deadline=time.time() + settings.request_timeout_s)
-    return Job(spec=spec, images=[image.pixels])
+    return _job(spec, [image])
 
 
 def within_ceiling(kind: str, mode: str, size: int, layers: list[str], images: int,
@@ -199,7 +201,8 @@ async def read_correspond(request: Request, settings: Settings
 
 
 async def correspond_job(params: CorrespondParams, blobs: Blobs, settings: Settings,
-                         model: ModelInfo, budget: MemoryBudget) -> Job:
+                         model: ModelInfo, budget: MemoryBudget, *, decode: bool = True
+                         ) -> Job:
     size = input_size(params, model, settings)
     layer = validate_layers([params.layer or model.correspondence_layer], [])
     if params.max_matches is not None and params.max_matches > settings.max_matches:
@@ -211,10 +214,11 @@ async def correspond_job(params: CorrespondParams, blobs: Blobs, settings: Setti
         raise RequestError(f"{len(targets)} targets; at most {settings.max_targets}")
     within_ceiling("correspond", params.mode, size, layer, 1 + len(targets), params.points,
                    model, settings)
-    images = [await decode_upload("source", _one(blobs, "source"), size, settings, budget)]
+    images = [await take_upload("source", _one(blobs, "source"), size, settings, budget,
+                                decode=decode)]
     for i, data in enumerate(targets):
-        images.append(await decode_upload(f"target {i}" if len(targets) > 1 else "target",
-                                          data, size, settings, budget))
+        images.append(await take_upload(f"target {i}" if len(targets) > 1 else "target",
+                                        data, size, settings, budget, decode=decode))
     points = None
     if params.points is not None:
         points = validate_points(params.points, images[0].size, settings.max_points)
@@ -224,4 +228,12 @@ async def correspond_job(params: CorrespondParams, blobs: Blobs, settings: Setti
                    max_matches=params.max_matches or settings.max_matches,
                    heatmap=params.heatmap, content=[im.content for im in images],
                    deadline=time.time() + settings.request_timeout_s)
-    return Job(spec=spec, images=[im.pixels for im in images])
+    return _job(spec, images)
+
+
+def _job(spec: JobSpec, uploads: list[Upload]) -> Job:
+    """Pixels where the API decoded, the uploads as sent where a worker will."""
+    if all(upload.pixels is not None for upload in uploads):
+        return Job(spec=spec, images=[upload.pixels for upload in uploads
+                                      if upload.pixels is not None])
+    return Job(spec=spec, images=[], uploads=[upload.data or b"" for upload in uploads])

@@ -94,8 +94,10 @@ async def features(
         producer, info = await pick(request, services, params, model,
                                     fresh="if-none-match" in request.headers)
         job = await parsing.features_job(params, blobs, services.settings, info,
-                                         services.budget)
+                                         services.budget, decode=producer.decode_here(
+                                             services.settings.decode_at))
     services.metrics.count_layers("features", job.spec.layers)
+    services.metrics.count_job(bool(job.uploads), job.image_bytes)
     if fmt == "npy" and (len(job.spec.layers) != 1 or job.spec.dtype not in NPY_DTYPES):
         raise Problem(422, "npy holds exactly one float16 or float32 array; ask for one "
                       "layer, or use safetensors or json")
@@ -123,8 +125,10 @@ async def correspond(request: Request, services: ServicesDep, model: ModelQuery 
         params, blobs = await parsing.read_correspond(request, services.settings)
         producer, info = await pick(request, services, params, model)
         job = await parsing.correspond_job(params, blobs, services.settings, info,
-                                           services.budget)
+                                           services.budget, decode=producer.decode_here(
+                                               services.settings.decode_at))
     services.metrics.count_layers("correspond", job.spec.layers)
+    services.metrics.count_job(bool(job.uploads), job.image_bytes)
     result = await run(producer, job, request)
     with tracing.span("respond"):
         return responses.correspond_response(result)

@@ -28,7 +28,7 @@ from cleandift.contract import ModelInfo
 
 from .. import tracing
 from ..logs import request_id_var
-from ..messages import Heartbeat, Job, Result
+from ..messages import UPLOADS_VERSION, Heartbeat, Job, Result
 from .errors import ClientGone, DeadlineExceeded, NoLiveWorker, QueueFull, QueueUnavailable
 from .keys import Keys
 
@@ -43,6 +43,7 @@ RESULT_POLL_S = 1.0
 MODEL_CACHE_S = 1.0
 MONITOR_S = 0.25
 LISTENER_BACKOFF_S = 0.5
+PROTOCOLS_S = 5.0  # the live workers' job formats are read again at least this often
 STOP_S = 5.0  # longest each step of a shutdown waits
 WAKE_KEEP = 100  # wake-up calls kept at most (only the list's length matters)
 WAKE_TTL_S = 600  # a call nobody answered in this long is forgotten
@@ -67,6 +68,8 @@ class QueueView:
     epoch: int = 0  # bumped when Redis restarted (a new run_id)
     no_worker_since: float | None = None
     restarted_at: float | None = None  # monotonic time a new Redis run was first seen
+    # Every live worker reads jobs that carry uploads (v4): the API need not decode.
+    workers_decode: bool = False
     seen_at: float = field(default_factory=time.monotonic)
 
 
@@ -93,6 +96,8 @@ class JobProducer:
         self._tasks: list[asyncio.Task[None]] = []
         self._xadd = client.register_script(_BOUNDED_XADD)
         self._model: tuple[float, ModelInfo | None] = (0.0, None)
+        self._members: frozenset[bytes] = frozenset()  # the live workers seen last
+        self._members_at = 0.0
 
     async def start(self) -> None:
         with contextlib.suppress(QueueUnavailable):
@@ -144,7 +149,7 @@ class JobProducer:
             self._waiters.pop(job.spec.id, None)
 
     async def _enqueue(self, job: Job, *, bounded: bool) -> str:
-        fields = job.to_fields(job.spec.minimum_version())
+        fields = job.to_fields()  # the oldest version that expresses it
         async with _redis_errors():
             if not bounded:  # a job accepted before: never refused for room
                 return _text(await self.r.xadd(self.keys.jobs, fields,  # type: ignore[arg-type]
@@ -263,10 +268,12 @@ class JobProducer:
         since = time.time() - self.worker_ttl_s
         async with _redis_errors():
             pipe = self.r.pipeline(transaction=False)
-            pipe.zcount(self.keys.workers, since, "+inf")
+            pipe.zrangebyscore(self.keys.workers, since, "+inf")
             pipe.xlen(self.keys.jobs)
             pipe.info("server")
-            live, depth, info = await pipe.execute()
+            members, depth, info = await pipe.execute()
+            live = len(members)
+            await self._look_at_workers(frozenset(members))
         view = self.view
         if view.run_id and info["run_id"] != view.run_id:
             view.epoch += 1
@@ -286,6 +293,23 @@ class JobProducer:
         else:
             view.no_worker_since = view.no_worker_since or now
         view.seen_at = now
+
+    async def _look_at_workers(self, members: frozenset[bytes]) -> None:
+        """Whether every live worker decodes uploads: read from their heartbeats when the
+        set of workers changes (a worker's version changes only with its id's restart,
+        which a heartbeat refresh notices within PROTOCOLS_S)."""
+        now = time.monotonic()
+        if members == self._members and now - self._members_at < PROTOCOLS_S:
+            return
+        beats = await self.r.mget([self.keys.worker(_text(m)) for m in members]) if members else []
+        parsed = [_parse(Heartbeat, raw) for raw in beats if raw]
+        self.view.workers_decode = bool(parsed) and all(
+            beat is not None and UPLOADS_VERSION in beat.protocols for beat in parsed)
+        self._members, self._members_at = members, now
+
+    def decode_here(self, decode_at: str) -> bool:
+        """Whether the API decodes this request's images (docs/scale.md)."""
+        return decode_at == "api" or not self.view.workers_decode
 
     # -- state ------------------------------------------------------------------------
     async def ping(self) -> bool:

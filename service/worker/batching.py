@@ -39,10 +39,10 @@ class Batch:
     def noise_seeds(self) -> list[int] | None:
         """DIFT's noise seeded by each image's content hash: a DIFT answer depends on the
         image alone (not on its batch neighbours), so it can be cached and reproduced."""
-        contents = [c for job in self.jobs for c in job.spec.content]
-        if self.mode != "dift" or len(contents) != len(self.images):
+        digests = [d for job in self.jobs for d in job.digests]
+        if self.mode != "dift" or len(digests) != len(self.images):
             return None
-        return [noise_seed(content) for content in contents]
+        return [noise_seed(digest) for digest in digests]
 
     def halves(self) -> list[Batch]:
         """These jobs as two smaller batches: a failed batch is bisected down to the job
@@ -81,7 +81,7 @@ def collate_requests(jobs: list[Job], max_batch: int, max_pixels: int) -> list[B
     for job in jobs:
         key = job.spec.group_key()
         current = open_batches.get(key, [])
-        images = sum(len(j.images) for j in current) + len(job.images)
+        images = sum(len(j.spec.image_sizes) for j in current) + len(job.spec.image_sizes)
         cost = sum(job_cost(j) for j in current) + job_cost(job)
         if current and (images > max_batch or cost > max_pixels):
             done.append(current)

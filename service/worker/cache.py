@@ -41,16 +41,20 @@ class Computing(Protocol):
     device: torch.device
 
 
-def image_keys(spec: JobSpec, model: Computing) -> list[str] | None:
-    """One key per image of the job; None when the API sent no content hashes. The key
-    holds every input that changes a map's bytes (docs/cache.md): workers computing in
-    float32 and in bfloat16 share the Redis tier, and must not answer each other."""
-    if len(spec.content) != len(spec.image_sizes):
+def image_keys(spec: JobSpec, model: Computing, digests: list[str] | None = None
+               ) -> list[str] | None:
+    """One key per image of the job; None when no content hashes are known. `digests`:
+    the hashes of the pixels this worker decoded (job format v4), else the API's
+    (`spec.content`); either way the pixels the model sees. The key holds every input that
+    changes a map's bytes (docs/cache.md): workers computing in float32 and in bfloat16
+    share the Redis tier, and must not answer each other."""
+    contents = spec.content if digests is None else digests
+    if len(contents) != len(spec.image_sizes):
         return None
     prompt = hashlib.sha256(spec.prompt.encode()).hexdigest()[:16]
     numerics = f"{str(model.dtype).removeprefix('torch.')}@{model.device.type}"
     return [f"{version_prefix(model.info)}{content}|{spec.input_size}|{spec.mode}|{prompt}|"
-            f"{numerics}" for content in spec.content]
+            f"{numerics}" for content in contents]
 
 
 def version_prefix(info: ModelInfo) -> str:

@@ -36,14 +36,18 @@ Answer = tuple[Job, Result]
 
 def batchable(jobs: list[Job]) -> tuple[list[Job], list[Answer]]:
     """(jobs a batch can be built from, answers for the others): known layers, and each
-    image the uint8 square the job's input size says (a corrupt or foreign message)."""
+    image the uint8 square the job's input size says, or one upload per image (a corrupt
+    or foreign message fails alone)."""
     good: list[Job] = []
     answers: list[Answer] = []
     for job in jobs:
         try:
             validate_layers(job.spec.layers, [])
             side = job.spec.input_size
-            if not job.images or any(im.shape != (side, side, 3) or im.dtype != np.uint8
+            if job.uploads:  # decoded next (decoding.py), into pixels of that shape
+                if len(job.uploads) != len(job.spec.image_sizes):
+                    raise ValueError("one upload per image size is required")
+            elif not job.images or any(im.shape != (side, side, 3) or im.dtype != np.uint8
                                      for im in job.images):
                 raise ValueError(f"images are not {side}x{side}x3 uint8")
             good.append(job)

@@ -27,6 +27,7 @@ from . import answering, isolation, stages
 from .batching import collate_requests
 from .cache import FeatureCache, image_keys
 from .claiming import Claimer, Consumer
+from .decoding import Decoder
 from .holder import ModelHolder
 from .reload import RegistryWatcher
 from .results import ResultStore
@@ -51,6 +52,7 @@ class Worker:
         self.switch: FleetSwitch | None = watcher.switch if watcher is not None else None
         self.claimer = Claimer(jobs, settings, metrics, model, self.switch, self._safe)
         self.results = ResultStore(settings.result_store_bytes, settings.result_hold_s)
+        self.decoder = Decoder(settings)
         self.url = ""  # where the API fetches held results (set when the port is open)
         self._http: ThreadingHTTPServer | None = None
         self.stopping = threading.Event()
@@ -93,6 +95,7 @@ class Worker:
             for thread in [*workers, beating]:  # nothing of this worker outlives run()
                 thread.join()
             self.waiting.stop()
+            self.decoder.close()
             self._safe(self.jobs.leave, None)
             if self.switch is not None:
                 self.switch.leave()
@@ -136,6 +139,8 @@ class Worker:
             self.waiting.watch(jobs)
             jobs, refused = isolation.batchable(self._live(jobs))
             self._answer(refused)
+            jobs, undecodable = self.decoder.decode(jobs)  # the cache keys on the pixels
+            self._answer(undecodable)
             for batch in collate_requests(self._from_cache(jobs, extractor),
                                           self.settings.max_batch,
                                           self.settings.max_batch_pixels):
@@ -151,7 +156,7 @@ class Worker:
             return jobs
         left = []
         for job in jobs:
-            keys = image_keys(job.spec, extractor)
+            keys = image_keys(job.spec, extractor, job.digests)
             maps, where = self.cache.get(keys, job.spec.layers) if keys else (None, "miss")
             self.metrics.cache_lookups.labels(result=where).inc()
             if maps is None:
@@ -166,7 +171,7 @@ class Worker:
             return
         batch = computed.prepared.batch
         for job, rows in zip(batch.jobs, batch.rows()):
-            keys = image_keys(job.spec, computed.extractor)
+            keys = image_keys(job.spec, computed.extractor, job.digests)
             if keys:
                 self.cache.put(keys, stages.image_maps(computed, rows))
         if self.cache.memory is not None:
