@@ -16,7 +16,7 @@ def bench(
     json_out: Annotated[Path | None, typer.Option("--json", help="write the figures here")]
     = None,
     parts: Annotated[str, typer.Option(help="comma-separated: model, service, transport, "
-                                       "outputs, fleet, queue")]
+                                       "outputs, fleet, queue, datasets")]
     = "model,service,transport,outputs",
 ) -> None:
     """Measure extractor, service, transport and trainer side by side on this machine."""

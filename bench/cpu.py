@@ -13,6 +13,7 @@ from cleandift.loading import load_extractor
 from cleandift.settings import Settings
 
 from . import measure
+from .datasets import DATASET_DESCRIPTIONS, dataset_figures
 from .fleet import FLEET_DESCRIPTIONS, fleet_figures
 from .load import features_request, run_load
 from .outputs import OUTPUT_DESCRIPTIONS, cache_figures, output_figures
@@ -43,6 +44,7 @@ DESCRIPTIONS = {
     **OUTPUT_DESCRIPTIONS,
     **FLEET_DESCRIPTIONS,
     **QUEUE_DESCRIPTIONS,
+    **DATASET_DESCRIPTIONS,
 }
 
 
@@ -75,7 +77,7 @@ def service_figures(model: str, jpeg: bytes, quick: bool, batch: int) -> dict[st
     }
 
 
-PARTS = ("model", "service", "transport", "outputs", "fleet", "queue")
+PARTS = ("model", "service", "transport", "outputs", "fleet", "queue", "datasets")
 
 
 def run_bench(model: str | None, quick: bool, parts: tuple[str, ...] = PARTS
@@ -103,6 +105,8 @@ def run_bench(model: str | None, quick: bool, parts: tuple[str, ...] = PARTS
         figures.update(fleet_figures(bench_jpeg(320, 240), quick))
     if "queue" in parts:
         figures.update(queue_figures(photo_jpeg(), quick))
+    if "datasets" in parts:
+        figures.update(dataset_figures(quick))
     return {key: round(float(value), 4) for key, value in figures.items()}
 
 

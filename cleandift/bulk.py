@@ -146,6 +146,18 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def open_output(out: Path, options: Options, model: dict[str, str]
+                ) -> tuple[list[Record], list[dict[str, Any]]]:
+    """(the source's records, the index rows already committed in `out`): the start of
+    a run or of a resumed one, whichever engine computes."""
+    records = load_records(options.source)
+    committed = prepare_folder(out, options, model)
+    if [r["key"] for r in committed] != [r.key for r in records[:len(committed)]]:
+        raise UsageError(f"{out} was made from other inputs (its keys differ from "
+                         f"{options.source}'s)")
+    return records, committed
+
+
 def pending_shards(records: list[Record], done: int, shard_size: int
                    ) -> Iterator[tuple[int, list[Record]]]:
     """(shard number, its records) after the `done` committed items (whole shards)."""
@@ -161,11 +173,7 @@ def extract_dataset(out: Path, options: Options, compute: Compute, model: dict[s
     """Run (or resume) an extraction; returns counts of done, failed and skipped items.
     `limits` bound the reading of each item; they are not in the manifest (they decide
     which items fail, not what the features are), so a resumed run may change them."""
-    records = load_records(options.source)
-    committed = prepare_folder(out, options, model)
-    if [r["key"] for r in committed] != [r.key for r in records[:len(committed)]]:
-        raise UsageError(f"{out} was made from other inputs (its keys differ from "
-                         f"{options.source}'s)")
+    records, committed = open_output(out, options, model)
     bar = tqdm(total=len(records), initial=len(committed), unit="img", desc="extract",
                disable=not progress, smoothing=0.1)
     failed = sum("error" in row for row in committed)

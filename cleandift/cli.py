@@ -8,20 +8,30 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from .cli_options import (
+    DeviceOpt,
+    DtypeOpt,
+    EvalDtypeOpt,
+    ModelOpt,
+    PromptOpt,
+    SizeOpt,
+    UnetOpt,
+    _input_size,
+    _layer_keys,
+    _load,
+    user_errors,
+)
+from .dataset_cli import register as _register_dataset_command
 from .method import DIFT_PROMPT
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from .extractor import Extractor
     from .settings import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
@@ -42,74 +52,6 @@ def _root(
 ) -> None:
     """CleanDIFT features and correspondences: core commands, the service and the trainer."""
 
-ModelOpt = Annotated[
-    str | None,
-    typer.Option("--model", "-m", envvar="CLEANDIFT_MODEL",
-                 help="diffusers folder, hub id, registry DIR/NAME, demo or demo15 (demo)"),
-]
-UnetOpt = Annotated[str | None, typer.Option(
-    envvar="CLEANDIFT_UNET",
-    help="UNet file (flat or official full checkpoint), or hf://OWNER/REPO/FILE")]
-DeviceOpt = Annotated[str | None, typer.Option(envvar="CLEANDIFT_DEVICE",
-                                               help="cuda, cpu, mps, ...; auto if unset")]
-DtypeOpt = Annotated[str | None, typer.Option(envvar="CLEANDIFT_DTYPE",
-                                              help="float16, bfloat16, float32; auto if unset")]
-SizeOpt = Annotated[int | None, typer.Option(help="model input side in px (multiple of 64)")]
-EvalDtypeOpt = Annotated[str, typer.Option(
-    help="evaluation precision: float32 (default) or bfloat16; float16 on request")]
-PromptOpt = Annotated[str, typer.Option(
-    help="text conditioning of the UNet; '' (the default) is the method's empty prompt")]
-
-
-def settings_with(**overrides: Any) -> Settings:
-    """Settings from the environment, with the CLI flags that were given on top; a bad
-    value ends the command with the setting's name and exit code 2."""
-    from pydantic import ValidationError
-
-    from .settings import Settings
-
-    try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        typer.echo(f"error: invalid settings: {exc}", err=True)
-        raise typer.Exit(2) from exc
-
-
-def _load(model: str | None, unet: str | None, device: str | None,
-          dtype: str | None) -> tuple[Extractor, Settings]:
-    from .loading import ModelLoadError, load_extractor
-
-    settings = settings_with(model=model, unet=unet, device=device, dtype=dtype)
-    typer.echo(f"loading {settings.model or 'the demo model'} …", err=True)
-    try:
-        return load_extractor(**settings.extractor_args()), settings  # type: ignore[arg-type]
-    except ModelLoadError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Bad arguments end the command with a message and exit code 2, not a traceback."""
-    from .contract import RequestError, UsageError
-
-    try:
-        yield
-    except (json.JSONDecodeError, RequestError, UsageError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-
-
-def _layer_keys(layers: str | None) -> list[str] | None:
-    """--layers as keys (None: the model's defaults); unknown names end the command."""
-    from .contract import validate_layers
-
-    if not layers:
-        return None
-    with user_errors():
-        return validate_layers(layers.split(","), [])
-
-
 def _read_image(path: Path, size: int, settings: Settings) -> tuple[np.ndarray, tuple[int, int]]:
     """The model's view of an image file (the same decoding as the API), and its size."""
     from .images import ImageError, decode_for_model
@@ -121,13 +63,6 @@ def _read_image(path: Path, size: int, settings: Settings) -> tuple[np.ndarray, 
     except (OSError, ImageError) as exc:
         typer.echo(f"error: {path}: {exc}", err=True)
         raise typer.Exit(2) from exc
-
-
-def _input_size(extractor: Extractor, size: int | None) -> int:
-    from .contract import check_size
-
-    with user_errors():
-        return check_size(size if size is not None else extractor.info.input_size)
 
 
 @app.command("demo-model")
@@ -283,95 +218,6 @@ def eval_spair(
     typer.echo(format_report(report))
 
 
-@app.command("extract-dataset")
-def extract_dataset(
-    source: Annotated[str, typer.Argument(
-        help="image folder, list file (paths or URLs, one per line) or shards 'd/{0..9}.tar'")],
-    out: Annotated[Path, typer.Option(help="output folder (resumed when it exists)")],
-    layers: Annotated[str | None, typer.Option(help="comma-separated keys; the model's "
-                                               "default layers")] = None,
-    size: SizeOpt = None,
-    out_dtype: Annotated[str, typer.Option(
-        "--out-dtype", help="float16, bfloat16, float32, or int8 (per-channel scales)")]
-    = "float16",
-    grid: Annotated[int | None, typer.Option(help="pool each map to GRID x GRID")] = None,
-    mode: Annotated[str, typer.Option(help="clean or dift")] = "clean",
-    prompt: PromptOpt = "",
-    shard_size: Annotated[int, typer.Option(help="images per shard file")] = 256,
-    batch_size: Annotated[int, typer.Option(help="images per forward pass (local)")] = 8,
-    service: Annotated[str | None, typer.Option(
-        help="a running service's URL: it computes, this command writes")] = None,
-    concurrency: Annotated[int, typer.Option(help="requests in flight (--service)")] = 16,
-    fetch_timeout: Annotated[float | None, typer.Option(
-        min=0.001, help="seconds one URL may take in all, then it is an error row "
-        "(default: cleandift.sources.FETCH_TIMEOUT_S)")] = None,
-    # No envvar here: CLEANDIFT_MODEL (a worker's spec) must not name a service's model;
-    # without --service, Settings still reads it.
-    model: Annotated[str | None, typer.Option(
-        "--model", "-m", help="the model (as elsewhere; CLEANDIFT_MODEL when unset); with "
-        "--service, the name of one of the service's models (its default when unset)")]
-    = None,
-    unet: UnetOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-) -> None:
-    """Features of a whole dataset as sharded safetensors + index (streaming, resumable;
-    read them with cleandift.dataset.FeatureDataset)."""
-    from .bulk import DTYPES, Options
-    from .bulk import extract_dataset as run
-    from .sources import ReadLimits
-
-    if out_dtype not in (*DTYPES, "int8"):
-        raise typer.BadParameter(f"--out-dtype must be one of {[*DTYPES, 'int8']}")
-    limits = ReadLimits() if fetch_timeout is None else ReadLimits(fetch_timeout_s=fetch_timeout)
-    compute, info, side, keys = _dataset_backend(service, concurrency, model, unet, device,
-                                                 dtype, size, layers)
-    options = Options(source=source, layers=keys, size=side, dtype=out_dtype, grid=grid,
-                      mode=mode, prompt=prompt, shard_size=shard_size,
-                      batch_size=concurrency if service else batch_size)
-    try:
-        with user_errors():
-            counts = run(out, options, compute(options), info, limits=limits)
-    except FileNotFoundError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    typer.echo(json.dumps(counts))
-
-
-def _dataset_backend(service: str | None, concurrency: int, model: str | None,
-                     unet: str | None, device: str | None, dtype: str | None,
-                     size: int | None, layers: str | None) -> tuple[Any, dict, int, list[str]]:
-    """(compute factory, model name/version, input size, layers) of a service or a model."""
-    from . import bulk_compute
-
-    if service:
-        from .client import Client
-
-        # A long run rides through worker restarts and short outages (503, Retry-After).
-        # --model names one of the service's models (its default when absent).
-        client = Client(service, api_key=_client_api_key(), timeout=600, retry_budget_s=300,
-                        model=model)
-        client.wait_ready(timeout=300)
-        served = client.models(model)
-        info = {"model": served["name"], "model_version": served["version"]}
-        keys = layers.split(",") if layers else list(served["default_layers"])
-        side = size or int(served["input_size"])
-        compute = partial(bulk_compute.service_compute, client, concurrency=concurrency,
-                          model_version=info["model_version"])
-        return compute, info, side, keys
-    extractor, _ = _load(model, unet, device, dtype)
-    info = {"model": extractor.info.name, "model_version": extractor.info.version}
-    keys = layers.split(",") if layers else list(extractor.info.default_layers)
-    return ((lambda o: bulk_compute.local_compute(extractor, o)), info,
-            _input_size(extractor, size), keys)
-
-
-def _client_api_key() -> str | None:
-    """The client's key: the same CLEANDIFT_API_KEY the service reads."""
-    key = settings_with().api_key
-    return key.get_secret_value() if key is not None else None
-
-
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
@@ -393,6 +239,9 @@ def _register_optional_commands() -> None:
             if exc.name is None or exc.name.startswith("cleandift"):
                 raise
 
+
+# extract-dataset lives in its own module (cli_options: what it shares with these).
+_register_dataset_command(app)
 
 if __name__ == "__main__":
     main()

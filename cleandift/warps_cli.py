@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from .cli import (
+from .cli_options import (
     DeviceOpt,
     EvalDtypeOpt,
     ModelOpt,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cleandift.cli import DeviceOpt, DtypeOpt, ModelOpt, UnetOpt, settings_with
+from cleandift.cli_options import DeviceOpt, DtypeOpt, ModelOpt, UnetOpt, settings_with
 
 if TYPE_CHECKING:
     from cleandift.settings import Settings

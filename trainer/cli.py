@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, get_type_hints
 
 import typer
 
-from cleandift.cli import settings_with, user_errors
+from cleandift.cli_options import settings_with, user_errors
 from cleandift.method import STUDENT_TIMESTEP
 
 from .config import TrainConfig

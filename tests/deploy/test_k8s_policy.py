@@ -25,6 +25,11 @@ def pod_specs(documents=None):
         template = doc.get("spec", {}).get("template", {})
         if doc["kind"] in ("Deployment", "StatefulSet", "Job", "DaemonSet"):
             yield f"{name}:{doc['metadata']['name']}", template["spec"]
+        if doc["kind"] == "RayJob":  # KubeRay: a head pod and each worker group's pods
+            cluster = doc["spec"]["rayClusterSpec"]
+            yield f"{name}:head", cluster["headGroupSpec"]["template"]["spec"]
+            for group in cluster["workerGroupSpecs"]:
+                yield f"{name}:{group['groupName']}", group["template"]["spec"]
 
 
 def rendered(folder: str) -> list[tuple[str, dict]]:

@@ -1,0 +1,156 @@
+"""`cleandift extract-dataset`: features of a whole dataset, on one of three engines: a model
+loaded here (`local`), a running service (`--service`), or Ray (`--engine ray`).
+
+Kept beside cli.py (which registers it) so that module stays small.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+
+from .cli_options import (
+    DeviceOpt,
+    DtypeOpt,
+    PromptOpt,
+    SizeOpt,
+    UnetOpt,
+    _client_api_key,
+    _input_size,
+    _load,
+    settings_with,
+    user_errors,
+)
+
+
+def extract_dataset(
+    source: Annotated[str, typer.Argument(
+        help="image folder, list file (paths or URLs, one per line) or shards 'd/{0..9}.tar'")],
+    out: Annotated[Path, typer.Option(help="output folder (resumed when it exists)")],
+    layers: Annotated[str | None, typer.Option(help="comma-separated keys; the model's "
+                                               "default layers")] = None,
+    size: SizeOpt = None,
+    out_dtype: Annotated[str, typer.Option(
+        "--out-dtype", help="float16, bfloat16, float32, or int8 (per-channel scales)")]
+    = "float16",
+    grid: Annotated[int | None, typer.Option(help="pool each map to GRID x GRID")] = None,
+    mode: Annotated[str, typer.Option(help="clean or dift")] = "clean",
+    prompt: PromptOpt = "",
+    shard_size: Annotated[int, typer.Option(help="images per shard file")] = 256,
+    batch_size: Annotated[int, typer.Option(help="images per forward pass (local, ray)")] = 8,
+    service: Annotated[str | None, typer.Option(
+        help="a running service's URL: it computes, this command writes")] = None,
+    concurrency: Annotated[int, typer.Option(help="requests in flight (--service)")] = 16,
+    engine: Annotated[Literal["local", "ray"], typer.Option(
+        help="local: a model in this process; ray: a pool of Ray actors (docs/datasets.md)")]
+    = "local",
+    address: Annotated[str | None, typer.Option(
+        help="--engine ray: a running Ray cluster ('auto', 'ray://host:10001'); "
+        "unset: Ray starts on this machine")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="--engine ray: actors, each "
+                                         "holding the model once")] = 1,
+    gpus_per_worker: Annotated[float, typer.Option(
+        min=0, help="--engine ray: GPUs per actor (0: CPU actors)")] = 0.0,
+    fetch_timeout: Annotated[float | None, typer.Option(
+        min=0.001, help="seconds one URL may take in all, then it is an error row "
+        "(default: cleandift.sources.FETCH_TIMEOUT_S)")] = None,
+    # No envvar here: CLEANDIFT_MODEL (a worker's spec) must not name a service's model;
+    # without --service, Settings still reads it.
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="the model (as elsewhere; CLEANDIFT_MODEL when unset); with "
+        "--service, the name of one of the service's models (its default when unset)")]
+    = None,
+    unet: UnetOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Features of a whole dataset as sharded safetensors + index (streaming, resumable;
+    read them with cleandift.dataset.FeatureDataset)."""
+    from .bulk import DTYPES, Options
+    from .bulk import extract_dataset as run
+    from .sources import ReadLimits
+
+    if out_dtype not in (*DTYPES, "int8"):
+        raise typer.BadParameter(f"--out-dtype must be one of {[*DTYPES, 'int8']}")
+    if engine == "ray" and service:
+        raise typer.BadParameter("--engine ray computes with its own actors; --service "
+                                 "sends to a running service: choose one")
+    limits = ReadLimits() if fetch_timeout is None else ReadLimits(fetch_timeout_s=fetch_timeout)
+    # Ray's actors load the model where they run; here it is only read for its facts.
+    compute, info, side, keys = _backend(service, concurrency, model, unet,
+                                         "cpu" if engine == "ray" else device, dtype, size,
+                                         layers)
+    options = Options(source=source, layers=keys, size=side, dtype=out_dtype, grid=grid,
+                      mode=mode, prompt=prompt, shard_size=shard_size,
+                      batch_size=concurrency if service else batch_size)
+    try:
+        with user_errors():
+            if engine == "ray":
+                args = settings_with(model=model, unet=unet, device=device,
+                                     dtype=dtype).extractor_args()
+                counts = _run_ray(out, options, info, limits, args, address, workers,
+                                  gpus_per_worker)
+            else:
+                counts = run(out, options, compute(options), info, limits=limits)
+    except FileNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(json.dumps(counts))
+
+
+def _run_ray(out: Path, options: Any, info: dict[str, str], limits: Any,
+             extractor_args: dict[str, Any], address: str | None, workers: int,
+             gpus: float) -> dict[str, int]:
+    try:
+        import ray  # noqa: F401
+
+        from .bulk_ray import RayPlan, ray_extract
+    except ModuleNotFoundError as exc:
+        raise typer.BadParameter("--engine ray needs Ray: pip install 'cleandift[ray]'") from exc
+    plan = RayPlan(extractor_args=extractor_args, workers=workers, gpus_per_worker=gpus,
+                   address=address, torch_threads=_torch_threads())
+    return ray_extract(out, options, plan, info, limits=limits)
+
+
+def _torch_threads() -> int:
+    """Each actor computes with the threads this process would use, so that its float
+    rounding is the local engine's (a different thread count may sum in another order)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _backend(service: str | None, concurrency: int, model: str | None,
+             unet: str | None, device: str | None, dtype: str | None,
+             size: int | None, layers: str | None) -> tuple[Any, dict, int, list[str]]:
+    """(compute factory, model name/version, input size, layers) of a service or a model."""
+    from . import bulk_compute
+
+    if service:
+        from .client import Client
+
+        # A long run rides through worker restarts and short outages (503, Retry-After).
+        # --model names one of the service's models (its default when absent).
+        client = Client(service, api_key=_client_api_key(), timeout=600, retry_budget_s=300,
+                        model=model)
+        client.wait_ready(timeout=300)
+        served = client.models(model)
+        info = {"model": served["name"], "model_version": served["version"]}
+        keys = layers.split(",") if layers else list(served["default_layers"])
+        side = size or int(served["input_size"])
+        compute = partial(bulk_compute.service_compute, client, concurrency=concurrency,
+                          model_version=info["model_version"])
+        return compute, info, side, keys
+    extractor, _ = _load(model, unet, device, dtype)
+    info = {"model": extractor.info.name, "model_version": extractor.info.version}
+    keys = layers.split(",") if layers else list(extractor.info.default_layers)
+    return ((lambda o: bulk_compute.local_compute(extractor, o)), info,
+            _input_size(extractor, size), keys)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("extract-dataset")(extract_dataset)

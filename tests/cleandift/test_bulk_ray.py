@@ -1,0 +1,91 @@
+"""`extract-dataset --engine ray` (Ray started on this machine, two actors): killed after a
+committed shard (the driver and every Ray process of its session) and run again, every
+file is byte-identical to an uninterrupted run of the local engine."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cleandift.dataset import FeatureDataset, read_index
+from tests.cleandift.test_bulk import lines, write_folder
+
+pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
+pytestmark = pytest.mark.integration
+
+ITEMS = 41  # 40 images and a corrupt one (an error row, as in the local engine)
+
+
+def run(source: Path, out: Path, demo_dir: Path, cache_dir: Path, *more: str
+        ) -> subprocess.Popen:
+    env = {**os.environ, "CLEANDIFT_CACHE_DIR": str(cache_dir), "RAY_USAGE_STATS_ENABLED": "0"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "cleandift.cli", "extract-dataset", str(source), "--out", str(out),
+         "--layers", "us6,mid", "--size", "128", "--shard-size", "8", "--batch-size", "4",
+         "--model", str(demo_dir), *more], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, start_new_session=True)
+
+
+def kill_session(leader: subprocess.Popen) -> None:
+    """SIGKILL the driver and everything of its session: Ray's own processes (GCS, raylet)
+    and its actors, as a pod or a terminal that goes away would."""
+    subprocess.run(["pkill", "-KILL", "-s", str(leader.pid)], check=False)
+    leader.wait()
+    deadline = time.monotonic() + 30
+    while subprocess.run(["pgrep", "-s", str(leader.pid)], capture_output=True).stdout.strip():
+        assert time.monotonic() < deadline, "Ray processes outlived the kill"
+        time.sleep(0.1)
+
+
+def finish(process: subprocess.Popen) -> dict:
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err.decode()[-3000:]
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+def test_ray_killed_and_resumed_equals_the_local_engine(tmp_path, demo_dir, cache_dir):
+    root = write_folder(tmp_path / "images", ITEMS - 1)
+    local = finish(run(root, tmp_path / "local", demo_dir, cache_dir))
+    assert local == {"items": ITEMS, "resumed_after": 0, "failed": 1}
+
+    ray_out = tmp_path / "ray"
+    killed = run(root, ray_out, demo_dir, cache_dir, "--engine", "ray", "--workers", "2")
+    deadline = time.monotonic() + 300
+    while lines(ray_out) < 8:  # one shard committed, the run going on
+        assert killed.poll() is None and time.monotonic() < deadline, "finished too soon"
+        time.sleep(0.01)
+    kill_session(killed)
+    assert 8 <= lines(ray_out) < ITEMS
+    resumed = finish(run(root, ray_out, demo_dir, cache_dir, "--engine", "ray",
+                         "--workers", "2"))
+    assert resumed["items"] == ITEMS and resumed["resumed_after"] >= 8
+    assert resumed["failed"] == 1
+
+    a, b = tmp_path / "local", ray_out
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir()) and len(names) == 2 + 5  # (the 6th: errors)
+    assert all(filecmp.cmp(a / n, b / n, shallow=False) for n in names)
+    rows = read_index(b)
+    assert [r["key"] for r in rows] == [r["key"] for r in read_index(a)]
+    assert FeatureDataset(b)[rows[0]["key"]].features["us6"].shape[0] > 0
+
+
+def test_ray_and_service_are_one_choice(tmp_path, demo_dir, cache_dir):
+    bad = run(tmp_path, tmp_path / "out", demo_dir, cache_dir, "--engine", "ray",
+              "--service", "http://127.0.0.1:9")
+    _, err = bad.communicate(timeout=120)
+    assert bad.returncode == 2 and b"choose one" in err
+
+
+def test_every_ray_option_is_checked(tmp_path, demo_dir, cache_dir):
+    bad = run(tmp_path, tmp_path / "out", demo_dir, cache_dir, "--engine", "ray",
+              "--workers", "0")
+    _, err = bad.communicate(timeout=120)
+    assert bad.returncode == 2 and b"--workers" in err
