@@ -233,7 +233,9 @@ def fleet_rows(model_dir: Path, cache_dir: Path, jpeg: bytes, shapes: dict[str, 
         port = free_port()
         env = {**os.environ, "CLEANDIFT_CACHE_DIR": str(cache_dir), "CLEANDIFT_MAX_BATCH": "32",
                "CLEANDIFT_MAX_BATCH_PIXELS": str(32 * 768 * 768), "CLEANDIFT_MAX_QUEUE": "4096",
-               "CLEANDIFT_API_WORKERS": "6", "CLEANDIFT_WORKER_PORT": "0"}
+               "CLEANDIFT_API_WORKERS": "6", "CLEANDIFT_WORKER_PORT": "0",
+               # One image sent again and again: with the cache on this would measure hits.
+               "CLEANDIFT_FEATURE_CACHE_BYTES": "0", "CLEANDIFT_FEATURE_CACHE_SHARED_BYTES": "0"}
         serve = subprocess.Popen([sys.executable, "-m", "cleandift.cli", "serve", "--model",
                                   str(model_dir), "--devices", devices, "--port", str(port)],
                                  env=env)

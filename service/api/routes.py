@@ -55,6 +55,16 @@ async def pick(request: Request, services: Services, params: Any, query: str | N
     return producer, info
 
 
+async def admit_early(request: Request, services: Services, query: str | None) -> None:
+    """Refuse at once (404 unknown, 503 no worker, 429 full) before an upload is read,
+    when the model is known without the body: named in the query, or the only one."""
+    if query is None and len(services.models.producers) > 1:
+        return  # the body may name it: `pick` decides once it is read
+    producer, name = await services.models.choose(query)
+    request.state.model = name or ""
+    await producer.admit()
+
+
 async def run(producer: JobProducer, job: Job, request: Request) -> Result:
     """Submit; an error answer of the worker becomes a problem with its status. A client
     that goes away cancels its job."""
@@ -88,6 +98,7 @@ async def features(
     model: ModelQuery = None,
 ) -> Response:
     fmt = negotiate(format, request.headers.get("accept"))
+    await admit_early(request, services, model)
     with tracing.span("parse"):
         params, blobs = await parsing.read_features(request, dtype)
         # A conditional request is answered from the version in Redis, never a cached one.
@@ -121,6 +132,7 @@ async def features(
 )
 async def correspond(request: Request, services: ServicesDep, model: ModelQuery = None
                      ) -> Response:
+    await admit_early(request, services, model)
     with tracing.span("parse"):
         params, blobs = await parsing.read_correspond(request, services.settings)
         producer, info = await pick(request, services, params, model)
@@ -151,10 +163,11 @@ async def models(services: ServicesDep) -> ModelsOut:
 
 @router.get("/v1/models/{name}", dependencies=Protected, response_model=ModelOut,
             responses=openapi.errors(401, 404, 503), operation_id="model")
-async def one_model(name: Annotated[str, Path(max_length=200)], services: ServicesDep
-                    ) -> ModelOut:
+async def one_model(name: Annotated[str, Path(max_length=200)], services: ServicesDep,
+                    request: Request) -> ModelOut:
     """One served model, by the name requests choose it with."""
-    producer, _ = await services.models.choose(name)
+    producer, served = await services.models.choose(name)
+    request.state.model = served or ""  # the metrics' label (only served names)
     info = await services.models.info(producer, fresh=True)
     return ModelOut(**info.model_dump(), limits=Limits.of(services.settings))
 

@@ -16,7 +16,7 @@ import redis
 
 from cleandift.settings import Settings
 
-from ..fleet import fleet_of
+from ..fleet import FleetError, fleet_of
 from ..metrics import GPU_LABEL_ENV
 from ..queue.connect import sync_client
 from ..queue.consumer import remove_worker
@@ -52,6 +52,16 @@ class PrivateRedis:
         self.server.stop()
 
 
+def physical_gpu(index: int) -> str:
+    """The GPU that `serve`'s own index `index` is: where serve itself runs with
+    CUDA_VISIBLE_DEVICES set (Slurm, a shared box), torch numbers only those GPUs, and a
+    child must be given the parent's entry (an index, a UUID or a MIG id), not `index`."""
+    parent = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if not parent:
+        return str(index)
+    return [entry.strip() for entry in parent.split(",") if entry.strip()][index]
+
+
 def worker_child(settings: Settings, plan: WorkerPlan, client: redis.Redis) -> Child:
     """A worker of `plan`: a fixed name (so a restart takes over its jobs), its own port,
     its model's settings and, on a GPU, only its GPU visible."""
@@ -63,8 +73,9 @@ def worker_child(settings: Settings, plan: WorkerPlan, client: redis.Redis) -> C
         update["device"] = "cuda"  # cuda:0 of the one GPU it sees
     env = settings_env(own.model_copy(update=update))
     if plan.gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(plan.gpu)
-        env[GPU_LABEL_ENV] = plan.device_label
+        gpu = physical_gpu(plan.gpu)
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+        env[GPU_LABEL_ENV] = f"cuda:{gpu}"
     keys = Keys(settings.queue_prefix, plan.model.name)
 
     def start() -> subprocess.Popen[bytes]:
@@ -78,7 +89,8 @@ def worker_child(settings: Settings, plan: WorkerPlan, client: redis.Redis) -> C
             return None
         return None if score is None else time.time() - float(score)
 
-    name = f"worker {worker_id} ({plan.model.name or 'model'} on {plan.device_label})"
+    where = env.get(GPU_LABEL_ENV, plan.device_label)
+    name = f"worker {worker_id} ({plan.model.name or 'model'} on {where})"
     return Child(name, start, on_exit=lambda: remove_worker(client, keys, worker_id),
                  heartbeat_age=heartbeat_age)
 
@@ -103,7 +115,12 @@ def worker_plans(settings: Settings, gpus: int | None = None) -> list[WorkerPlan
     models (--device cpu) keeps them on it; a GPU count of 0 means CPU workers."""
     visible = visible_gpus() if gpus is None else gpus
     explicit = settings.workers if "workers" in settings.model_fields_set else None
-    return place(fleet_of(settings), settings.devices, visible, settings.workers,
+    fleet = fleet_of(settings)
+    unspecified = [m.name for m in fleet.models if m.name is not None and m.spec is None]
+    if unspecified and len(fleet.models) > 1:  # (an API needs names only; serve loads them)
+        raise FleetError(f"model {unspecified[0]!r} has no spec: serve loads every model, "
+                         f"so declare it as NAME=SPEC (or give it `spec` in the fleet file)")
+    return place(fleet, settings.devices, visible, settings.workers,
                  device=settings.device, gpu_workers=explicit)
 
 

@@ -41,6 +41,15 @@ class Consumer(Protocol):
     def publish_model(self, info_json: str) -> None: ...
 
 
+# The version of jobs claimed while Redis could not say which version is live: no
+# worker holds it, so the jobs are released, never run with a version that may be old.
+UNREAD = "(live version unread)"
+
+
+class LeftBehind(RuntimeError):
+    """The fleet moved to a version this worker cannot load (see `Claimer._left_behind`)."""
+
+
 class Safe(Protocol):
     def __call__(self, call: Callable[[], T], default: T) -> T: ...
 
@@ -54,6 +63,7 @@ class Claimer:
         self.live: str | None = None  # the fleet's version, as last read
         self._own_after: str | None = "0"
         self._next_reclaim = 0.0
+        self._out_since: float | None = None  # monotonic time it left the fleet
 
     def out_of_fleet(self) -> str | None:
         """The live version when this worker cannot serve it (it then claims nothing)."""
@@ -62,20 +72,40 @@ class Claimer:
 
     def next(self) -> tuple[list[Job], str | None]:
         """(jobs, the version to run them with; None: whatever the worker serves)."""
-        if self.switch is not None:
-            self._read_live()
-            if self.out_of_fleet():
-                time.sleep(CLAIM_BLOCK_MS / 1000)
-                return [], self.live
+        if self.switch is not None and (not self._read_live() or self._left_behind()):
+            time.sleep(CLAIM_BLOCK_MS / 1000)
+            return [], self.live
         jobs = self._claim()
-        if jobs and self.switch is not None:
-            self._read_live()  # after the claim: a job sent after a flip sees the flip
+        # After the claim: a job sent after a flip sees the flip. If Redis cannot say,
+        # the jobs run with no version of ours: they are released (still pending).
+        if jobs and self.switch is not None and not self._read_live():
+            return jobs, UNREAD
         return jobs, self.live
 
-    def _read_live(self) -> None:
+    def _left_behind(self) -> bool:
+        """Out of the fleet: claim nothing. For longer than a switch may take, raise: the
+        worker stops, and its restart (serve's supervisor, Kubernetes) loads the live
+        version alone, which fits where two versions side by side did not."""
+        if not self.out_of_fleet():
+            self._out_since = None
+            return False
+        now = time.monotonic()
+        self._out_since = self._out_since or now
+        if now - self._out_since > self.settings.switch_timeout_s:
+            raise LeftBehind(f"out of the fleet for {now - self._out_since:.0f} s: it serves "
+                             f"{self.live}, which this worker could not load; stopping, so "
+                             "that a fresh start loads it")
+        return True
+
+    def _read_live(self) -> bool:
+        """Read the fleet's version; False when Redis could not say."""
         assert self.switch is not None
         serving = self.holder.current.info.version
-        self.live = self._safe(functools.partial(self.switch.live, serving), self.live)
+        live = self._safe(functools.partial(self.switch.live, serving), None)
+        if live is None:
+            return False
+        self.live = live
+        return True
 
     def _claim(self) -> list[Job]:
         jobs, max_batch = self.jobs, self.settings.max_batch

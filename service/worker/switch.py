@@ -57,18 +57,22 @@ class FleetSwitch:
         self.worker_ttl_s, self.timeout_s = worker_ttl_s, timeout_s
         self._flip = client.register_script(_FLIP)
         self._staged: tuple[str, float] | None = None  # the version held ready, since when
+        self._seen: str | None = None  # the live version this worker read last
 
     def live(self, serving: str) -> str:
-        """The fleet's live version; the first worker (or the first after Redis lost its
-        keys) makes it the version it serves."""
+        """The fleet's live version. The first worker makes it the version it serves;
+        after Redis lost its keys, a worker restores the live version it read last (not
+        the one it serves: one that lags behind must never set the fleet back)."""
+        proposal = self._seen or serving
         try:
             pipe = self.r.pipeline(transaction=False)  # one round trip: it runs per claim
-            pipe.set(self.keys.live, serving, nx=True)
+            pipe.set(self.keys.live, proposal, nx=True)
             pipe.get(self.keys.live)
             value = pipe.execute()[1]
-            return (value.decode() if isinstance(value, bytes) else value) or serving
         except (redis.RedisError, OSError) as exc:
             raise QueueUnavailable(str(exc)) from exc
+        self._seen = (value.decode() if isinstance(value, bytes) else value) or proposal
+        return self._seen
 
     def stage(self, version: str, serving: str) -> bool:
         """This worker holds `version` ready; True when the fleet now serves it."""

@@ -146,3 +146,48 @@ def test_serve_places_an_explicit_worker_count_round_robin():
     assert [p.gpu for p in worker_plans(Settings(device="cuda:1"), gpus=2)] == [1]
     assert [p.gpu for p in worker_plans(Settings(device="cpu", workers=2), gpus=2)] == [
         None, None]
+
+
+def _child_env(monkeypatch, parent: str | None, plans) -> list[tuple[str, str]]:
+    """(CUDA_VISIBLE_DEVICES, GPU label) that serve gives each GPU worker's process."""
+    import redis
+
+    from cleandift.service.metrics import GPU_LABEL_ENV
+    from cleandift.service.processes import serve
+
+    if parent is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", parent)
+    seen = []
+
+    def popen(argv, env, **_kwargs):
+        seen.append((env["CUDA_VISIBLE_DEVICES"], env[GPU_LABEL_ENV]))
+        raise RuntimeError("not started")
+
+    monkeypatch.setattr(serve.subprocess, "Popen", popen)
+    client = redis.Redis(port=1)  # never reached: the children are not started
+    for plan in plans:
+        with pytest.raises(RuntimeError):
+            serve.worker_child(Settings(), plan, client).start()
+    return seen
+
+
+def test_each_gpu_worker_sees_its_own_physical_gpu(monkeypatch):
+    """serve numbers the GPUs it sees; under CUDA_VISIBLE_DEVICES=2,3 (Slurm, a shared box)
+    its workers must get GPUs 2 and 3, not 0 and 1."""
+    plans = worker_plans(Settings(), gpus=2)
+    assert _child_env(monkeypatch, None, plans) == [("0", "cuda:0"), ("1", "cuda:1")]
+    assert _child_env(monkeypatch, "2,3", plans) == [("2", "cuda:2"), ("3", "cuda:3")]
+    mig = "MIG-4a5b,MIG-9c8d"
+    assert [gpu for gpu, _ in _child_env(monkeypatch, mig, plans)] == ["MIG-4a5b", "MIG-9c8d"]
+
+
+def test_serve_refuses_a_named_model_without_a_spec(tmp_path: Path):
+    with pytest.raises(FleetError, match="'demo15' has no spec"):
+        worker_plans(Settings(models=["sd21=demo", "demo15"]), gpus=0)
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text('[models.a]\nspec = "demo"\n[models.b]\nworkers = 1\n')
+    with pytest.raises(FleetError, match="'b' has no spec"):
+        worker_plans(Settings(fleet_file=fleet), gpus=0)
+    assert fleet_of(Settings(models=["sd21", "sd15"])).names == ["sd21", "sd15"]  # the API's

@@ -162,6 +162,9 @@ def test_without_workers_the_api_stays_ready_answers_503_and_calls_for_workers(
         assert http.get("/readyz").status_code == 503
         answer = http.post("/features", files={"image": ("a.jpg", jpeg, "image/jpeg")})
         assert answer.status_code == 503 and answer.headers["retry-after"] == "1", answer.text
+        unread = http.post("/correspond", content=b"--x\r\nnot a form at all",
+                           headers={"content-type": "multipart/form-data; boundary=x"})
+        assert unread.status_code == 503, unread.text  # refused before the body is read
         assert client.llen(wake) >= 1
         with WorkerThread(settings, extractor):
             deadline = time.monotonic() + 20

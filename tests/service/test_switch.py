@@ -63,6 +63,75 @@ def test_a_stale_flip_never_overwrites_a_switch_it_did_not_see(fleet):
     assert not a._try_flip("v1") and live_version(r, keys) == "v3"
 
 
+def test_a_laggard_never_sets_the_fleet_back_after_redis_lost_its_keys(fleet):
+    """b could not load v2 (it serves v1) but read live = v2; Redis restarts empty: b
+    restores v2, not the v1 it serves, and stays out of the fleet."""
+    r, keys, (a, b) = fleet
+    a.live("v1")
+    b.failed("v2")
+    assert a.stage("v2", "v1") and b.live("v1") == "v2"
+    for key in r.scan_iter(f"{keys.ns}*"):
+        r.delete(key)
+    assert b.live("v1") == "v2" and live_version(r, keys) == "v2"
+
+
+class _Holder:
+    """ModelHolder.get's rule for a worker that holds v1 and has v2 loaded beside it."""
+
+    def __init__(self, extractor) -> None:
+        self.current, self.pending = extractor, extractor
+
+    def get(self, version):
+        return self.current if version in (None, "v1", "v2") else None
+
+
+def test_jobs_claimed_when_the_live_version_cannot_be_read_are_released(fleet, settings,
+                                                                      extractor):
+    """The fleet flips to v2 between this worker's read and its claim; the read after the
+    claim fails: the jobs get a version no worker holds (released), not the v1 read before."""
+    from types import SimpleNamespace
+
+    from cleandift.service.queue.errors import QueueUnavailable
+    from cleandift.service.worker.claiming import UNREAD, Claimer
+
+    r, keys, (a, _) = fleet
+    a.live("v1")
+    reads = iter([None, QueueUnavailable("timeout")])
+    real = a.live
+
+    def live(serving):
+        if next(reads, None) is not None:
+            raise QueueUnavailable("timeout")
+        return real(serving)
+
+    class Jobs:
+        consumer = "a"
+
+        def claim_own_pending(self, count, after="0"):
+            return [], 0, ""
+
+        def reclaim(self, count):
+            return [], 0
+
+        def claim(self, count, block_ms):
+            r.set(keys.live, "v2")  # the flip, after this worker's read
+            return ["a job sent after a v2 answer"]
+
+    def safe(call, default):
+        try:
+            return call()
+        except QueueUnavailable:
+            return default
+
+    a.live = live  # type: ignore[method-assign]
+    metrics = SimpleNamespace(retried=SimpleNamespace(inc=lambda n: None),
+                              dead=SimpleNamespace(inc=lambda n: None))
+    holder = _Holder(SimpleNamespace(info=SimpleNamespace(version="v1")))
+    claimer = Claimer(Jobs(), settings, metrics, holder, a, safe)  # type: ignore[arg-type]
+    jobs, version = claimer.next()
+    assert jobs and version == UNREAD and holder.get(version) is None
+
+
 def test_the_switch_knows_a_worker_by_its_heartbeat_name(settings, extractor, demo_dir,
                                                         unet_files, tmp_path):  # noqa: F811
     """A worker without a configured id (a Kubernetes pod) takes a generated one: the
@@ -165,3 +234,31 @@ def test_no_request_sent_after_a_new_answer_gets_the_old_version(
     if second == "broken":  # it stays out of the switch, and says so
         assert not ready[0] and "v2" in ready[1], ready
     assert fast.worker.model.current.info.version == "v2"
+
+
+def test_a_worker_left_behind_too_long_stops_to_restart_at_the_live_version(fleet, settings):
+    """It failed v2, the fleet serves v2: it claims nothing; past the switch timeout it
+    stops (its restart loads v2 alone, which fits where two versions side by side did not)."""
+    from types import SimpleNamespace
+
+    from cleandift.service.worker.claiming import Claimer, LeftBehind
+
+    r, keys, (a, b) = fleet
+    a.live("v1")
+    b.failed("v2")
+    a.stage("v2", "v1")
+
+    class Jobs:
+        consumer = "b"
+
+        def claim(self, count, block_ms):
+            raise AssertionError("a worker out of the fleet claims nothing")
+
+    old = SimpleNamespace(info=SimpleNamespace(version="v1"))
+    holder = SimpleNamespace(current=old, get=lambda v: old if v in (None, "v1") else None)
+    claimer = Claimer(Jobs(), settings.model_copy(update={"switch_timeout_s": 0.3}),
+                      SimpleNamespace(), holder, b, lambda call, default: call())
+    assert claimer.next() == ([], "v2") and claimer.out_of_fleet() == "v2"
+    time.sleep(0.4)
+    with pytest.raises(LeftBehind, match="serves v2"):
+        claimer.next()
