@@ -25,7 +25,8 @@ from cleandift.service.queue.keys import Keys
 from cleandift.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
-COMPOSE_FILES = ["docker-compose.yml", "docker-compose.cpu.yml", "docker-compose.two-models.yml"]
+COMPOSE_FILES = ["docker-compose.yml", "docker-compose.cpu.yml", "docker-compose.two-models.yml",
+                 "docker-compose.two-models.cpu.yml"]
 DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile.*"))
 K8S_VERSION = "1.30.0"
 

@@ -11,11 +11,12 @@ import itertools
 import os
 
 import pytest
+import yaml
 
 from cleandift.service.fleet import fleet_of
 from cleandift.service.queue.keys import Keys
 from cleandift.settings import Settings
-from tests.deploy.test_deploy import kustomize, load_compose, merge, untag
+from tests.deploy.test_deploy import ROOT, kustomize, load_compose, merge, untag
 
 OVERLAY = "k8s/overlays/two-models"
 MODEL_LABEL = "cleandift.io/model"
@@ -240,6 +241,25 @@ def test_compose_two_models_gives_each_model_a_worker():
     assert "CLEANDIFT_MODEL_SD15" in sd15["environment"]["CLEANDIFT_MODEL"]
     assert "CLEANDIFT_UNET_SD15" in sd15["environment"]["CLEANDIFT_UNET"]
     assert worker["environment"]["CLEANDIFT_MODEL"] == "${CLEANDIFT_MODEL:-}"  # as before
+
+
+def test_compose_two_models_on_cpu_and_both_workers_scraped():
+    # Compose resolves `extends` within each file, then merges the files in order.
+    two = load_compose("docker-compose.two-models.yml")
+    two["services"] = {name: resolve_extends(s) for name, s in two["services"].items()}
+    merged = untag(load_compose("docker-compose.yml"))
+    for layer in (load_compose("docker-compose.cpu.yml"), two,
+                  load_compose("docker-compose.two-models.cpu.yml")):
+        merged = merge(merged, layer)
+    services = merged["services"]
+    for name in ("worker", "worker-sd15"):
+        assert services[name]["environment"]["CLEANDIFT_DEVICE"] == "cpu", name
+        assert not services[name].get("deploy"), name  # no GPU reservation left
+    assert services["worker-sd15"]["environment"]["CLEANDIFT_MODEL_NAME"] == "sd15"
+    scrape = yaml.safe_load((ROOT / "monitoring" / "prometheus.yml").read_text())
+    names = {n for job in scrape["scrape_configs"] for sd in job.get("dns_sd_configs", [])
+             for n in sd["names"]}
+    assert {"worker", "worker-sd15"} <= names
 
 
 def test_compose_without_the_override_is_the_one_model_stack():
