@@ -106,6 +106,15 @@ def _outcomes(parts: list[dict[str, Any]]) -> list[Outcome]:
     return outcomes
 
 
+def start_ray(address: str | None, progress: bool = True) -> None:
+    """Join the cluster at `address`, or start Ray on this machine (None); once."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=progress,
+                 logging_level=logging.WARNING)
+
+
 def ray_extract(out: Path, options: Options, plan: RayPlan, model: dict[str, str],
                 progress: bool = True, limits: ReadLimits = ReadLimits()) -> dict[str, int]:
     """Run (or resume) an extraction on Ray; returns counts as `bulk.extract_dataset`."""
@@ -116,8 +125,7 @@ def ray_extract(out: Path, options: Options, plan: RayPlan, model: dict[str, str
     shards = list(pending_shards(records, len(committed), options.shard_size))
     failed = sum("error" in row for row in committed)
     if shards:
-        ray.init(address=plan.address, include_dashboard=False, ignore_reinit_error=True,
-                 log_to_driver=progress, logging_level=logging.WARNING)
+        start_ray(plan.address, progress)
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True
         context.enable_progress_bars = progress

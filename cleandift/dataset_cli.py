@@ -7,6 +7,7 @@ Kept beside cli.py (which registers it) so that module stays small.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -80,10 +81,15 @@ def extract_dataset(
         raise typer.BadParameter("--engine ray computes with its own actors; --service "
                                  "sends to a running service: choose one")
     limits = ReadLimits() if fetch_timeout is None else ReadLimits(fetch_timeout_s=fetch_timeout)
-    # Ray's actors load the model where they run; here it is only read for its facts.
-    compute, info, side, keys = _backend(service, concurrency, model, unet,
-                                         "cpu" if engine == "ray" else device, dtype, size,
-                                         layers)
+    if engine == "ray":  # Ray starts while the model is read for its facts (a thread):
+        # the actors load it again where they run.
+        load = ThreadPoolExecutor(1).submit(_backend, None, concurrency, model, unet, "cpu",
+                                            dtype, size, layers)
+        _start_ray(address)
+        compute, info, side, keys = load.result()
+    else:
+        compute, info, side, keys = _backend(service, concurrency, model, unet, device,
+                                             dtype, size, layers)
     options = Options(source=source, layers=keys, size=side, dtype=out_dtype, grid=grid,
                       mode=mode, prompt=prompt, shard_size=shard_size,
                       batch_size=concurrency if service else batch_size)
@@ -102,15 +108,22 @@ def extract_dataset(
     typer.echo(json.dumps(counts))
 
 
+def _start_ray(address: str | None) -> None:
+    from .bulk_ray import start_ray
+
+    try:
+        start_ray(address)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not exc.name.startswith("ray"):
+            raise
+        raise typer.BadParameter("--engine ray needs Ray: pip install 'cleandift[ray]'") from exc
+
+
 def _run_ray(out: Path, options: Any, info: dict[str, str], limits: Any,
              extractor_args: dict[str, Any], address: str | None, workers: int,
              gpus: float) -> dict[str, int]:
-    try:
-        import ray  # noqa: F401
+    from .bulk_ray import RayPlan, ray_extract
 
-        from .bulk_ray import RayPlan, ray_extract
-    except ModuleNotFoundError as exc:
-        raise typer.BadParameter("--engine ray needs Ray: pip install 'cleandift[ray]'") from exc
     plan = RayPlan(extractor_args=extractor_args, workers=workers, gpus_per_worker=gpus,
                    address=address, torch_threads=_torch_threads())
     return ray_extract(out, options, plan, info, limits=limits)

@@ -15,6 +15,7 @@ from ..fleet import fleet_of
 from ..metrics import ApiMetrics
 from .decoding import MemoryBudget
 from .deps import Services
+from .docs import install_docs
 from .fetch import ResultFetcher
 from .malloc import return_memory_promptly
 from .middleware import (
@@ -54,8 +55,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     return_memory_promptly()
     app = FastAPI(title="CleanDIFT feature service", version=__version__,
-                  description=DESCRIPTION, lifespan=lifespan)
+                  description=DESCRIPTION, lifespan=lifespan, docs_url=None, redoc_url=None)
     install_handlers(app)
+    install_docs(app)  # /docs and /redoc with their own assets: they work offline
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
