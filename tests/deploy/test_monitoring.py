@@ -36,6 +36,15 @@ def test_alert_rules_are_valid_and_their_unit_tests_pass():
     run(tool, "test", "rules", "alerts.test.yml")
 
 
+def test_every_alert_has_a_unit_test_that_fires_it():
+    rules = yaml.safe_load((MONITORING / "alerts.yml").read_text())
+    alerts = {rule["alert"] for group in rules["groups"] for rule in group["rules"]}
+    tests = yaml.safe_load((MONITORING / "alerts.test.yml").read_text())["tests"]
+    fired = {case["alertname"] for test in tests for case in test["alert_rule_test"]
+             if case["exp_alerts"]}
+    assert len(alerts) == 8 and fired == alerts, sorted(alerts - fired)
+
+
 def test_prometheus_config_is_valid():
     tool = promtool()
     config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
