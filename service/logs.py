@@ -42,6 +42,8 @@ class JsonFormatter(logging.Formatter):
             "request_id": getattr(record, "request_id", "-"),
             "process": record.process,
         }
+        if isinstance(getattr(record, "http", None), dict):  # an access line's fields
+            line["http"] = record.http
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False)
@@ -62,3 +64,19 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
+
+
+ACCESS = logging.getLogger("cleandift.access")
+QUIET_PATHS = ("/healthz", "/readyz", "/readyz/api", "/metrics")  # probes and scrapes: DEBUG
+
+
+def log_access(method: str, path: str, status: int, seconds: float, model: str) -> None:
+    """One line per request, whatever its status (401, 429, 503 too): method, path, status,
+    duration, model, and the request id of the line's context. Probes and scrapes go at
+    DEBUG, so that a pod's log is its traffic, not its health checks."""
+    fields = {"method": method, "path": path, "status": status,
+              "duration_ms": round(seconds * 1000, 1), "model": model}
+    level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
+    ACCESS.log(level, '%s %s %d %.1f ms model=%s', method, path, status,
+               fields["duration_ms"], model or "-", extra={"http": fields})
+

@@ -11,7 +11,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import tracing
-from ..logs import request_id_var
+from ..logs import log_access, request_id_var
 from ..metrics import ApiMetrics
 from .problems import BodyTooLarge, problem_response
 
@@ -87,7 +87,8 @@ MODEL_STATE = "model"  # request.state.model: the served model a route chose
 
 
 class MetricsMiddleware:
-    """Counts requests by route template and status, and their latency."""
+    """Counts requests by route template and status, and their latency; writes the access
+    line of each (service/logs.py)."""
 
     def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
         self.app, self.metrics = app, metrics
@@ -110,8 +111,9 @@ class MetricsMiddleware:
             path = getattr(route, "path", "unmatched")
             model = scope.get("state", {}).get(MODEL_STATE, "")  # a served name, or none
             self.metrics.requests.labels(route=path, status=str(status), model=model).inc()
-            self.metrics.latency.labels(route=path, model=model).observe(
-                time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            self.metrics.latency.labels(route=path, model=model).observe(seconds)
+            log_access(scope.get("method", ""), scope.get("path", ""), status, seconds, model)
 
 
 class CatchAllMiddleware:
