@@ -42,8 +42,9 @@ class JsonFormatter(logging.Formatter):
             "request_id": getattr(record, "request_id", "-"),
             "process": record.process,
         }
-        if isinstance(getattr(record, "http", None), dict):  # an access line's fields
-            line["http"] = record.http
+        http = getattr(record, "http", None)
+        if isinstance(http, dict):  # an access line's fields
+            line["http"] = http
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False)
