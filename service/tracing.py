@@ -12,6 +12,7 @@ every call here is a no-op and no context is carried.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -20,6 +21,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Span
 
 TRACER = "cleandift"
+SpanKind = trace.SpanKind
 
 
 def configure_tracing(exporter: str, service_name: str) -> None:
@@ -39,7 +41,9 @@ def configure_tracing(exporter: str, service_name: str) -> None:
         span_exporter: Any = OTLPSpanExporter()
     else:
         span_exporter = ConsoleSpanExporter()
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    # OTEL_SERVICE_NAME (read by the SDK's resource detector) wins over our default name.
+    named = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": service_name}
+    provider = TracerProvider(resource=Resource.create(named))
     provider.add_span_processor(BatchSpanProcessor(span_exporter))
     trace.set_tracer_provider(provider)
 
@@ -49,8 +53,9 @@ def tracer() -> trace.Tracer:
 
 
 @contextmanager
-def span(name: str, **attributes: Any) -> Iterator[Span]:
-    with tracer().start_as_current_span(name, attributes=attributes) as current:
+def span(name: str, kind: trace.SpanKind = trace.SpanKind.INTERNAL, **attributes: Any
+         ) -> Iterator[Span]:
+    with tracer().start_as_current_span(name, kind=kind, attributes=attributes) as current:
         yield current
 
 

@@ -11,7 +11,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import tracing
-from ..logs import log_access, request_id_var
+from ..logs import QUIET_PATHS, log_access, request_id_var
 from ..metrics import ApiMetrics
 from .problems import BodyTooLarge, problem_response
 
@@ -64,23 +64,46 @@ class RequestContextMiddleware:
         given = headers.get("x-request-id", "")
         request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
         token = request_id_var.set(request_id)
-        name = f"{scope.get('method', 'GET')} {scope.get('path', '')}"
+        method, path = scope.get("method", "GET"), scope.get("path", "")
+        tagged = tag_only(send, request_id)
 
         async def tag(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"],
-                                      (b"x-request-id", request_id.encode())]
                 root.set_attribute("http.response.status_code", message["status"])
-            await send(message)
+            await tagged(message)
 
+        if path in QUIET_PATHS:  # probes and scrapes: no span (dozens a minute per pod)
+            try:
+                return await self.app(scope, receive, tagged)
+            finally:
+                request_id_var.reset(token)
         try:
-            with tracing.server_span(name, headers, **{"http.request.method": scope.get(
-                    "method", ""), "url.path": scope.get("path", ""),
+            # The one SERVER span of the request (HTTP semantic conventions): named by
+            # the route template once routing has found it, e.g. GET /v1/models/{name}.
+            with tracing.server_span(f"{method} {path}", headers, **{
+                    "http.request.method": method, "url.path": path,
                     "cleandift.request_id": request_id}) as root:
-                await self.app(scope, receive, tag)
+                try:
+                    await self.app(scope, receive, tag)
+                finally:
+                    route = getattr(scope.get("route"), "path", None)
+                    if route:
+                        root.update_name(f"{method} {route}")
+                        root.set_attribute("http.route", route)
         finally:
             request_id_var.reset(token)
+
+
+def tag_only(send: Send, request_id: str) -> Send:
+    """`send` with the X-Request-ID header added to the answer."""
+
+    async def tag(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", []),
+                                  (b"x-request-id", request_id.encode())]
+        await send(message)
+
+    return tag
 
 
 MODEL_STATE = "model"  # request.state.model: the served model a route chose

@@ -139,7 +139,10 @@ class JobProducer:
         (asked at each poll) says the client went away: the job is cancelled."""
         job.spec.reply_to = self.reply_channel
         job.spec.request_id, job.spec.trace = request_id_var.get(), tracing.carrier()
-        with tracing.span("enqueue", **{"cleandift.job_id": job.spec.id}):
+        with tracing.span("enqueue", tracing.SpanKind.PRODUCER, **{
+                "cleandift.job_id": job.spec.id, "messaging.system": "redis",
+                "messaging.operation.type": "send",
+                "messaging.destination.name": self.keys.jobs}):
             entry = await self._enqueue(job, bounded=not again)
         waiter = self._waiters[job.spec.id] = _Waiter(job, entry, self.view.epoch)
         try:

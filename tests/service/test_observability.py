@@ -15,6 +15,7 @@ import redis
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from cleandift.service import tracing
 from cleandift.service.metrics import ApiMetrics, QueueState, WorkerMetrics
@@ -133,6 +134,7 @@ def test_a_trace_follows_the_request_through_the_queue(settings, extractor, jpeg
     monkeypatch.setattr(tracing, "tracer", lambda: provider.get_tracer(tracing.TRACER))
     with running_service(settings, extractor) as (client, _):
         exporter.clear()
+        assert client.get("/readyz").status_code == client.get("/healthz").status_code == 200
         answer = client.post("/features", files={"image": ("a.jpg", jpeg, "image/jpeg")},
                              data={"layers": "us6"}, headers={"traceparent": TRACEPARENT})
         assert answer.status_code == 200
@@ -147,6 +149,11 @@ def test_a_trace_follows_the_request_through_the_queue(settings, extractor, jpeg
             "forward", "post"} <= names
     root = next(s for s in spans if s.name == "POST /features")
     assert root.attributes["cleandift.request_id"] == answer.headers["x-request-id"]
+    assert root.attributes["http.route"] == "/features"
+    servers = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
+    assert [s.name for s in servers] == ["POST /features"]  # one; no probe's span
+    enqueue = next(s for s in spans if s.name == "enqueue")
+    assert enqueue.kind == SpanKind.PRODUCER and enqueue.attributes["messaging.system"] == "redis"
     for name in ("queue wait", "forward", "post"):
         stage = next(s for s in spans if s.name == name)
         assert stage.parent.span_id == root.context.span_id
