@@ -36,6 +36,20 @@ FleetOpt = Annotated[Path | None, typer.Option(
 DefaultModelOpt = Annotated[str | None, typer.Option(
     envvar="CLEANDIFT_DEFAULT_MODEL", help="the model of requests that name none (default: "
     "the first)")]
+WorkerPortOpt = Annotated[int | None, typer.Option(
+    "--worker-port", envvar="CLEANDIFT_WORKER_PORT", help="a worker's own port (probes, "
+    "metrics, results; serve: the first, +1 each; 0: any free port; default 9001)")]
+ApiWorkersOpt = Annotated[int | None, typer.Option(
+    "--api-workers", "--processes", envvar="CLEANDIFT_API_WORKERS",
+    help="API processes sharing the port (default 1)")]
+MaxQueueOpt = Annotated[int | None, typer.Option(
+    envvar="CLEANDIFT_MAX_QUEUE", help="jobs waiting or running before 429 (default 256)")]
+LogLevelOpt = Annotated[str | None, typer.Option(
+    envvar="CLEANDIFT_LOG_LEVEL", help="DEBUG, INFO (default), WARNING or ERROR")]
+LogFormatOpt = Annotated[str | None, typer.Option(
+    envvar="CLEANDIFT_LOG_FORMAT", help="text (default) or json (one object per line)")]
+TracingOpt = Annotated[str | None, typer.Option(
+    envvar="CLEANDIFT_TRACING", help="off (default), otlp (OTEL_* variables) or console")]
 KEY_NOTE = " Clients must send CLEANDIFT_API_KEY when it is set (environment only)."
 NO_REDIS = ("error: {what} needs a Redis URL: give --redis-url, or set CLEANDIFT_REDIS_URL "
             "or REDIS_URL (`cleandift serve` starts its own Redis)")
@@ -61,20 +75,23 @@ def model_flags(values: list[str] | None) -> dict[str, Any]:
 
 
 def api(redis_url: RedisOpt = None, host: HostOpt = None, port: PortOpt = None,
-        processes: Annotated[int | None, typer.Option(
-            envvar="CLEANDIFT_API_WORKERS", help="API processes (default 1)")] = None,
+        api_workers: ApiWorkersOpt = None,
         model: Annotated[list[str] | None, typer.Option(
             "--model", "-m", help="a served model's NAME (or NAME=SPEC), repeated, when the "
             "deployment serves several [env: CLEANDIFT_MODELS]")] = None,
         fleet: FleetOpt = None, default_model: DefaultModelOpt = None,
+        max_queue: MaxQueueOpt = None, log_level: LogLevelOpt = None,
+        log_format: LogFormatOpt = None, tracing: TracingOpt = None,
         ) -> None:
     from .fleet import FleetError, fleet_of
     from .processes.launch import run_api
 
     names = {"models": model} if model else {}
     settings = _with_redis("the API", redis_url=redis_url, host=host, port=port,
-                           api_workers=processes, fleet_file=fleet,
-                           default_model=default_model, **names)
+                           api_workers=api_workers, fleet_file=fleet,
+                           default_model=default_model, max_queue=max_queue,
+                           log_level=log_level, log_format=log_format, tracing=tracing,
+                           **names)
     try:
         fleet_of(settings)
     except FleetError as exc:
@@ -93,20 +110,25 @@ def worker(
     dtype: DtypeOpt = None,
     redis_url: RedisOpt = None,
     max_batch: BatchOpt = None,
-    port: Annotated[int | None, typer.Option(
-        envvar="CLEANDIFT_WORKER_PORT",
-        help="the worker's own port (probes, metrics, results); 0: any free port")] = None,
+    worker_port: Annotated[int | None, typer.Option(
+        "--worker-port", "--port", envvar="CLEANDIFT_WORKER_PORT",
+        help="the worker's own port (probes, metrics, results); 0: any free port; default "
+        "9001")] = None,
     torch_threads: ThreadsOpt = None,
     model_name: Annotated[str | None, typer.Option(
         envvar="CLEANDIFT_MODEL_NAME", help="the name its model is served under, when the "
         "deployment serves several (its queue is then PREFIX.NAME)")] = None,
+    log_level: LogLevelOpt = None,
+    log_format: LogFormatOpt = None,
+    tracing: TracingOpt = None,
 ) -> None:
     """Run a worker: load the model, take batches from the queue, answer them."""
     from .processes.launch import run_worker
 
     run_worker(_with_redis("a worker", model=model, unet=unet, device=device, dtype=dtype,
-                           redis_url=redis_url, max_batch=max_batch, worker_port=port,
-                           torch_threads=torch_threads, model_name=model_name))
+                           redis_url=redis_url, max_batch=max_batch, worker_port=worker_port,
+                           torch_threads=torch_threads, model_name=model_name,
+                           log_level=log_level, log_format=log_format, tracing=tracing))
 
 
 def serve(
@@ -128,6 +150,12 @@ def serve(
         envvar="CLEANDIFT_DEVICES", help="all (every visible GPU), 0,1,3, or cpu")] = None,
     fleet: FleetOpt = None,
     default_model: DefaultModelOpt = None,
+    worker_port: WorkerPortOpt = None,
+    api_workers: ApiWorkersOpt = None,
+    max_queue: MaxQueueOpt = None,
+    log_level: LogLevelOpt = None,
+    log_format: LogFormatOpt = None,
+    tracing: TracingOpt = None,
 ) -> None:
     from .fleet import FleetError
     from .processes.serve import run_serve
@@ -138,6 +166,9 @@ def serve(
                                 torch_threads=torch_threads, devices=devices,
                                 fleet_file=fleet, default_model=default_model,
                                 redis_server=str(redis_server) if redis_server else None,
+                                worker_port=worker_port, api_workers=api_workers,
+                                max_queue=max_queue, log_level=log_level,
+                                log_format=log_format, tracing=tracing,
                                 **model_flags(model)))
     except FleetError as exc:
         typer.echo(f"error: {exc}", err=True)
