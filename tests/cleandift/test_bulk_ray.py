@@ -28,7 +28,7 @@ def run(source: Path, out: Path, demo_dir: Path, cache_dir: Path, *more: str
     env = {**os.environ, "CLEANDIFT_CACHE_DIR": str(cache_dir), "RAY_USAGE_STATS_ENABLED": "0"}
     return subprocess.Popen(
         [sys.executable, "-m", "cleandift.cli", "extract-dataset", str(source), "--out", str(out),
-         "--layers", "us6,mid", "--size", "64", "--shard-size", "8", "--batch-size", "4",
+         "--layers", "us6,mid", "--size", "128", "--shard-size", "8", "--batch-size", "4",
          "--model", str(demo_dir), *more], env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, start_new_session=True)
 
