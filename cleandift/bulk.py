@@ -2,10 +2,11 @@
 written as sharded safetensors with an index (format and loader: `cleandift.dataset`).
 
 Streaming and resumable by construction: items are taken in input order, a shard's worth
-at a time (memory: one shard), and a shard is committed (file renamed into place, then its
-index lines appended) only when whole. A killed run leaves at most a stray temporary file;
-run again, it skips the committed items and continues at the next shard, with the same
-batches as an uninterrupted run, so the output is byte-identical.
+at a time (memory: one shard), and a shard is committed (its file, then its index lines:
+`storage.py`) only when whole; the output may be a local folder or an fsspec URL. A
+killed run leaves at most a stray temporary file; run again, it skips the committed items
+and continues at the next shard, with the same batches as an uninterrupted run, so the
+output is byte-identical.
 
 The features come from a local model, or from a running service (`--service URL`) with
 several requests in flight (429 and Retry-After honoured by the client), so a GPU fleet
@@ -15,20 +16,19 @@ does the work.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .contract import UsageError
-from .dataset import INDEX, MANIFEST, SCALE, SHARD, read_index, tensor_name
+from .dataset import MANIFEST, SCALE, SHARD, tensor_name
 from .reduce import pooled, quantize_int8
 from .sources import ReadLimits, Record, load_records, read_image_bytes
+from .storage import Store, open_store
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -62,22 +62,22 @@ class Outcome:
     error: str | None = None
 
 
-def prepare_folder(out: Path, options: Options, model: dict[str, str]) -> list[dict[str, Any]]:
+def prepare_folder(out: Store, options: Options, model: dict[str, str]
+                   ) -> list[dict[str, Any]]:
     """Create or reopen the output; returns the committed index rows."""
-    out.mkdir(parents=True, exist_ok=True)
     manifest = {"options": asdict(options), "model": model,
                 "layers": options.layers, "format": 1}
-    path = out / MANIFEST
-    if path.is_file():
-        before = json.loads(path.read_text())
+    text = out.read_text(MANIFEST)
+    if text is not None:
+        before = json.loads(text)
         if before["options"] != manifest["options"] or before["model"] != model:
-            raise UsageError(f"{out} holds features made differently ({before['options']}, "
-                             f"{before['model']}); use another --out or the same options")
+            raise UsageError(f"{out.location} holds features made differently "
+                             f"({before['options']}, {before['model']}); use another --out "
+                             "or the same options")
     else:
-        path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    for stray in out.glob("*.tmp"):  # a shard that a killed run did not commit
-        stray.unlink()
-    return read_index(out)
+        out.write_text(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    out.drop_strays()
+    return out.read_index()
 
 
 def shard_outcomes(records: Sequence[Record], options: Options, compute: Compute,
@@ -110,12 +110,12 @@ def reduce_map(feat: torch.Tensor, options: Options) -> dict[str, torch.Tensor]:
     return {"": value.to(DTYPES[options.dtype]).contiguous()}
 
 
-def commit_shard(out: Path, number: int, outcomes: list[Outcome], options: Options,
+def commit_shard(out: Store, number: int, outcomes: list[Outcome], options: Options,
                  model: dict[str, str]) -> None:
-    """Write the shard (temp file, fsync, rename), then append its index lines."""
-    name = SHARD.format(number)
+    """The shard's tensors and index rows, committed together (`Store.commit`)."""
     tensors: dict[str, torch.Tensor] = {}
     rows: list[dict[str, Any]] = []
+    name = SHARD.format(number)
     for entry, outcome in enumerate(outcomes):
         if outcome.features is None:
             rows.append({"key": outcome.key, "error": outcome.error})
@@ -127,35 +127,20 @@ def commit_shard(out: Path, number: int, outcomes: list[Outcome], options: Optio
             shapes[layer] = list(tensors[tensor_name(entry, layer)].shape)
         rows.append({"key": outcome.key, "shard": name, "entry": entry, "shapes": shapes,
                      "image_size": list(outcome.image_size or ()), **model})
-    if tensors:
-        temp = out / (name + ".tmp")
-        save_file(tensors, str(temp), metadata={"model_version": model["model_version"]})
-        _fsync(temp)
-        os.replace(temp, out / name)
-    with open(out / INDEX, "a") as index:
-        index.write("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
-        index.flush()
-        os.fsync(index.fileno())
+    out.commit(name, tensors, {"model_version": model["model_version"]}, rows)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def open_output(out: Path, options: Options, model: dict[str, str]
-                ) -> tuple[list[Record], list[dict[str, Any]]]:
-    """(the source's records, the index rows already committed in `out`): the start of
-    a run or of a resumed one, whichever engine computes."""
+def open_output(location: str | Path, options: Options, model: dict[str, str]
+                ) -> tuple[Store, list[Record], list[dict[str, Any]]]:
+    """(the output, the source's records, the index rows already committed there): the
+    start of a run or of a resumed one, whichever engine computes."""
     records = load_records(options.source)
+    out = open_store(location)
     committed = prepare_folder(out, options, model)
     if [r["key"] for r in committed] != [r.key for r in records[:len(committed)]]:
-        raise UsageError(f"{out} was made from other inputs (its keys differ from "
+        raise UsageError(f"{location} was made from other inputs (its keys differ from "
                          f"{options.source}'s)")
-    return records, committed
+    return out, records, committed
 
 
 def pending_shards(records: list[Record], done: int, shard_size: int
@@ -168,12 +153,13 @@ def pending_shards(records: list[Record], done: int, shard_size: int
         yield start // shard_size, records[start:start + shard_size]
 
 
-def extract_dataset(out: Path, options: Options, compute: Compute, model: dict[str, str],
+def extract_dataset(location: str | Path, options: Options, compute: Compute,
+                    model: dict[str, str],
                     progress: bool = True, limits: ReadLimits = ReadLimits()) -> dict[str, int]:
     """Run (or resume) an extraction; returns counts of done, failed and skipped items.
     `limits` bound the reading of each item; they are not in the manifest (they decide
     which items fail, not what the features are), so a resumed run may change them."""
-    records, committed = open_output(out, options, model)
+    out, records, committed = open_output(location, options, model)
     bar = tqdm(total=len(records), initial=len(committed), unit="img", desc="extract",
                disable=not progress, smoothing=0.1)
     failed = sum("error" in row for row in committed)

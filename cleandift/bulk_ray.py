@@ -27,6 +27,7 @@ import numpy as np
 
 from .bulk import Options, Outcome, commit_shard, open_output, pending_shards
 from .sources import ReadLimits, Record, read_image_bytes
+from .storage import Store
 
 
 @dataclass(frozen=True)
@@ -115,13 +116,13 @@ def start_ray(address: str | None, progress: bool = True) -> None:
                  logging_level=logging.WARNING)
 
 
-def ray_extract(out: Path, options: Options, plan: RayPlan, model: dict[str, str],
+def ray_extract(location: str | Path, options: Options, plan: RayPlan, model: dict[str, str],
                 progress: bool = True, limits: ReadLimits = ReadLimits()) -> dict[str, int]:
     """Run (or resume) an extraction on Ray; returns counts as `bulk.extract_dataset`."""
     import ray
     import ray.data
 
-    records, committed = open_output(out, options, model)
+    out, records, committed = open_output(location, options, model)
     shards = list(pending_shards(records, len(committed), options.shard_size))
     failed = sum("error" in row for row in committed)
     if shards:
@@ -133,7 +134,7 @@ def ray_extract(out: Path, options: Options, plan: RayPlan, model: dict[str, str
     return {"items": len(records), "resumed_after": len(committed), "failed": failed}
 
 
-def _run(out: Path, options: Options, plan: RayPlan, model: dict[str, str],
+def _run(out: Store, options: Options, plan: RayPlan, model: dict[str, str],
          shards: list[tuple[int, list[Record]]], limits: ReadLimits) -> int:
     import ray.data
 

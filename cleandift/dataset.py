@@ -10,6 +10,7 @@ whatever is in the index is complete.
     data = FeatureDataset("feats/")          # a torch-style Dataset over the items
     item = data["cats/001.jpg"]              # or data[0]; item.features["us6"] is a tensor
     for item in data: ...                    # shard by shard, one file open at a time
+    data = FeatureDataset("s3://bucket/feats")  # any fsspec URL (index under index.d/)
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
-MANIFEST = "manifest.json"
-INDEX = "index.jsonl"
+from .storage import INDEX, MANIFEST, open_store
+
+__all__ = ["INDEX", "MANIFEST", "SHARD", "SCALE", "FeatureDataset", "Item", "read_index",
+           "tensor_name"]
+
 SHARD = "shard-{:05d}.safetensors"
 SCALE = "scale"  # int8 maps: per-channel float32 scales under ENTRY/LAYER.scale
 
@@ -40,11 +43,8 @@ class Item:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def read_index(folder: Path) -> list[dict[str, Any]]:
-    path = Path(folder) / INDEX
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_index(folder: str | Path) -> list[dict[str, Any]]:
+    return open_store(folder).read_index()
 
 
 class FeatureDataset:
@@ -53,10 +53,14 @@ class FeatureDataset:
 
     def __init__(self, folder: str | Path, layers: list[str] | None = None,
                  dequantize: bool = True) -> None:
-        self.folder = Path(folder)
-        self.manifest = json.loads((self.folder / MANIFEST).read_text())
-        self.rows = [row for row in read_index(self.folder) if "error" not in row]
-        self.errors = [row for row in read_index(self.folder) if "error" in row]
+        self.store = open_store(folder)
+        manifest = self.store.read_text(MANIFEST)
+        if manifest is None:
+            raise FileNotFoundError(f"{folder} holds no {MANIFEST}: not a feature dataset")
+        self.manifest = json.loads(manifest)
+        index = self.store.read_index()
+        self.rows = [row for row in index if "error" not in row]
+        self.errors = [row for row in index if "error" in row]
         self.layers = layers or list(self.manifest["layers"])
         self.dequantize = dequantize
         self._by_key = {row["key"]: i for i, row in enumerate(self.rows)}
@@ -69,8 +73,7 @@ class FeatureDataset:
 
     def __getitem__(self, which: int | str) -> Item:
         row = self.rows[self._by_key[which] if isinstance(which, str) else which]
-        with safe_open(str(self.folder / row["shard"]), framework="pt") as fh:
-            return self._item(fh, row)
+        return self._item(self.store.tensors(row["shard"]), row)
 
     def __iter__(self) -> Iterator[Item]:
         shard, handle = None, None
@@ -78,7 +81,7 @@ class FeatureDataset:
             for row in self.rows:
                 if row["shard"] != shard:
                     shard = row["shard"]
-                    handle = safe_open(str(self.folder / shard), framework="pt")
+                    handle = self.store.tensors(shard)
                 yield self._item(handle, row)
         finally:
             del handle

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
@@ -30,8 +29,10 @@ from .cli_options import (
 
 def extract_dataset(
     source: Annotated[str, typer.Argument(
-        help="image folder, list file (paths or URLs, one per line) or shards 'd/{0..9}.tar'")],
-    out: Annotated[Path, typer.Option(help="output folder (resumed when it exists)")],
+        help="image folder, list file (paths or URLs, one per line) or shards 'd/{0..9}.tar'; "
+        "local or an fsspec URL (s3://, gs://, file://)")],
+    out: Annotated[str, typer.Option(help="output folder or fsspec URL (resumed when it "
+                                     "exists)")],
     layers: Annotated[str | None, typer.Option(help="comma-separated keys; the model's "
                                                "default layers")] = None,
     size: SizeOpt = None,
@@ -119,7 +120,7 @@ def _start_ray(address: str | None) -> None:
         raise typer.BadParameter("--engine ray needs Ray: pip install 'cleandift[ray]'") from exc
 
 
-def _run_ray(out: Path, options: Any, info: dict[str, str], limits: Any,
+def _run_ray(out: str, options: Any, info: dict[str, str], limits: Any,
              extractor_args: dict[str, Any], address: str | None, workers: int,
              gpus: float) -> dict[str, int]:
     from .bulk_ray import RayPlan, ray_extract

@@ -1,5 +1,6 @@
 """Where images come from, for training and for bulk extraction: a folder (recursive), a
-list of files or URLs (one per line), or WebDataset / img2dataset tar shards.
+list of files or URLs (one per line), or WebDataset / img2dataset tar shards, each on this
+machine or behind an fsspec URL (`s3://bucket/photos`, `gs://…/{00000..00099}.tar`).
 
 Every source becomes a list of records in a fixed order, each with a stable `key` (the
 path under the folder, the line of the list, `shard.tar/member` in a shard), so a run can
@@ -8,20 +9,21 @@ be resumed at the exact item it stopped at and results can be found again by key
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import os
 import re
-import socket
 import stat
 import tarfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .contract import UsageError
+from .fetch import ItemError, fetch_url
+from .storage import filesystem, is_url
+
+__all__ = ["ItemError", "ReadLimits", "Record", "load_records", "read_image_bytes"]
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 LIST_EXTS = (".txt", ".lst", ".list")
@@ -34,12 +36,6 @@ FETCH_TIMEOUT_S = 60.0
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
 MAX_IMAGE_PIXELS = 100_000_000
 MAX_CAPTION_BYTES = 1 << 20
-READ_CHUNK = 1 << 16
-
-
-class ItemError(OSError):
-    """One item cannot be read (unreachable, too slow, too large, not a file, malformed
-    URL): its error row, never the end of the run."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +54,8 @@ class Record:
     image: str  # member name inside the tar ("" otherwise)
     caption: str = ""
     key: str = ""  # stable name of the item in results and indexes
+    offset: int = -1  # where an uncompressed tar member's bytes start (-1: look it up)
+    size: int = -1  # and how many there are
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -105,7 +103,8 @@ def folder_records(root: Path) -> list[Record]:
 def tar_records(tar_path: str) -> list[Record]:
     """Group a shard's members by key (file name without extension), as webdataset does."""
     groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-    with tarfile.open(tar_path) as tar:
+    with _open_binary(tar_path) as fh, tarfile.open(fileobj=fh) as tar:
+        seekable = tar.fileobj is fh  # uncompressed: a member is a byte range of the file
         for member in tar:
             if member.isfile() and "." in member.name:
                 key, ext = member.name.split(".", 1)
@@ -120,7 +119,8 @@ def tar_records(tar_path: str) -> list[Record]:
                 if ext in members:
                     data = tar.extractfile(members[ext]).read()  # type: ignore[union-attr]
                     caption = parse_caption(members[ext].name, data) or caption
-            records.append(Record(tar_path, image.name, caption, f"{Path(tar_path).name}/{key}"))
+            records.append(Record(tar_path, image.name, caption, f"{Path(tar_path).name}/{key}",
+                                  image.offset_data if seekable else -1, image.size))
     return records
 
 
@@ -143,7 +143,9 @@ def list_records(list_file: Path) -> list[Record]:
 def load_records(data: str) -> list[Record]:
     """A folder (recursive), a list file, or shard pattern(s) -> records in a fixed order."""
     path = Path(data)
-    if path.is_dir():
+    if is_url(data):
+        records = remote_records(data)
+    elif path.is_dir():
         records = folder_records(path)
     elif path.is_file() and path.suffix.lower() in LIST_EXTS:
         records = list_records(path)
@@ -165,10 +167,12 @@ def read_image_bytes(record: Record, limits: ReadLimits = ReadLimits()) -> bytes
     is an ItemError (an OSError), so callers make it an error row and go on."""
     try:
         if URL.match(record.source):
-            return fetch_url(record.source, limits)
-        if not record.image:
-            return read_file(Path(record.source), limits.max_bytes)
-        return read_member(record.source, record.image, limits.max_bytes)
+            return fetch_url(record.source, limits.max_bytes, limits.fetch_timeout_s)
+        if record.image:
+            return read_member(record, limits.max_bytes)
+        if is_url(record.source):
+            return read_remote_file(record.source, limits.max_bytes)
+        return read_file(Path(record.source), limits.max_bytes)
     except ItemError:
         raise
     except (OSError, ValueError, KeyError, tarfile.TarError) as exc:  # ValueError: a NUL
@@ -197,94 +201,79 @@ def _check_regular(path: Path, info: os.stat_result, max_bytes: int) -> None:
         raise ItemError(f"{path} is {info.st_size} bytes; the limit is {max_bytes}")
 
 
-def read_member(tar_path: str, member: str, max_bytes: int) -> bytes:
-    with tarfile.open(tar_path) as tar:
-        info = tar.getmember(member)
-        if info.size > max_bytes:
-            raise ItemError(f"{tar_path}/{member} is {info.size} bytes; the limit is {max_bytes}")
-        handle = tar.extractfile(info)
-        if handle is None:
-            raise ItemError(f"{tar_path}/{member} is not a regular file")
-        return handle.read(max_bytes)
+def read_member(record: Record, max_bytes: int) -> bytes:
+    """A tar member: one read at its offset where the listing found it (a range request
+    for a URL), else looked up in the tar."""
+    name = f"{record.source}/{record.image}"
+    if record.offset >= 0 and record.size > max_bytes:
+        raise ItemError(f"{name} is {record.size} bytes; the limit is {max_bytes}")
+    with _open_binary(record.source) as fh:
+        if record.offset >= 0:
+            fh.seek(record.offset)
+            data = fh.read(record.size)
+            if len(data) != record.size:
+                raise ItemError(f"{name}: the shard ends inside it")
+            return data
+        with tarfile.open(fileobj=fh) as tar:
+            info = tar.getmember(record.image)
+            if info.size > max_bytes:
+                raise ItemError(f"{name} is {info.size} bytes; the limit is {max_bytes}")
+            handle = tar.extractfile(info)
+            if handle is None:
+                raise ItemError(f"{name} is not a regular file")
+            return handle.read(max_bytes)
 
 
-def fetch_url(url: str, limits: ReadLimits) -> bytes:
-    """GET `url`, streamed, stopping at `limits.max_bytes` (after decompression) and at
-    `limits.fetch_timeout_s` in all: httpx's timeouts apply to each read, so a server that
-    sends a byte every few seconds, or without end, would otherwise hold the run."""
-    import httpx
-
-    deadline = _Deadline(limits.fetch_timeout_s)
-    try:
-        with (deadline,
-              httpx.Client(timeout=limits.fetch_timeout_s, follow_redirects=True) as client,
-              client.stream("GET", url, extensions={"trace": deadline.trace}) as response):
-            response.raise_for_status()
-            return _capped_body(response, limits.max_bytes, deadline)
-    except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError, ValueError, OSError) as exc:
-        if deadline.expired:
-            reason = f"it took over {limits.fetch_timeout_s:g} s"
-        elif isinstance(exc, httpx.HTTPStatusError):
-            reason = f"HTTP {exc.response.status_code}"
-        else:
-            reason = str(exc) or type(exc).__name__
-        raise ItemError(f"cannot fetch {url}: {reason}") from exc
+def _open_binary(location: str) -> Any:
+    """A file on this machine or behind an fsspec URL, open for reading bytes."""
+    if is_url(location):
+        fs, path = filesystem(location)
+        return fs.open(path, "rb")
+    return open(location, "rb")
 
 
-def _capped_body(response: Any, max_bytes: int, deadline: _Deadline) -> bytes:
-    declared = response.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise ItemError(f"it is {declared} bytes; the limit is {max_bytes}")
-    body = bytearray()
-    for chunk in response.iter_bytes(READ_CHUNK):
-        body += chunk
-        if len(body) > max_bytes:
-            raise ItemError(f"it sent more than {max_bytes} bytes")
-        if deadline.expired:
-            break
-    if deadline.expired:  # (a cut connection can look like the end of a body)
-        raise ItemError("out of time")
-    return bytes(body)
+def read_remote_file(url: str, max_bytes: int) -> bytes:
+    """An object of at most `max_bytes` (its size asked first, then at most that read)."""
+    fs, path = filesystem(url)
+    info = fs.info(path)
+    if info.get("type") != "file":
+        raise ItemError(f"{url} is not a file")
+    if (info.get("size") or 0) > max_bytes:
+        raise ItemError(f"{url} is {info['size']} bytes; the limit is {max_bytes}")
+    with fs.open(path, "rb") as fh:
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ItemError(f"{url} grew past {max_bytes} bytes while it was read")
+    return data
 
 
-class _Deadline:
-    """Cuts a fetch's connections when its time is up, whatever it is doing (connecting,
-    waiting for headers, reading the body): shutting a socket down wakes a blocked read."""
-
-    def __init__(self, seconds: float) -> None:
-        self.expired = False
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
-
-    def __enter__(self) -> _Deadline:
-        self._timer.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._timer.cancel()
-        self._timer.join()
-
-    def trace(self, event: str, info: dict[str, Any]) -> None:
-        """httpcore's trace hook: remember each connection as it opens (TCP, then TLS)."""
-        if not event.endswith(("connect_tcp.complete", "start_tls.complete")):
-            return
-        stream = info.get("return_value")
-        sock = stream.get_extra_info("socket") if stream is not None else None
-        if sock is not None:
-            with self._lock:
-                self._sockets.append(sock)
-                if self.expired:
-                    _cut(sock)
-
-    def _expire(self) -> None:
-        with self._lock:
-            self.expired = True
-            for sock in self._sockets:
-                _cut(sock)
+def remote_records(url: str) -> list[Record]:
+    """A folder, a list file or shard pattern(s) behind an fsspec URL, as for local paths.
+    Sidecar captions are read for folders (the listing shows them), not for list files
+    (that would cost a request per item)."""
+    fs, path = filesystem(url)
+    if fs.isdir(path):
+        return _remote_folder(fs, path)
+    if fs.isfile(path) and Path(path).suffix.lower() in LIST_EXTS:
+        base = url.rsplit("/", 1)[0]
+        entries = [e.strip() for e in fs.cat_file(path).decode().splitlines()]
+        return [Record(e if (URL.match(e) or is_url(e)) else f"{base}/{e}", "", "", e)
+                for e in entries if e and not e.startswith("#")]
+    shards = sorted(fs.unstrip_protocol(s) for p in expand_braces(path) for s in fs.glob(p))
+    return [r for shard in shards for r in tar_records(shard)]
 
 
-def _cut(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):  # the plain socket's shutdown, for TLS too (its own
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)  # would try to unwrap first)
+def _remote_folder(fs: Any, root: str) -> list[Record]:
+    files = set(fs.find(root))
+    records = []
+    for path in sorted(files):
+        if Path(path).suffix.lower() not in IMAGE_EXTS:
+            continue
+        caption = ""
+        for sidecar in (str(Path(path).with_suffix(ext)) for ext in (".txt", ".json")):
+            if sidecar in files and fs.size(sidecar) <= MAX_CAPTION_BYTES:
+                caption = parse_caption(sidecar, fs.cat_file(sidecar))
+                break
+        key = path[len(root.rstrip("/")) + 1:]
+        records.append(Record(fs.unstrip_protocol(path), "", caption, key))
+    return records

@@ -10,6 +10,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +33,7 @@ def test_every_package_folder_is_listed_under_its_namespaced_name():
     assert found == set(config["packages"])
 
 
+@pytest.mark.integration  # pip / a child interpreter
 def test_the_wheel_installs_only_the_cleandift_namespace(tmp_path):
     had_build = (ROOT / "build").exists()
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
@@ -73,9 +75,11 @@ from cleandift.settings import Settings
 app = create_app(Settings(redis_url="redis://127.0.0.1:1/0"))
 assert app.openapi()["paths"]
 from cleandift.cli import main
+
 """
 
 
+@pytest.mark.integration  # pip / a child interpreter
 def test_the_api_imports_without_torch():
     done = subprocess.run([sys.executable, "-c", BLOCK_TORCH], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -232,11 +232,17 @@ class JobProducer:
 
     # -- background tasks -------------------------------------------------------------
     async def _listen(self) -> None:
-        """Wake waiters on reply messages; reconnect forever with a short back-off."""
+        """Wake waiters on reply messages; reconnect forever with a short back-off. An
+        outage is logged once (then at debug level until a subscribe works again), not at
+        every retry of every API process."""
+        warned = False
         while True:
             pubsub = self.r.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.reply_channel)
+                if warned:
+                    log.info("reply listener reconnected to Redis")
+                warned = False
                 async for message in pubsub.listen():
                     waiter = self._waiters.get(_text(message["data"]))
                     if waiter is not None:
@@ -244,7 +250,9 @@ class JobProducer:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # connection loss: waiters fall back to polling
-                log.warning("reply listener lost Redis (%s); reconnecting", exc)
+                log.log(logging.DEBUG if warned else logging.WARNING,
+                        "reply listener lost Redis (%s); reconnecting", exc)
+                warned = True
                 await asyncio.sleep(LISTENER_BACKOFF_S)
             finally:
                 with contextlib.suppress(Exception):

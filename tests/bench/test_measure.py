@@ -17,6 +17,7 @@ def images():
     return bench_images(4)
 
 
+@pytest.mark.slow  # FLOP counting of every layer: about 20 s
 def test_flop_ratios_follow_the_method(extractor, images):
     dift = measure.clean_vs_dift(extractor, images, repeats=1)
     # Our DIFT: 1 VAE + 8 UNet passes; DIFT's recipe: 8 VAE + 8 UNet; clean: 1 + 1.
@@ -30,6 +31,7 @@ def test_flop_ratios_follow_the_method(extractor, images):
         assert math.isfinite(value) and value > 0
 
 
+@pytest.mark.slow  # over 2 s here: outside the unit tier
 def test_response_formats_and_raw_throughput(extractor, images):
     formats = measure.response_formats(extractor, images[0], repeats=1)
     assert formats["json_vs_safetensors_bytes"] == pytest.approx(4 / 3, rel=0.02)  # base64
@@ -53,6 +55,7 @@ def test_load_generator_counts_statuses_over_processes(settings, extractor, phot
     assert bad.statuses == [400] * 4 and bad.ok == 0
 
 
+@pytest.mark.slow  # the GPU script's phases on the CPU: about 11 s
 def test_gpu_script_runs_its_phases_on_cpu(tmp_path, cache_dir):
     """bench/gpu.py end to end on the demo architecture (the GPU run uses SD2.1)."""
     import json

@@ -65,6 +65,7 @@ def test_every_input_has_one_row_in_order_and_reads_back(tmp_path, demo_dir, ext
     assert [i.key for i in data] == data.keys()  # iteration, shard by shard
 
 
+@pytest.mark.slow  # over 2 s here: outside the unit tier
 def test_int8_grid_output_dequantizes_close_to_the_map(tmp_path, demo_dir):
     root = write_folder(tmp_path / "images", 3, corrupt=False)
     full = extract(root, tmp_path / "full", "--model", str(demo_dir), "--out-dtype", "float32",
@@ -80,6 +81,7 @@ def test_int8_grid_output_dequantizes_close_to_the_map(tmp_path, demo_dir):
     assert raw.features["us6"].dtype == torch.int8
 
 
+@pytest.mark.slow  # over 2 s here: outside the unit tier
 def test_a_run_with_other_options_refuses_the_folder(tmp_path, demo_dir):
     root = write_folder(tmp_path / "images", 2, corrupt=False)
     assert extract(root, tmp_path / "out", "--model", str(demo_dir)).exit_code == 0

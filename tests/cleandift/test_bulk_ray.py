@@ -1,6 +1,7 @@
 """`extract-dataset --engine ray` (Ray started on this machine, two actors): killed after a
 committed shard (the driver and every Ray process of its session) and run again, every
-file is byte-identical to an uninterrupted run of the local engine."""
+file is byte-identical to an uninterrupted run of the local engine. The images are read
+through a `file://` URL (fsspec, in Ray's tasks), as from object storage."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.integration
 ITEMS = 41  # 40 images and a corrupt one (an error row, as in the local engine)
 
 
-def run(source: Path, out: Path, demo_dir: Path, cache_dir: Path, *more: str
+def run(source: Path | str, out: Path, demo_dir: Path, cache_dir: Path, *more: str
         ) -> subprocess.Popen:
     env = {**os.environ, "CLEANDIFT_CACHE_DIR": str(cache_dir), "RAY_USAGE_STATS_ENABLED": "0"}
     return subprocess.Popen(
@@ -51,7 +52,7 @@ def finish(process: subprocess.Popen) -> dict:
 
 
 def test_ray_killed_and_resumed_equals_the_local_engine(tmp_path, demo_dir, cache_dir):
-    root = write_folder(tmp_path / "images", ITEMS - 1)
+    root = f"file://{write_folder(tmp_path / 'images', ITEMS - 1)}"
     local = finish(run(root, tmp_path / "local", demo_dir, cache_dir))
     assert local == {"items": ITEMS, "resumed_after": 0, "failed": 1}
 

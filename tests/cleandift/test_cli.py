@@ -40,6 +40,7 @@ def test_info_has_the_models_endpoint_shape(demo_dir):
     assert body["layers"]["us6"] == {"channels": 64, "stride": 16}
 
 
+@pytest.mark.slow  # over 2 s here: outside the unit tier
 def test_extract_names_tensors_by_stem_and_key(files, demo_dir, tmp_path):
     out = tmp_path / "f.safetensors"
     result = run("extract", files / "a.jpg", files / "b.png", "--layers", "us6,mid",
@@ -55,6 +56,7 @@ def test_extract_names_tensors_by_stem_and_key(files, demo_dir, tmp_path):
         assert list(fh.keys()) == ["us6"]
 
 
+@pytest.mark.slow  # over 2 s here: outside the unit tier
 def test_correspond_prints_the_api_body(files, demo_dir):
     result = run("correspond", files / "a.jpg", files / "b.png",
                  "--points", "[[10, 20], [100, 50]]", "--model", demo_dir)

@@ -64,7 +64,8 @@ CASES = [  # kind, channels, (h, w) source grid, (h, w) target grid, source size
     ("smooth", 64, (16, 16), (12, 20), (256, 256), (1400, 900)),
     ("smooth", 64, (16, 16), (16, 16), (256, 256), (256, 256)),
     ("smooth", 1280, (16, 16), (16, 16), (256, 256), (300, 200)),
-    ("low-rank", 64, (16, 16), (16, 12), (256, 256), (700, 1000)),  # no bound prunes: costly
+    pytest.param("low-rank", 64, (16, 16), (16, 12), (256, 256), (700, 1000),
+                 marks=pytest.mark.slow),  # no bound prunes: about 10 s
     ("float16", 64, (12, 16), (16, 16), (320, 240), (1000, 700)),
     ("smooth", 64, (16, 16), (48, 48), (256, 256), (40, 30)),  # target smaller than its grid
     ("random", 32, (9, 7), (7, 9), (90, 70), (1, 1)),
@@ -137,6 +138,7 @@ def test_cells_that_nearly_cancel_are_evaluated_in_channel_space():
         assert float(cos[int(match.target[0])]) >= float(cos.max()) - TIE
 
 
+@pytest.mark.slow  # over 2 s here: outside the unit tier
 def test_the_candidate_limit_counts_for_the_whole_call_and_every_point_has_an_answer():
     src, tgt = make("smooth", 64, 16, 16, seed=7), make("low-rank", 64, 16, 16, seed=8)
     points = pixel_points((256, 256), 300, seed=9)

@@ -80,6 +80,7 @@ def test_prompt_changes_features_and_loads_text_encoder_lazily(demo_dir, photo):
     assert not torch.allclose(empty, cat)
 
 
+@pytest.mark.slow  # torch.compile: about 25 s here
 def test_compiled_blocks_keep_the_read_out_and_the_early_stop(demo_dir, cache_dir, photo):
     """Dynamo traces every block (the "eager" backend skips code generation, which the
     GPU script measures); the hooks, the truncation and the features stay as they were."""

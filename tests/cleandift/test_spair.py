@@ -76,6 +76,7 @@ def test_both_modes_get_the_same_prompt_policy(spair, extractor, monkeypatch):
     assert [prompt for _, prompt, _ in calls] == ["", ""] and report["prompt"] == ""
 
 
+@pytest.mark.slow  # over 2 s here: outside the unit tier
 def test_dift_noise_is_fresh_per_image_and_reproducible(spair, extractor, monkeypatch):
     calls = spy(extractor, monkeypatch)
     pairs = load_pairs(spair)
@@ -127,6 +128,7 @@ def run_cli(spair, demo_dir, *args):
                                     *args])
 
 
+@pytest.mark.slow  # over 2 s here: outside the unit tier
 def test_cli_writes_the_report_and_prints_the_table(spair, demo_dir, tmp_path):
     out = tmp_path / "r.json"
     result = run_cli(spair, demo_dir, "--category", "cat", "--json", str(out))
@@ -144,6 +146,7 @@ def test_cli_writes_the_report_and_prints_the_table(spair, demo_dir, tmp_path):
     assert (report["dtype"], report["prompt"]) == ("bfloat16", "")
 
 
+@pytest.mark.slow  # over 2 s here: outside the unit tier
 def test_cli_refuses_approximate_pck_unless_allowed(spair, demo_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(spair_module, "match_points", shifted_matches(0.0, exact=False))
     out = tmp_path / "r.json"

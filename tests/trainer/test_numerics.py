@@ -108,6 +108,7 @@ def test_the_file_has_the_official_names(full_checkpoint):
     assert any(k.startswith("unet_feature_extractor_base.") for k in state)
 
 
+@pytest.mark.slow  # over 2 s here: outside the unit tier
 def test_serving_loads_the_student_and_its_learned_timestep(full_checkpoint, demo_dir, photo):
     student, path, _ = full_checkpoint
     served = load_extractor(str(demo_dir), unet=path, device="cpu")
@@ -129,6 +130,7 @@ def test_the_trainer_starts_from_it(full_checkpoint, extractor):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.slow  # over 2 s here: outside the unit tier
 def test_publishing_it_keeps_the_student_alone_at_its_learned_timestep(
         full_checkpoint, demo_dir, tmp_path):
     student, path, _ = full_checkpoint
