@@ -9,8 +9,9 @@ import typer
 
 
 def bench(
-    model: Annotated[str | None, typer.Option(help="model spec; the built-in bench model")]
-    = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", envvar="CLEANDIFT_MODEL",
+        help="model spec (as for serve); the built-in bench model if unset")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="fewer repeats (under 3 minutes)")]
     = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the figures here")]

@@ -1,4 +1,5 @@
-"""The `cleandift` command: core commands here; service and trainer commands join below.
+"""The `cleandift` command. Core commands are defined here; the service's and the
+trainer's register themselves from their packages.
 
 Heavy imports (torch, diffusers) happen inside commands so `--help` stays instant.
 """
@@ -34,7 +35,8 @@ if TYPE_CHECKING:
 
     from .settings import Settings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+# Click's plain help: typer's rich panels would print `<bool>` after every flag.
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None)
 
 
 def _print_version(value: bool) -> None:
@@ -50,7 +52,9 @@ def _root(
     version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
-    """CleanDIFT features and correspondences: core commands, the service and the trainer."""
+    """CleanDIFT: dense diffusion features from one clean forward pass, and semantic
+    correspondences. Extract and match on this machine, serve them over HTTP, distil and
+    publish a student, extract whole datasets. `cleandift COMMAND --help` for each."""
 
 def _read_image(path: Path, size: int, settings: Settings) -> tuple[np.ndarray, tuple[int, int]]:
     """The model's view of an image file (the same decoding as the API), and its size."""
@@ -67,7 +71,7 @@ def _read_image(path: Path, size: int, settings: Settings) -> tuple[np.ndarray, 
 
 @app.command("demo-model")
 def demo_model(
-    out_dir: Path,
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="folder to write")],
     seed: Annotated[int, typer.Option(help="weights seed")] = 0,
     kind: Annotated[str, typer.Option(help="demo, demo15 or bench")] = "demo",
 ) -> None:
@@ -96,7 +100,7 @@ def info(model: ModelOpt = None, unet: UnetOpt = None, device: DeviceOpt = None)
 
 @app.command()
 def extract(
-    images: Annotated[list[Path], typer.Argument(help="image files")],
+    images: Annotated[list[Path], typer.Argument(metavar="IMAGES", help="image files")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output .safetensors")],
     layers: Annotated[str | None, typer.Option(help="comma-separated keys, e.g. us6,us9")] = None,
     size: SizeOpt = None,
@@ -138,13 +142,15 @@ def extract(
 
 @app.command()
 def correspond(
-    source: Path,
-    target: Path,
+    source: Annotated[Path, typer.Argument(metavar="SOURCE", help="source image")],
+    target: Annotated[Path, typer.Argument(metavar="TARGET", help="target image")],
     points: Annotated[str | None, typer.Option(help="JSON list of [x, y] source pixels")] = None,
     layer: Annotated[str | None, typer.Option(help="feature key; the model's default if unset")]
     = None,
     size: SizeOpt = None,
     prompt: PromptOpt = "",
+    mode: Annotated[str, typer.Option(help="clean (one pass) or dift (the DIFT baseline: "
+                                      "t=261, 8 noisy passes)")] = "clean",
     max_matches: Annotated[int | None, typer.Option(help="mutual matches without points")] = None,
     model: ModelOpt = None,
     unet: UnetOpt = None,
@@ -162,7 +168,7 @@ def correspond(
     start = time.perf_counter()
     with user_errors():
         pts = validate_points(json.loads(points), src_size, settings.max_points) if points else None
-        feats = extractor.features(to_pixels([src, tgt]), [key], prompt)[key]
+        feats = extractor.features(to_pixels([src, tgt]), [key], prompt, mode=mode)[key]
     matches = run_match(
         feats[0], feats[1], src_size, tgt_size, pts,
         max_matches=max_matches or settings.max_matches,

@@ -64,6 +64,7 @@ class FeatureDataset:
         self.layers = layers or list(self.manifest["layers"])
         self.dequantize = dequantize
         self._by_key = {row["key"]: i for i, row in enumerate(self.rows)}
+        self._open: tuple[str, Any] | None = None  # the last shard read by position or key
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -73,7 +74,14 @@ class FeatureDataset:
 
     def __getitem__(self, which: int | str) -> Item:
         row = self.rows[self._by_key[which] if isinstance(which, str) else which]
-        return self._item(self.store.tensors(row["shard"]), row)
+        return self._item(self._shard(row["shard"]), row)
+
+    def _shard(self, name: str) -> Any:
+        """Kept open for the next item: items are mostly read in order (a DataLoader
+        without shuffling), and at a URL a shard is one download."""
+        if self._open is None or self._open[0] != name:
+            self._open = (name, self.store.tensors(name))
+        return self._open[1]
 
     def __iter__(self) -> Iterator[Item]:
         shard, handle = None, None

@@ -28,7 +28,7 @@ from .cli_options import (
 
 
 def extract_dataset(
-    source: Annotated[str, typer.Argument(
+    source: Annotated[str, typer.Argument(metavar="SOURCE",
         help="image folder, list file (paths or URLs, one per line) or shards 'd/{0..9}.tar'; "
         "local or an fsspec URL (s3://, gs://, file://)")],
     out: Annotated[str, typer.Option(help="output folder or fsspec URL (resumed when it "

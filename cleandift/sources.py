@@ -173,7 +173,7 @@ def read_image_bytes(record: Record, limits: ReadLimits = ReadLimits()) -> bytes
         if is_url(record.source):
             return read_remote_file(record.source, limits.max_bytes)
         return read_file(Path(record.source), limits.max_bytes)
-    except ItemError:
+    except (ItemError, UsageError):  # UsageError: the URL's package is not installed
         raise
     except (OSError, ValueError, KeyError, tarfile.TarError) as exc:  # ValueError: a NUL
         raise ItemError(f"{record.source}: {exc or type(exc).__name__}") from exc
@@ -205,23 +205,32 @@ def read_member(record: Record, max_bytes: int) -> bytes:
     """A tar member: one read at its offset where the listing found it (a range request
     for a URL), else looked up in the tar."""
     name = f"{record.source}/{record.image}"
-    if record.offset >= 0 and record.size > max_bytes:
-        raise ItemError(f"{name} is {record.size} bytes; the limit is {max_bytes}")
-    with _open_binary(record.source) as fh:
-        if record.offset >= 0:
-            fh.seek(record.offset)
-            data = fh.read(record.size)
-            if len(data) != record.size:
-                raise ItemError(f"{name}: the shard ends inside it")
-            return data
-        with tarfile.open(fileobj=fh) as tar:
-            info = tar.getmember(record.image)
-            if info.size > max_bytes:
-                raise ItemError(f"{name} is {info.size} bytes; the limit is {max_bytes}")
-            handle = tar.extractfile(info)
-            if handle is None:
-                raise ItemError(f"{name} is not a regular file")
-            return handle.read(max_bytes)
+    if record.offset >= 0:
+        if record.size > max_bytes:
+            raise ItemError(f"{name} is {record.size} bytes; the limit is {max_bytes}")
+        data = _read_range(record.source, record.offset, record.size)
+        if len(data) != record.size:
+            raise ItemError(f"{name}: the shard ends inside it")
+        return data
+    with _open_binary(record.source) as fh, tarfile.open(fileobj=fh) as tar:
+        info = tar.getmember(record.image)
+        if info.size > max_bytes:
+            raise ItemError(f"{name} is {info.size} bytes; the limit is {max_bytes}")
+        handle = tar.extractfile(info)
+        if handle is None:
+            raise ItemError(f"{name} is not a regular file")
+        return handle.read(max_bytes)
+
+
+def _read_range(location: str, offset: int, size: int) -> bytes:
+    """`size` bytes at `offset`: for a URL exactly that range is asked for (a file object
+    would read ahead a whole block)."""
+    if is_url(location):
+        fs, path = filesystem(location)
+        return bytes(fs.cat_file(path, start=offset, end=offset + size))
+    with open(location, "rb") as fh:
+        fh.seek(offset)
+        return fh.read(size)
 
 
 def _open_binary(location: str) -> Any:
@@ -259,14 +268,15 @@ def remote_records(url: str) -> list[Record]:
         entries = [e.strip() for e in fs.cat_file(path).decode().splitlines()]
         return [Record(e if (URL.match(e) or is_url(e)) else f"{base}/{e}", "", "", e)
                 for e in entries if e and not e.startswith("#")]
-    shards = sorted(fs.unstrip_protocol(s) for p in expand_braces(path) for s in fs.glob(p))
+    # As for local shards: brace expansions in their order, each one's glob sorted.
+    shards = [fs.unstrip_protocol(s) for p in expand_braces(path) for s in sorted(fs.glob(p))]
     return [r for shard in shards for r in tar_records(shard)]
 
 
 def _remote_folder(fs: Any, root: str) -> list[Record]:
     files = set(fs.find(root))
     records = []
-    for path in sorted(files):
+    for path in sorted(files, key=lambda p: tuple(p.split("/"))):  # as pathlib sorts
         if Path(path).suffix.lower() not in IMAGE_EXTS:
             continue
         caption = ""

@@ -25,7 +25,7 @@ from .cli_options import (
 
 
 def eval_warps(
-    images: Annotated[str, typer.Argument(
+    images: Annotated[str, typer.Argument(metavar="IMAGES",
         help="image folder, list file or shards 'd/{0..9}.tar' (any images: no labels)")],
     layers: Annotated[str | None, typer.Option(
         help="comma-separated keys; the model's default layers (the correspondence layer "

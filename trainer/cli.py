@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 
 def _train(**options: Any) -> None:
-    """Distil a CleanDIFT student from TEACHER and publish it as a new registry version."""
+    """Distil a CleanDIFT student from a base model (--model) and publish it as a new
+    registry version."""
     from cleandift import registry as reg
     from cleandift.warps import gate_score
 
@@ -62,7 +63,7 @@ def command_from_dataclass(fn: Callable[..., None], config: type) -> Callable[..
     for f in fields(config):
         if not f.metadata.get("cli", True):
             continue
-        option = typer.Option(help=f.metadata.get("help", ""))
+        option = typer.Option(*f.metadata.get("flags", ()), help=f.metadata.get("help", ""))
         kind = Annotated.__class_getitem__((hints[f.name], option))  # type: ignore[attr-defined]
         default = inspect.Parameter.empty if f.default is MISSING else f.default
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
@@ -193,7 +194,7 @@ def publish_existing(registry: Path, name: str, unet: Path, base: str | None,
 
 
 def demo_data(
-    out_dir: Path,
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="folder to write")],
     count: Annotated[int, typer.Option(help="number of images")] = 64,
     size: Annotated[int, typer.Option(help="side of each square image, in pixels")] = 320,
     seed: Annotated[int, typer.Option(help="seed of the images and captions")] = 0,

@@ -24,7 +24,9 @@ class TrainConfig:
     data: str = field(metadata={"help": "image folder, or shards 'dir/{00000..00009}.tar'"})
     registry: Path = field(metadata={"help": "registry DIR to publish into"})
     name: str = field(metadata={"help": "model NAME in the registry"})
-    teacher: str | None = _opt(None, "base model spec; the demo model if unset")
+    teacher: str | None = field(default=None, metadata={
+        "help": "the teacher (base) model: diffusers folder, hub id, demo or demo15; the "
+                "demo model if unset", "flags": ("--model", "-m", "--teacher")})
     steps: int = _opt(400, "optimiser steps")
     batch_size: int = _opt(8, "images per optimiser step over all processes (the "
                            "recipe's 8); each of N processes takes batch_size / N")

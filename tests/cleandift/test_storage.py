@@ -14,8 +14,10 @@ import fsspec
 import pytest
 import torch
 
+from cleandift.contract import UsageError
 from cleandift.dataset import FeatureDataset, read_index
-from cleandift.sources import ItemError, ReadLimits, load_records, read_image_bytes
+from cleandift.sources import ItemError, ReadLimits, Record, load_records, read_image_bytes
+from cleandift.storage import LocalStore, open_store
 from tests.cleandift.test_bulk import extract, write_folder
 from tests.corpus import encode, textured_image
 
@@ -30,6 +32,7 @@ def memory() -> Iterator[tuple[fsspec.AbstractFileSystem, str]]:
         fs.rm(root, recursive=True)
 
 
+@pytest.mark.slow
 def test_memory_source_and_destination_equal_a_local_run(tmp_path, demo_dir, memory):
     fs, root = memory
     images = write_folder(tmp_path / "images", 9)  # 9 images and a corrupt one
@@ -54,6 +57,7 @@ def test_memory_source_and_destination_equal_a_local_run(tmp_path, demo_dir, mem
         [r.caption for r in load_records(str(images))]
 
 
+@pytest.mark.slow
 def test_a_remote_run_resumes_after_its_last_whole_shard(tmp_path, demo_dir, memory):
     fs, root = memory
     fs.put(str(write_folder(tmp_path / "images", 9)), f"{root}/src", recursive=True)
@@ -127,3 +131,71 @@ def test_a_list_file_behind_a_url_names_objects_beside_it(memory):
 def test_bad_urls_end_the_command_with_a_message(tmp_path: Path, demo_dir, url, says):
     result = extract(url, tmp_path / "out", "--model", str(demo_dir))
     assert result.exit_code == 2 and says in result.output
+
+
+@pytest.mark.slow
+def test_a_file_url_destination_is_a_local_folder(tmp_path, demo_dir):
+    images = write_folder(tmp_path / "images", 5, corrupt=False)
+    plain = extract(images, tmp_path / "plain", "--model", str(demo_dir))
+    url = extract(f"file://{images}", f"file://{tmp_path}/new/out", "--model", str(demo_dir))
+    assert plain.exit_code == url.exit_code == 0, url.output
+    assert isinstance(open_store(f"file://{tmp_path}/new/out"), LocalStore)
+    assert sorted(p.name for p in (tmp_path / "new" / "out").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "plain").iterdir())
+    for path in (tmp_path / "plain").iterdir():  # the manifest names its source as given
+        there = (tmp_path / "new" / "out" / path.name).read_bytes()
+        assert there.replace(b"file://", b"") == path.read_bytes()
+
+
+def _commit(store, number: int, keys: list[str]) -> None:
+    shard = f"shard-{number:05d}.safetensors"
+    tensors = {f"{i:06d}/us6": torch.full((2, 2), float(number)) for i in range(len(keys))}
+    store.commit(shard, tensors, {}, [{"key": k, "shard": shard, "entry": i}
+                                      for i, k in enumerate(keys)])
+
+
+def test_either_index_layout_reads_and_resumes_on_a_disk_and_at_a_url(tmp_path, memory):
+    fs, root = memory
+    local, remote = open_store(tmp_path / "disk"), open_store(f"memory://{root}/bucket")
+    for store in (local, remote):
+        _commit(store, 0, ["a", "b"])
+    assert (tmp_path / "disk" / "index.jsonl").is_file() and fs.isdir(f"{root}/bucket/index.d")
+    fs.get(f"{root}/bucket", str(tmp_path / "from-bucket"), recursive=True)
+    fs.put(str(tmp_path / "disk"), f"{root}/from-disk", recursive=True)
+    copies = [open_store(tmp_path / "from-bucket"), open_store(f"memory://{root}/from-disk")]
+    for store in copies:
+        assert store.read_index() == local.read_index() == remote.read_index()
+        _commit(store, 1, ["c"])  # resumed in the layout it holds
+        assert [row["key"] for row in store.read_index()] == ["a", "b", "c"]
+    assert not (tmp_path / "from-bucket" / "index.jsonl").exists()
+    assert not fs.exists(f"{root}/from-disk/index.d")
+    (tmp_path / "from-bucket" / "index.jsonl").write_text("")
+    with pytest.raises(UsageError, match="both index.jsonl and index.d"):
+        open_store(tmp_path / "from-bucket").read_index()
+
+
+def test_a_folder_at_a_url_lists_in_the_order_of_the_same_folder_on_disk(tmp_path, memory):
+    fs, root = memory
+    for name in ("a-b.jpg", "a.b.jpg", "a/b.jpg", "a/c/d.jpg", "a0.jpg", "B.jpg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+        fs.pipe_file(f"{root}/{name}", b"x")
+    assert [r.key for r in load_records(f"memory://{root}")] == \
+        [r.key for r in load_records(str(tmp_path))]
+
+
+def test_shards_keep_the_order_of_their_patterns_at_a_url_as_on_disk(tmp_path, memory):
+    fs, root = memory
+    tar = _tar({"k.jpg": b"x"})
+    for name in ("b-1.tar", "b-2.tar", "a-1.tar"):
+        (tmp_path / name).write_bytes(tar)
+        fs.pipe_file(f"{root}/{name}", tar)
+    pattern = "{b,a}-*.tar"
+    assert [r.key for r in load_records(f"memory://{root}/{pattern}")] == \
+        [r.key for r in load_records(f"{tmp_path}/{pattern}")] == \
+        ["b-1.tar/k", "b-2.tar/k", "a-1.tar/k"]
+
+
+def test_a_url_whose_package_is_missing_stops_the_run_not_the_item():
+    with pytest.raises(UsageError, match="Protocol not known"):
+        read_image_bytes(Record("nope://bucket/1.jpg", ""))

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 MINBASE = "cleandift-test/minbase:bookworm"
 PYTHON = "cleandift-test/python:3.11-bookworm"
 REDIS = "cleandift-test/redis:bookworm"
-API, WORKER = "cleandift/api:0.1.0", "cleandift/worker:0.1.0"  # the names compose runs
+# The test's own tags (CLEANDIFT_API_IMAGE / _WORKER_IMAGE): a user's images are left alone.
+API, WORKER = "cleandift-test/api:0.1.0", "cleandift-test/worker:0.1.0"
 MIRROR = os.environ.get("CLEANDIFT_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 HOST_CA = Path(os.environ.get("PIP_CERT") or "/etc/ssl/certs/ca-certificates.crt")
 BUILD_TIMEOUT_S = 1500
@@ -33,6 +34,10 @@ ENV PIP_CERT=/etc/ssl/certs/host-ca.crt SSL_CERT_FILE=/etc/ssl/certs/host-ca.crt
 RUN apt-get update && apt-get install -y --no-install-recommends {packages} \\
     && rm -rf /var/lib/apt/lists/*
 """
+
+
+class Unbuildable(Exception):
+    """This machine lacks something the images need (the test skips, saying what)."""
 
 
 def docker(*argv: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
@@ -66,8 +71,10 @@ def minbase() -> None:
     if has_image(MINBASE):
         return
     if shutil.which("debootstrap") is None:
-        raise RuntimeError("debootstrap is needed to make a base image (apt-get install "
+        raise Unbuildable("debootstrap is needed to make a base image (apt-get install "
                            "debootstrap)")
+    if os.geteuid() != 0:
+        raise Unbuildable("debootstrap needs root to make the base image")
     with tempfile.TemporaryDirectory(prefix="cleandift-rootfs-") as tmp:
         subprocess.run(["debootstrap", "--variant=minbase", "bookworm", tmp, MIRROR],
                        check=True, capture_output=True, timeout=BUILD_TIMEOUT_S)
@@ -103,14 +110,19 @@ def project_images() -> None:
     worker with the CPU torch wheel of this machine (no CUDA build downloaded)."""
     wheel = torch_wheel()
     if wheel is None:
-        raise RuntimeError("no CPU torch wheel in PIP_FIND_LINKS: the worker image would "
-                           "download a CUDA build")
-    staged = ROOT / "docker" / "wheels" / wheel.name
-    if not staged.exists():
-        shutil.copy(wheel, staged)
-    version = wheel.name.split("-")[1]
+        raise Unbuildable("no CPU torch wheel in PIP_FIND_LINKS: the worker image would "
+                          "download a CUDA build")
     docker("build", "-q", "-f", "docker/Dockerfile.api", "-t", API,
            "--build-arg", f"PYTHON_IMAGE={PYTHON}", ".", cwd=ROOT, timeout=BUILD_TIMEOUT_S)
-    docker("build", "-q", "-f", "docker/Dockerfile.worker", "-t", WORKER,
-           "--build-arg", f"PYTHON_IMAGE={PYTHON}", "--build-arg", f"WORKER_BASE={PYTHON}",
-           "--build-arg", f"TORCH=torch=={version}", ".", cwd=ROOT, timeout=BUILD_TIMEOUT_S)
+    staged = ROOT / "docker" / "wheels" / wheel.name  # in the worker's build context only
+    already = staged.exists()
+    try:
+        if not already:
+            shutil.copy(wheel, staged)
+        docker("build", "-q", "-f", "docker/Dockerfile.worker", "-t", WORKER,
+               "--build-arg", f"PYTHON_IMAGE={PYTHON}", "--build-arg", f"WORKER_BASE={PYTHON}",
+               "--build-arg", f"TORCH=torch=={wheel.name.split('-')[1]}", ".", cwd=ROOT,
+               timeout=BUILD_TIMEOUT_S)
+    finally:
+        if not already:
+            staged.unlink(missing_ok=True)

@@ -28,7 +28,7 @@ from cleandift.settings import Settings
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-COMPOSE_FILES = ["docker-compose.yml", "docker-compose.cpu.yml", "docker-compose.gpu.yml",
+COMPOSE_FILES = ["docker-compose.yml", "docker-compose.cpu.yml", "docker-compose.override.yml",
                  "docker-compose.two-models.yml", "docker-compose.two-models.cpu.yml",
                  "docker-compose.two-models.gpu.yml"]
 DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile.*"))
@@ -126,13 +126,14 @@ def test_compose_files_follow_the_compose_specification(name, compose_schema):
 
 
 def test_gpu_by_default_cpu_with_the_override():
-    """`docker compose up` reads .env's COMPOSE_FILE (base + GPU); the CPU command names
-    its files, so the GPU file is left out."""
-    env = dict(line.split("=", 1) for line in (ROOT / ".env").read_text().splitlines()
-               if line and not line.startswith("#"))
-    assert env["COMPOSE_FILE"].split(":") == ["docker-compose.yml", "docker-compose.gpu.yml"]
+    """`docker compose up` with no -f adds docker-compose.override.yml (the GPU), by
+    Compose's own rule; the CPU command names its files, so the GPU file is left out. No
+    tracked `.env`: that file is the user's (their settings), never the repository's."""
+    done = subprocess.run(["git", "ls-files", ".env"], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert done.stdout.strip() == "" and ".env" in (ROOT / ".gitignore").read_text()
     base = load_compose("docker-compose.yml")
-    gpu = merge(base, load_compose("docker-compose.gpu.yml"))
+    gpu = merge(base, load_compose("docker-compose.override.yml"))
     for service in ("worker", "trainer"):
         reservation = gpu["services"][service]["deploy"]["resources"]["reservations"]
         assert reservation["devices"][0]["capabilities"] == ["gpu"]

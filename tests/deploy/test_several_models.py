@@ -218,7 +218,7 @@ def resolve_extends(service: dict) -> dict:
 
 def two_models_compose() -> dict[str, dict]:
     merged = untag(load_compose("docker-compose.yml"))
-    for layer in ("docker-compose.gpu.yml", "docker-compose.two-models.yml",
+    for layer in ("docker-compose.override.yml", "docker-compose.two-models.yml",
                   "docker-compose.two-models.gpu.yml"):
         merged = merge(merged, load_compose(layer))
     return {name: resolve_extends(s) for name, s in merged["services"].items()}

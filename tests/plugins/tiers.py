@@ -14,6 +14,7 @@ import multiprocessing.process
 import subprocess
 
 import pytest
+import redis.asyncio.connection
 import redis.connection
 
 # Fixture name -> what it starts (why a test using it is integration).
@@ -40,6 +41,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.unit)
 
 
+class Refused(OSError):
+    """What the guard raises: an OSError, as a failed start or connection would be, so
+    the code under test takes its usual error path (the test fails afterwards anyway)."""
+
+
 @pytest.fixture(autouse=True)
 def unit_tests_stay_in_process(request: pytest.FixtureRequest,
                                monkeypatch: pytest.MonkeyPatch):
@@ -52,13 +58,15 @@ def unit_tests_stay_in_process(request: pytest.FixtureRequest,
     def refuse(what: str):
         def guard(*args, **kwargs):
             seen.append(what)
-            raise RuntimeError(f"a unit test may not {what}")
+            raise Refused(f"a unit test may not {what}")
         return guard
 
     monkeypatch.setattr(subprocess.Popen, "__init__", refuse("start a subprocess"))
     monkeypatch.setattr(multiprocessing.process.BaseProcess, "start",
                         refuse("start a process"))
     monkeypatch.setattr(redis.connection.AbstractConnection, "connect",
+                        refuse("connect to Redis"))
+    monkeypatch.setattr(redis.asyncio.connection.AbstractConnection, "connect",
                         refuse("connect to Redis"))
     yield
     if seen:

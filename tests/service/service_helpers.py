@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
 import sys
 import threading
 import time
 import traceback
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import redis
@@ -166,3 +171,34 @@ def expected_features(extractor, data: bytes, layers, size: int = 256) -> dict[s
     pixels = to_pixels([array])
     feats = extractor.features(pixels, layers)
     return {k: v[0].float().cpu() for k, v in feats.items()}
+
+
+@contextmanager
+def serving(args: list[str], cache_dir: Path, log: Path, **env: str) -> Iterator[str]:
+    """`cleandift serve` as a user runs it (its own redis-server, a worker process), on a
+    free port; yields its URL once ready."""
+    port = free_port()
+    full = {**os.environ, "CLEANDIFT_CACHE_DIR": str(cache_dir), "CLEANDIFT_WORKER_PORT": "0",
+            "CLEANDIFT_TORCH_THREADS": "1", **env}
+    for name in ("REDIS_URL", "CLEANDIFT_MODEL", "CLEANDIFT_MODELS"):
+        full.pop(name, None)
+    with open(log, "wb") as out:
+        serve = subprocess.Popen([sys.executable, "-m", "cleandift.cli", "serve", "--port",
+                                  str(port), *args], env=full, stdout=out,
+                                 stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert serve.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        yield url
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(timeout=60)

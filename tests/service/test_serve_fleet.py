@@ -4,51 +4,17 @@ from one command, and a version switch of two worker processes under load."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
-from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import pytest
 
-from cleandift.service.processes.redis_server import free_port
 from tests.corpus import encode, textured_image
+from tests.service.service_helpers import serving
 from tests.service.test_reload import publish, unet_files  # noqa: F401 (a fixture)
 from tests.service.test_switch import Clients
 
 pytestmark = pytest.mark.integration
-
-
-@contextmanager
-def serving(args: list[str], cache_dir: Path, log: Path, **env: str):
-    port = free_port()
-    full = {**os.environ, "CLEANDIFT_CACHE_DIR": str(cache_dir), "CLEANDIFT_WORKER_PORT": "0",
-            "CLEANDIFT_TORCH_THREADS": "1", **env}
-    for name in ("REDIS_URL", "CLEANDIFT_MODEL", "CLEANDIFT_MODELS"):
-        full.pop(name, None)
-    with open(log, "wb") as out:
-        serve = subprocess.Popen([sys.executable, "-m", "cleandift.cli", "serve", "--port",
-                                  str(port), *args], env=full, stdout=out,
-                                 stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert serve.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
-        yield url
-    finally:
-        serve.send_signal(signal.SIGTERM)
-        serve.wait(timeout=60)
 
 
 def test_one_serve_runs_two_different_demo_models(cache_dir, tmp_path, jpeg):

@@ -1,0 +1,97 @@
+"""The README's examples run as pasted: every command of "Calling the API", both Python
+snippets and the command-line examples, against `cleandift serve` on the demo model, in a
+folder holding only the shipped `examples/` photos. A command that fails (curl's
+`--fail-with-body` through CURL_HOME, a non-zero exit, a Python exception) fails the
+test with its output. Only the address changes: `localhost:8000` becomes the test's port.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.service.service_helpers import serving
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+ROOT = Path(__file__).resolve().parents[1]
+# Long-running or environment-changing lines, run elsewhere (the serve fixture itself, the
+# test of `serve | api | worker`); everything else in the chosen blocks runs.
+SKIP = re.compile(r"^cleandift (serve|api|worker)\b")
+
+
+def blocks(section: str, language: str) -> list[str]:
+    """The fenced `language` blocks of the README's `## section`."""
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(rf"^## {re.escape(section)}\n(.*?)(?=^## |\Z)", readme, re.M | re.S)
+    assert match, f"README.md has no section '## {section}'"
+    return re.findall(rf"^```{language}\n(.*?)^```", match.group(1), re.M | re.S)
+
+
+def commands(block: str) -> list[str]:
+    """Shell commands: continuation lines joined, comments and blank lines dropped."""
+    joined = re.sub(r"\\\n\s*", " ", block)
+    return [line for line in joined.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+@pytest.fixture(scope="module")
+def served(cache_dir, tmp_path_factory) -> tuple[str, Path]:
+    """`cleandift serve` (its own Redis, the demo model) and a folder with `examples/`."""
+    here = tmp_path_factory.mktemp("readme")
+    (here / "examples").symlink_to(ROOT / "examples")
+    (here / ".curlrc").write_text("fail-with-body\nsilent\nshow-error\n")
+    with serving([], cache_dir, here / "serve.log") as url:
+        yield url, here
+
+
+def run(line: str, url: str, cwd: Path, timeout: float = 300) -> str:
+    line = line.replace("http://localhost:8000", url).replace("localhost:8000",
+                                                              url.removeprefix("http://"))
+    env = {**os.environ, "CURL_HOME": str(cwd),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", line], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{line}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+    return done.stdout
+
+
+def test_the_api_examples_run_as_pasted(served):
+    url, here = served
+    [block] = blocks("Calling the API", "bash")
+    lines = commands(block)
+    assert len(lines) >= 14 and all("localhost:8000" in line for line in lines)
+    for line in lines:
+        run(line, url, here)
+    assert (here / "us6.npy").read_bytes().startswith(b"\x93NUMPY")
+    for name in ("f.safetensors", "f32.safetensors", "g.safetensors", "q.safetensors"):
+        assert (here / name).stat().st_size > 0
+
+
+def test_the_python_examples_run_as_pasted(served):
+    url, here = served
+    snippets = blocks("Calling the API", "python") + \
+        blocks("The web page and the Python client", "python")
+    assert len(snippets) == 2
+    for code in snippets:
+        code = code.replace("http://localhost:8000", url)
+        done = subprocess.run([sys.executable, "-c", code], cwd=here, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, f"{code}\n{done.stderr[-3000:]}"
+
+
+def test_the_command_line_examples_run_as_pasted(served):
+    url, here = served
+    block = blocks("Command line", "bash")[0]
+    lines = [line for line in commands(block) if not SKIP.match(line)]
+    assert len(lines) >= 6
+    for line in lines:
+        run(line, url, here)
+    assert (here / "feats" / "index.jsonl").is_file() and (here / "warps.json").is_file()
+    run("python -c 'from cleandift.dataset import FeatureDataset as F; "
+        "print(F(\"feats\")[\"cat.jpg\"].features[\"us6\"].shape)'", url, here)
