@@ -130,11 +130,14 @@ def commit_shard(out: Store, number: int, outcomes: list[Outcome], options: Opti
     out.commit(name, tensors, {"model_version": model["model_version"]}, rows)
 
 
-def open_output(location: str | Path, options: Options, model: dict[str, str]
+def open_output(location: str | Path, options: Options, model: dict[str, str],
+                records: list[Record] | None = None
                 ) -> tuple[Store, list[Record], list[dict[str, Any]]]:
     """(the output, the source's records, the index rows already committed there): the
-    start of a run or of a resumed one, whichever engine computes."""
-    records = load_records(options.source)
+    start of a run or of a resumed one, whichever engine computes. `records`: the source
+    listed already (the command lists it before loading a model, so a bad source fails
+    at once)."""
+    records = load_records(options.source) if records is None else records
     out = open_store(location)
     committed = prepare_folder(out, options, model)
     if [r["key"] for r in committed] != [r.key for r in records[:len(committed)]]:
@@ -155,11 +158,12 @@ def pending_shards(records: list[Record], done: int, shard_size: int
 
 def extract_dataset(location: str | Path, options: Options, compute: Compute,
                     model: dict[str, str],
-                    progress: bool = True, limits: ReadLimits = ReadLimits()) -> dict[str, int]:
+                    progress: bool = True, limits: ReadLimits = ReadLimits(),
+                    records: list[Record] | None = None) -> dict[str, int]:
     """Run (or resume) an extraction; returns counts of done, failed and skipped items.
     `limits` bound the reading of each item; they are not in the manifest (they decide
     which items fail, not what the features are), so a resumed run may change them."""
-    out, records, committed = open_output(location, options, model)
+    out, records, committed = open_output(location, options, model, records)
     bar = tqdm(total=len(records), initial=len(committed), unit="img", desc="extract",
                disable=not progress, smoothing=0.1)
     failed = sum("error" in row for row in committed)

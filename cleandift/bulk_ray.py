@@ -117,12 +117,13 @@ def start_ray(address: str | None, progress: bool = True) -> None:
 
 
 def ray_extract(location: str | Path, options: Options, plan: RayPlan, model: dict[str, str],
-                progress: bool = True, limits: ReadLimits = ReadLimits()) -> dict[str, int]:
+                progress: bool = True, limits: ReadLimits = ReadLimits(),
+                records: list[Record] | None = None) -> dict[str, int]:
     """Run (or resume) an extraction on Ray; returns counts as `bulk.extract_dataset`."""
     import ray
     import ray.data
 
-    out, records, committed = open_output(location, options, model)
+    out, records, committed = open_output(location, options, model, records)
     shards = list(pending_shards(records, len(committed), options.shard_size))
     failed = sum("error" in row for row in committed)
     if shards:

@@ -157,17 +157,23 @@ def correspond(
     device: DeviceOpt = None,
 ) -> None:
     """Match points from SOURCE to TARGET; prints the JSON of POST /correspond."""
-    from .contract import validate_points
+    from .contract import check_size, validate_points
     from .images import to_pixels
     from .matching import correspond as run_match
 
+    # What can be checked without the model is checked before it loads: a typo costs no wait.
+    [key] = _layer_keys(layer) or [None]
+    with user_errors():
+        raw_points = json.loads(points) if points else None
+        if size is not None:
+            check_size(size)
     extractor, settings = _load(model, unet, device, None)
     side = _input_size(extractor, size)
     (src, src_size), (tgt, tgt_size) = (_read_image(p, side, settings) for p in (source, target))
-    key = layer or extractor.info.correspondence_layer
+    key = key or extractor.info.correspondence_layer
     start = time.perf_counter()
     with user_errors():
-        pts = validate_points(json.loads(points), src_size, settings.max_points) if points else None
+        pts = validate_points(raw_points, src_size, settings.max_points) if points else None
         feats = extractor.features(to_pixels([src, tgt]), [key], prompt, mode=mode)[key]
     matches = run_match(
         feats[0], feats[1], src_size, tgt_size, pts,

@@ -82,6 +82,7 @@ def extract_dataset(
         raise typer.BadParameter("--engine ray computes with its own actors; --service "
                                  "sends to a running service: choose one")
     limits = ReadLimits() if fetch_timeout is None else ReadLimits(fetch_timeout_s=fetch_timeout)
+    records = _list(source)  # before any model loads: a bad source costs no wait
     if engine == "ray":  # Ray starts while the model is read for its facts (a thread):
         # the actors load it again where they run.
         load = ThreadPoolExecutor(1).submit(_backend, None, concurrency, model, unet, "cpu",
@@ -100,13 +101,25 @@ def extract_dataset(
                 args = settings_with(model=model, unet=unet, device=device,
                                      dtype=dtype).extractor_args()
                 counts = _run_ray(out, options, info, limits, args, address, workers,
-                                  gpus_per_worker)
+                                  gpus_per_worker, records)
             else:
-                counts = run(out, options, compute(options), info, limits=limits)
+                counts = run(out, options, compute(options), info, limits=limits,
+                             records=records)
     except FileNotFoundError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     typer.echo(json.dumps(counts))
+
+
+def _list(source: str) -> list[Any]:
+    from .sources import load_records
+
+    try:
+        with user_errors():
+            return load_records(source)
+    except FileNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
 def _start_ray(address: str | None) -> None:
@@ -122,12 +135,12 @@ def _start_ray(address: str | None) -> None:
 
 def _run_ray(out: str, options: Any, info: dict[str, str], limits: Any,
              extractor_args: dict[str, Any], address: str | None, workers: int,
-             gpus: float) -> dict[str, int]:
+             gpus: float, records: list[Any]) -> dict[str, int]:
     from .bulk_ray import RayPlan, ray_extract
 
     plan = RayPlan(extractor_args=extractor_args, workers=workers, gpus_per_worker=gpus,
                    address=address, torch_threads=_torch_threads())
-    return ray_extract(out, options, plan, info, limits=limits)
+    return ray_extract(out, options, plan, info, limits=limits, records=records)
 
 
 def _torch_threads() -> int:

@@ -32,6 +32,9 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 128
 
 
+SHUTDOWN_POLL_S = 0.05
+
+
 def serve_worker_http(port: int, render_metrics: Callable[[], bytes], ready: Check,
                       alive: Check, host: str = "127.0.0.1",
                       results: ResultStore | None = None,
@@ -74,7 +77,10 @@ def serve_worker_http(port: int, render_metrics: Callable[[], bytes], ready: Che
             pass
 
     server = _Server((host, port), Handler)
-    threading.Thread(target=server.serve_forever, name="worker-http", daemon=True).start()
+    # shutdown() waits for the loop's next poll: 50 ms, not socketserver's 0.5 s, so a
+    # stopping worker (and every test of one) is not held up by its port.
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": SHUTDOWN_POLL_S},
+                     name="worker-http", daemon=True).start()
     return server
 
 

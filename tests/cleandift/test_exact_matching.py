@@ -61,9 +61,11 @@ def pixel_points(size, n, seed):
 
 CASES = [  # kind, channels, (h, w) source grid, (h, w) target grid, source size, target size
     ("random", 64, (16, 16), (16, 16), (256, 256), (700, 500)),
-    ("smooth", 64, (16, 16), (12, 20), (256, 256), (1400, 900)),
+    pytest.param("smooth", 64, (16, 16), (12, 20), (256, 256), (1400, 900),
+                 marks=pytest.mark.slow),  # a 1.3 Mpx target: about 3 s
     ("smooth", 64, (16, 16), (16, 16), (256, 256), (256, 256)),
-    ("smooth", 1280, (16, 16), (16, 16), (256, 256), (300, 200)),
+    pytest.param("smooth", 1280, (16, 16), (16, 16), (256, 256), (300, 200),
+                 marks=pytest.mark.slow),  # SD's 1280 channels: about 3 s
     pytest.param("low-rank", 64, (16, 16), (16, 12), (256, 256), (700, 1000),
                  marks=pytest.mark.slow),  # no bound prunes: about 10 s
     ("float16", 64, (12, 16), (16, 16), (320, 240), (1000, 700)),

@@ -21,6 +21,7 @@ def student_file(tmp_path_factory, extractor):
     return path, state
 
 
+@pytest.mark.slow  # over 2 s here: outside the unit tier
 def test_flat_state_dict_loads_strictly_and_changes_features(
     demo_dir, extractor, student_file, photo
 ):
@@ -84,6 +85,7 @@ def test_hub_id_offline_fails_clearly():
         load_extractor("cleandift-test/not-in-the-cache", device="cpu")
 
 
+@pytest.mark.slow  # over 2 s here: outside the unit tier
 def test_metadata_overrides_and_defaults(demo_dir, tmp_path):
     folder = tmp_path / "plain"
     shutil.copytree(demo_dir, folder)

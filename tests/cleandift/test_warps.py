@@ -109,6 +109,7 @@ def test_the_score_is_deterministic_and_counts_every_point(extractor, tmp_path):
     assert first["inexact_matches"] == 0
 
 
+@pytest.mark.slow  # over 2 s here: outside the unit tier
 def test_eval_warps_command_reports_per_layer(demo_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(tqdm, "monitor_interval", 0)  # no monitor thread outliving the test
     (tmp_path / "a.png").write_bytes(encode(textured_image(96, 80, seed=1), "PNG"))
