@@ -162,7 +162,7 @@ def correspond(
     from .matching import correspond as run_match
 
     # What can be checked without the model is checked before it loads: a typo costs no wait.
-    [key] = _layer_keys(layer) or [None]
+    chosen = _layer_keys(layer)
     with user_errors():
         raw_points = json.loads(points) if points else None
         if size is not None:
@@ -170,7 +170,7 @@ def correspond(
     extractor, settings = _load(model, unet, device, None)
     side = _input_size(extractor, size)
     (src, src_size), (tgt, tgt_size) = (_read_image(p, side, settings) for p in (source, target))
-    key = key or extractor.info.correspondence_layer
+    key = chosen[0] if chosen else extractor.info.correspondence_layer
     start = time.perf_counter()
     with user_errors():
         pts = validate_points(raw_points, src_size, settings.max_points) if points else None

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from ..messages import CLIENT_CLOSED, Job, Result
 from ..metrics import WorkerMetrics
 from ..queue.errors import QueueUnavailable
-from . import isolation, stages
+from . import isolation, post
 
 log = logging.getLogger(__name__)
 Answer = tuple[Job, Result]
@@ -22,7 +22,7 @@ def count(metrics: WorkerMetrics, answers: Sequence[Answer]) -> None:
     for job, result in answers:
         status = result.meta.status
         metrics.jobs.labels(kind=job.spec.kind, status=str(status)).inc()
-        metrics.inexact_matches.inc(stages.inexact_matches(result.meta))
+        metrics.inexact_matches.inc(post.inexact_matches(result.meta))
         metrics.expired.inc(status == 504)
         metrics.cancelled.inc(status == CLIENT_CLOSED)
         if status >= 500:

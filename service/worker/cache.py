@@ -28,7 +28,7 @@ import torch
 
 from cleandift.contract import ModelInfo
 
-from ..messages import JobSpec
+from ..messages import Job, JobSpec
 from ..queue.errors import QueueUnavailable
 
 
@@ -149,6 +149,19 @@ class FeatureCache:
         for tier in self.tiers:
             with contextlib.suppress(QueueUnavailable):
                 tier.put(entries)
+
+    def lookup(self, job: Job, model: Computing
+               ) -> tuple[list[dict[str, torch.Tensor]] | None, str]:
+        """`get` for a job's images and layers (a miss where its images have no hashes)."""
+        keys = image_keys(job.spec, model, job.digests)
+        return self.get(keys, job.spec.layers) if keys else (None, "miss")
+
+    def remember(self, job: Job, model: Computing,
+                 maps: Sequence[dict[str, torch.Tensor]]) -> None:
+        """Keep what a forward computed for each of a job's images."""
+        keys = image_keys(job.spec, model, job.digests)
+        if keys:
+            self.put(keys, maps)
 
     def invalidate(self, info: ModelInfo) -> int:
         """Drop every entry of this model version (after a hot reload replaced it)."""

@@ -20,7 +20,7 @@ from cleandift.settings import Settings
 
 from ..messages import Job, failure
 from .answering import Answer
-from .stages import job_failure
+from .failures import job_failure
 
 
 class Decoder:

@@ -11,7 +11,7 @@ its whole batch 500. Here every stage falls back to smaller units when a batch f
   raises is retried in halves before one job is blamed (an out-of-memory batch often
   runs in halves); a forward stopped because nobody waits for any of its jobs (between
   DIFT passes) is answered so, not retried;
-- post: stages.py notes each job's output failure on its own; a result that cannot be
+- post: post.py notes each job's output failure on its own; a result that cannot be
   placed or encoded fails alone.
 """
 
@@ -26,7 +26,7 @@ from cleandift.contract import validate_layers
 from cleandift.extractor import Extractor, Stopped
 
 from ..messages import CLIENT_CLOSED, Job, Result
-from . import stages
+from . import failures, post, stages
 from .batching import Batch, batch_of
 from .waiting import Waiting
 
@@ -52,7 +52,7 @@ def batchable(jobs: list[Job]) -> tuple[list[Job], list[Answer]]:
                 raise ValueError(f"images are not {side}x{side}x3 uint8")
             good.append(job)
         except Exception as exc:  # a message the batcher cannot read
-            answers.append((job, stages.job_failure(job.spec.id, "intake", exc)))
+            answers.append((job, failures.job_failure(job.spec.id, "intake", exc)))
     return good, answers
 
 
@@ -63,7 +63,7 @@ def prepare(batch: Batch, pin: bool) -> tuple[list[stages.Prepared], list[Answer
     except Exception as exc:
         if len(batch.jobs) == 1:
             job = batch.jobs[0]
-            return [], [(job, stages.job_failure(job.spec.id, "pre-processing", exc))]
+            return [], [(job, failures.job_failure(job.spec.id, "pre-processing", exc))]
     ready: list[stages.Prepared] = []
     answers: list[Answer] = []
     for half in batch.halves():
@@ -78,8 +78,8 @@ def unwaited(jobs: list[Job], waiting: Waiting) -> tuple[list[Job], list[Answer]
     for a client that went away)."""
     expired = waiting.expired(jobs)
     cancelled = waiting.cancelled([job for job in jobs if job not in expired])
-    answers = (stages.failed(expired, 504, stages.DEADLINE_MESSAGE)
-               + stages.failed(cancelled, CLIENT_CLOSED, stages.CANCELLED_MESSAGE))
+    answers = (failures.failed(expired, 504, failures.DEADLINE_MESSAGE)
+               + failures.failed(cancelled, CLIENT_CLOSED, failures.CANCELLED_MESSAGE))
     return [job for job in jobs if job not in expired and job not in cancelled], answers
 
 
@@ -95,12 +95,12 @@ def forward(prepared: stages.Prepared, extractor: Extractor, pin: bool, waiting:
         return [stages.forward(prepared, extractor, waiting.nobody_waits(jobs))], []
     except Stopped:  # nobody waited for any of them: past their deadline, or gone
         expired = waiting.expired(jobs)
-        return [], (stages.failed(expired, 504, stages.DEADLINE_MESSAGE) + stages.failed(
+        return [], (failures.failed(expired, 504, failures.DEADLINE_MESSAGE) + failures.failed(
             [job for job in jobs if job not in expired], CLIENT_CLOSED,
-            stages.CANCELLED_MESSAGE))
+            failures.CANCELLED_MESSAGE))
     except Exception as exc:
         if len(jobs) == 1:
-            return [], [(jobs[0], stages.job_failure(jobs[0].spec.id, "forward pass", exc))]
+            return [], [(jobs[0], failures.job_failure(jobs[0].spec.id, "forward pass", exc))]
         log.warning("a forward pass of %d jobs failed (%s: %s): retrying them in halves",
                     len(jobs), type(exc).__name__, exc)
     computed: list[stages.Computed] = []
@@ -124,13 +124,13 @@ def _retry(batch: Batch, extractor: Extractor, pin: bool, waiting: Waiting,
     return computed, answers
 
 
-def results(computed: stages.Computed, limits: stages.MatchLimits, waiting: Waiting
+def results(computed: stages.Computed, limits: post.MatchLimits, waiting: Waiting
             ) -> list[Answer]:
     """Each job's answer; if the post stage fails as a whole, each job is told so."""
     try:
-        return stages.results(computed, limits, waiting.gone)
+        return post.results(computed, limits, waiting.gone)
     except Exception as exc:
-        return [(job, stages.job_failure(job.spec.id, "post-processing", exc))
+        return [(job, failures.job_failure(job.spec.id, "post-processing", exc))
                 for job in computed.prepared.batch.jobs]
 
 
@@ -142,7 +142,7 @@ def placed(answers: list[Answer], place: Callable[[Result], None]) -> list[Answe
             place(result)
             out.append((job, result))
         except Exception as exc:
-            out.append((job, stages.job_failure(job.spec.id, "result store", exc)))
+            out.append((job, failures.job_failure(job.spec.id, "result store", exc)))
     return out
 
 
@@ -154,5 +154,5 @@ def encodable(answers: list[Answer]) -> list[Answer]:
             result.to_fields()
             out.append((job, result))
         except Exception as exc:
-            out.append((job, stages.job_failure(job.spec.id, "result encoding", exc)))
+            out.append((job, failures.job_failure(job.spec.id, "result encoding", exc)))
     return out

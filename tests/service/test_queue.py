@@ -376,6 +376,6 @@ def test_jobs_of_a_hung_worker_are_taken_over(settings, extractor, jpeg, monkeyp
             with WorkerThread(quick, extractor, name="rescuer") as rescuer:
                 statuses = [f.result().status_code for f in futures]
                 retried = rescuer.worker.metrics.value("cleandift_deliveries_retried_total")
-            assert victim.worker.stuck() and not victim.worker.ready()[0]
+            assert victim.worker.lease.stuck() and not victim.worker.lease.ready()[0]
             release.set()
     assert statuses == [200, 200] and retried >= 1

@@ -228,7 +228,7 @@ def test_no_request_sent_after_a_new_answer_gets_the_old_version(
             time.sleep(4.0)  # the slow worker's load ends in this window
         finally:
             clients.finish()
-        ready = other.worker.ready()
+        ready = other.worker.lease.ready()
     assert {status for *_, status in clients.seen} == {200}
     assert clients.went_back("v2") == []
     if second == "broken":  # it stays out of the switch, and says so

@@ -16,7 +16,7 @@ import torch
 from cleandift.service.messages import Heartbeat, Job, JobSpec, Result
 from cleandift.service.metrics import WorkerMetrics
 from cleandift.service.queue.errors import QueueUnavailable
-from cleandift.service.worker import stages
+from cleandift.service.worker import post, stages
 from cleandift.service.worker.holder import ModelHolder
 from cleandift.service.worker.loop import Worker
 from cleandift.settings import Settings
@@ -123,7 +123,7 @@ def test_jobs_are_answered_with_features_and_timings(extractor):
     assert set(first.meta.timings_ms) == {"queue", "inference"}
     assert worker.metrics.value("cleandift_images_processed_total") == 5
     assert queue.models and queue.beats, "model published and heartbeats sent"
-    assert worker._held == set()
+    assert worker.lease.held == set()
 
 
 def test_a_failing_forward_answers_every_job_of_the_batch(extractor, monkeypatch):
@@ -143,7 +143,7 @@ def test_a_failing_forward_answers_every_job_of_the_batch(extractor, monkeypatch
 
 
 def test_a_failing_post_stage_answers_the_batch_and_the_worker_goes_on(extractor, monkeypatch):
-    real = stages.results
+    real = post.results
     calls = []
 
     def flaky(computed, *args):
@@ -152,7 +152,7 @@ def test_a_failing_post_stage_answers_the_batch_and_the_worker_goes_on(extractor
             raise ValueError("encoding bug")
         return real(computed, *args)
 
-    monkeypatch.setattr(stages, "results", flaky)
+    monkeypatch.setattr(post, "results", flaky)
     queue = MemoryQueue()
     queue.waiting.extend([job(0), job(1, kind="correspond")])
     with running(queue, extractor, max_batch=1):
@@ -203,7 +203,7 @@ def test_answers_are_retried_until_redis_takes_them(extractor):
         answers = queue.wait_answers(2)
     assert {r.meta.status for r in answers.values()} == {200}
     assert queue.completes >= 3  # two refusals, then the answers went through, once each
-    assert worker._held == set()
+    assert worker.lease.held == set()
 
 
 def test_held_jobs_are_kept_fresh_while_they_run(extractor, monkeypatch):
@@ -243,7 +243,7 @@ def test_a_hung_forward_gives_its_jobs_up_and_reports_not_alive(extractor, monke
     queue.waiting.append(job(3))
     with running(queue, extractor, forward_timeout_s=0.3) as worker:
         deadline = time.monotonic() + 10
-        while not worker.stuck():
+        while not worker.lease.stuck():
             assert time.monotonic() < deadline, "the hang was never noticed"
             time.sleep(0.02)
         time.sleep(0.2)  # one heartbeat period after noticing
@@ -251,8 +251,8 @@ def test_a_hung_forward_gives_its_jobs_up_and_reports_not_alive(extractor, monke
         queue.touched.clear()
         time.sleep(0.5)  # ten heartbeat periods
         assert len(queue.beats) == beats and queue.touched == set(), "still holding on"
-        assert worker.ready() == (False, "a forward pass is hung")
-        assert worker.alive()[0] is False
+        assert worker.lease.ready() == (False, "a forward pass is hung")
+        assert worker.lease.alive()[0] is False
         assert "3-0" in touched or beats > 0
         release.set()
 
