@@ -66,7 +66,7 @@ class ShapeOnlyExtractor:
 
 def main(argv: list[str]) -> None:
     """`python -m cleandift.bench.shapes worker`: a worker process with this extractor."""
-    from cleandift.service.processes.launch import run_worker
+    from cleandift.service.processes.launch_worker import run_worker
     from cleandift.settings import Settings
 
     if argv[1:] != ["worker"]:

@@ -84,7 +84,7 @@ def api(redis_url: RedisOpt = None, host: HostOpt = None, port: PortOpt = None,
         log_format: LogFormatOpt = None, tracing: TracingOpt = None,
         ) -> None:
     from .fleet import FleetError, fleet_of
-    from .processes.launch import run_api
+    from .processes.launch_api import run_api
 
     names = {"models": model} if model else {}
     settings = _with_redis("the API", redis_url=redis_url, host=host, port=port,
@@ -123,7 +123,7 @@ def worker(
     tracing: TracingOpt = None,
 ) -> None:
     """Run a worker: load the model, take batches from the queue, answer them."""
-    from .processes.launch import run_worker
+    from .processes.launch_worker import run_worker
 
     run_worker(_with_redis("a worker", model=model, unet=unet, device=device, dtype=dtype,
                            redis_url=redis_url, max_batch=max_batch, worker_port=worker_port,

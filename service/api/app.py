@@ -69,8 +69,8 @@ def create_app(settings: Settings) -> FastAPI:
 
 def app_from_env() -> FastAPI:
     """Factory for `uvicorn --factory` with several API processes (settings from env)."""
-    from ..processes.launch import observe
+    from ..observability import configure_process
 
     settings = Settings()
-    observe(settings, "cleandift-api")
+    configure_process(settings, "cleandift-api")
     return create_app(settings)

@@ -21,7 +21,7 @@ from ..metrics import GPU_LABEL_ENV
 from ..queue.connect import sync_client
 from ..queue.consumer import remove_worker
 from ..queue.keys import Keys
-from .launch import run_api, settings_env
+from .launch_api import run_api, settings_env
 from .placement import WorkerPlan, place
 from .redis_server import RedisServer, die_with_parent, start_redis_server
 from .supervisor import Child, Supervisor

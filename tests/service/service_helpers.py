@@ -22,7 +22,7 @@ import uvicorn
 
 from cleandift.images import decode_for_model, to_pixels
 from cleandift.service.api.app import create_app
-from cleandift.service.processes.launch import build_worker
+from cleandift.service.processes.launch_worker import build_worker
 from cleandift.service.processes.redis_server import free_port
 from cleandift.settings import Settings
 

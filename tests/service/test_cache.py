@@ -122,7 +122,7 @@ def test_page_clicks_on_the_same_pair_hit_the_cache(cached_settings, extractor):
 
 @pytest.mark.integration
 def test_no_shared_tier_on_a_redis_that_may_evict_the_job_stream(cached_settings):
-    from cleandift.service.processes.launch import feature_cache
+    from cleandift.service.processes.launch_worker import feature_cache
     from cleandift.service.processes.redis_server import start_redis_server
 
     with start_redis_server() as server:

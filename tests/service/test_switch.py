@@ -136,7 +136,7 @@ def test_the_switch_knows_a_worker_by_its_heartbeat_name(settings, extractor, de
                                                         unet_files, tmp_path):  # noqa: F811
     """A worker without a configured id (a Kubernetes pod) takes a generated one: the
     switch must stage under that name, or no flip would ever see it staged."""
-    from cleandift.service.processes.launch import build_worker
+    from cleandift.service.processes.launch_worker import build_worker
 
     publish(tmp_path / "reg", unet_files[0], demo_dir)
     unnamed = settings.model_copy(update={"model": str(tmp_path / "reg" / "m"),

@@ -1,23 +1,21 @@
-"""Process entry points: the API (uvicorn) and a worker."""
+"""The worker process: its parts assembled (queue, model holder, cache, reload watcher,
+fleet switch) from the settings, then served until SIGTERM."""
 
 from __future__ import annotations
 
 import copy
 import logging
 import os
-import shutil
 import signal
 import socket
-import tempfile
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from pydantic import SecretStr
+from typing import TYPE_CHECKING
 
 from cleandift.settings import Settings
 
-from ..metrics import MULTIPROC_ENV, device_label
+from ..metrics import device_label
+from ..observability import configure_process
 
 if TYPE_CHECKING:
     import redis
@@ -32,51 +30,6 @@ if TYPE_CHECKING:
     from ..worker.reload import RegistryWatcher
 
 log = logging.getLogger(__name__)
-
-
-def run_api(settings: Settings) -> None:
-    """uvicorn in this process, or `api_workers` processes sharing the port (their
-    metrics in one multiprocess directory, so any of them answers for all)."""
-    import uvicorn
-
-    from ..api.app import create_app
-
-    observe(settings, "cleandift-api")
-    common: dict[str, Any] = {"host": settings.host, "port": settings.port,
-                              "log_level": settings.log_level.lower(), "log_config": None,
-                              "access_log": False,
-                              "timeout_graceful_shutdown": int(settings.request_timeout_s)}
-    if settings.api_workers > 1:  # CPU-bound encoding scales with processes, not threads
-        os.environ.update(settings_env(settings))
-        directory = metrics_directory(settings.metrics_dir)
-        os.environ[MULTIPROC_ENV] = str(directory)
-        try:
-            uvicorn.run("cleandift.service.api.app:app_from_env", factory=True,
-                        workers=settings.api_workers, **common)
-        finally:  # a directory of our own making goes with us; a configured one stays
-            if settings.metrics_dir is None:
-                shutil.rmtree(directory, ignore_errors=True)
-    else:
-        uvicorn.run(create_app(settings), **common)
-
-
-def observe(settings: Settings, service_name: str) -> None:
-    """Logging and tracing of this process, as the settings say."""
-    from ..logs import configure_logging
-    from ..tracing import configure_tracing
-
-    configure_logging(settings.log_level, settings.log_format)
-    configure_tracing(settings.tracing, service_name)
-
-
-def metrics_directory(configured: Path | None) -> Path:
-    """An empty directory for this run's multiprocess metrics files: values of an
-    earlier run must not be summed into this one."""
-    directory = configured or Path(tempfile.mkdtemp(prefix="cleandift-metrics-"))
-    directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob("*.db"):
-        stale.unlink()
-    return directory
 
 
 def build_worker(settings: Settings, extractor: Extractor | None = None) -> Worker:
@@ -206,21 +159,8 @@ def run_worker(settings: Settings, extractor: Extractor | None = None) -> None:
     """A worker process: load the model (unless given one), serve until SIGTERM."""
     if not settings.redis_url:
         raise SystemExit("the worker needs a Redis URL (CLEANDIFT_REDIS_URL or REDIS_URL)")
-    observe(settings, "cleandift-worker")
+    configure_process(settings, "cleandift-worker")
     worker = build_worker(settings, extractor)
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
     worker.run()
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The settings as CLEANDIFT_* variables, to hand to a child process."""
-    env = {k: v for k, v in os.environ.items() if k != MULTIPROC_ENV}  # the API's own
-    for name, value in settings.model_dump().items():
-        if isinstance(value, SecretStr):
-            value = value.get_secret_value()
-        if isinstance(value, list):
-            value = ",".join(str(v) for v in value)
-        if value is not None:
-            env[f"CLEANDIFT_{name.upper()}"] = str(value)
-    return env
