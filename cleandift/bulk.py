@@ -26,11 +26,12 @@ from tqdm import tqdm
 
 from .contract import UsageError
 from .dataset import MANIFEST, SCALE, SHARD, tensor_name
+from .dtypes import FLOAT_NAMES, torch_dtype
 from .reduce import pooled, quantize_int8
 from .sources import ReadLimits, Record, load_records, read_image_bytes
 from .storage import Store, open_store
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = FLOAT_NAMES  # --out-dtype: these, or int8 with scales
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def reduce_map(feat: torch.Tensor, options: Options) -> dict[str, torch.Tensor]:
     if options.dtype == "int8":
         quantized, scale = quantize_int8(value, channel_axis=0)
         return {"": quantized, SCALE: scale}
-    return {"": value.to(DTYPES[options.dtype]).contiguous()}
+    return {"": value.to(torch_dtype(options.dtype)).contiguous()}
 
 
 def commit_shard(out: Store, number: int, outcomes: list[Outcome], options: Options,

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .dtypes import canonical_dtype
+from .dtypes import FloatName, canonical_dtype
 
 DEVICE_PATTERN = r"^(cpu|mps|cuda(:\d+)?)$"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"  # a served name: URLs, Redis keys
@@ -66,7 +66,7 @@ class Settings(BaseSettings):
         "CleanDIFT's), an official full checkpoint, or hf://OWNER/REPO/FILE from the hub.")
     device: str | None = Field(None, pattern=DEVICE_PATTERN,
                                description="cpu, cuda, cuda:1, mps; auto when unset.")
-    dtype: Literal["float16", "bfloat16", "float32"] | None = Field(
+    dtype: FloatName | None = Field(
         None, description="float16, bfloat16, float32 (fp16/bf16/fp32 accepted); auto when "
         "unset: float16 on CUDA, float32 elsewhere.")
     cache_dir: Path = Field(default_factory=default_cache_dir,

@@ -34,6 +34,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from cleandift.contract import ModelInfo
+from cleandift.dtypes import ITEMSIZE, OutputName
 
 PROTOCOL_VERSION = 4
 READABLE_VERSIONS = (1, 2, 3, 4)
@@ -43,11 +44,10 @@ CLIENT_CLOSED = 499  # the status of a job whose client went away (nginx's "clie
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 PROBLEM_TYPE_BASE = "https://cleandift.dev/problems/"
 
-ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "int8": 1}  # bytes per value on the wire
 
 Kind = Literal["features", "correspond"]
 Mode = Literal["clean", "dift"]
-OutputDtype = Literal["float16", "bfloat16", "float32", "int8"]
+OutputDtype = OutputName
 Fields = dict[bytes, bytes]
 
 

@@ -19,14 +19,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cleandift.dtypes import NPY_DESCR, SAFETENSORS_CODES
+
 from ..messages import ResultMeta
 from .problems import Problem
 
 SAFETENSORS = "application/x-safetensors"
 NPY = "application/x-npy"
 FORMATS = {"json": "application/json", "safetensors": SAFETENSORS, "npy": NPY}
-SAFETENSORS_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "int8": "I8"}
-NPY_DTYPES = {"float16": "<f2", "float32": "<f4"}
 Raw = AsyncIterator[bytes | memoryview]
 
 
@@ -70,7 +70,7 @@ def safetensors_body(meta: ResultMeta, raw: Raw, metadata: dict[str, str]) -> Bo
     header: dict[str, object] = {}
     offset = 0
     for (key, info), size in zip(meta.layers.items(), meta.layer_sizes()):
-        header[key] = {"dtype": SAFETENSORS_DTYPES[info.dtype], "shape": info.shape,
+        header[key] = {"dtype": SAFETENSORS_CODES[info.dtype], "shape": info.shape,
                        "data_offsets": [offset, offset + size]}
         offset += size
     header["__metadata__"] = metadata
@@ -83,10 +83,10 @@ def safetensors_body(meta: ResultMeta, raw: Raw, metadata: dict[str, str]) -> Bo
 def npy_body(meta: ResultMeta, raw: Raw) -> Body:
     """Exactly one layer (the route checked)."""
     [info] = meta.layers.values()
-    if info.dtype not in NPY_DTYPES:
+    if info.dtype not in NPY_DESCR:
         raise Problem(422, f"npy cannot hold {info.dtype}; use safetensors or json")
     buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, {"descr": NPY_DTYPES[info.dtype],
+    np.lib.format.write_array_header_1_0(buf, {"descr": NPY_DESCR[info.dtype],
                                                "fortran_order": False,
                                                "shape": tuple(info.shape)})
     prefix = buf.getvalue()  # magic, version, header dict, padding

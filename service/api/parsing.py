@@ -21,6 +21,7 @@ from cleandift.contract import (
     validate_points,
 )
 from cleandift.cost import check_cost, request_cost
+from cleandift.dtypes import OutputName
 from cleandift.method import SIZE_MULTIPLE
 from cleandift.settings import Settings
 
@@ -55,7 +56,7 @@ class _Params(BaseModel):
 
 class FeaturesParams(_Params):
     layers: list[str] | None = Field(None, description="Feature keys; the model's default.")
-    dtype: Literal["float16", "bfloat16", "float32", "int8"] = Field(
+    dtype: OutputName = Field(
         "float16", description="Values of the answer; int8 comes with a float32 scale per "
         "channel, as the tensor KEY.scale (value = int8 * scale).")
     points: Any = Field(None, description="[[x, y], ...] in pixels of the image: each layer "

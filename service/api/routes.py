@@ -14,6 +14,7 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import FileResponse, Response
 
 from cleandift.contract import ModelInfo
+from cleandift.dtypes import NPY_DESCR, OutputName
 
 from .. import tracing
 from ..messages import Job, Result
@@ -22,7 +23,7 @@ from ..queue.errors import QueueUnavailable
 from ..queue.producer import JobProducer
 from . import openapi, parsing, responses
 from .deps import Protected, Services, ServicesDep
-from .encoding import NPY_DTYPES, negotiate
+from .encoding import negotiate
 from .problems import RETRY, Problem
 from .schemas import (
     CorrespondOut,
@@ -92,7 +93,7 @@ async def features(
     services: ServicesDep,
     format: Annotated[Literal["json", "safetensors", "npy"] | None,
                       Query(description="the answer's format; else the Accept header")] = None,
-    dtype: Annotated[Literal["float16", "bfloat16", "float32", "int8"] | None,
+    dtype: Annotated[OutputName | None,
                      Query(description="float16 (default), bfloat16, float32 or int8 (with "
                            "per-channel scales)")] = None,
     model: ModelQuery = None,
@@ -109,7 +110,7 @@ async def features(
                                              services.settings.decode_at))
     services.metrics.count_layers("features", job.spec.layers)
     services.metrics.count_job(bool(job.uploads), job.image_bytes)
-    if fmt == "npy" and (len(job.spec.layers) != 1 or job.spec.dtype not in NPY_DTYPES):
+    if fmt == "npy" and (len(job.spec.layers) != 1 or job.spec.dtype not in NPY_DESCR):
         raise Problem(422, "npy holds exactly one float16 or float32 array; ask for one "
                       "layer, or use safetensors or json")
     etag = responses.answer_etag(job.spec, info.name, info.version, fmt)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from cleandift.contract import InvalidPointsError
-from cleandift.dtypes import torch_dtype
+from cleandift.dtypes import output_name, torch_dtype
 from cleandift.extractor import Extractor, StopCheck
 from cleandift.reduce import SCALE_SUFFIX, at_points, pooled, quantize_int8
 
@@ -28,8 +28,6 @@ from ..messages import (
 from .batching import Batch
 
 log = logging.getLogger(__name__)
-WIRE_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
-               torch.int8: "int8"}
 assert sys.byteorder == "little", "results carry the host's bytes: little-endian, as promised"
 
 
@@ -136,7 +134,7 @@ def stage_outputs(computed: Computed) -> dict[int, Output]:
 
 def _output(spec: JobSpec, maps: dict[str, torch.Tensor], pin: bool) -> Output:
     tensors = answer_tensors(spec, maps)
-    layers = {key: LayerMeta(shape=list(t.shape), dtype=WIRE_DTYPES[t.dtype])
+    layers = {key: LayerMeta(shape=list(t.shape), dtype=output_name(t.dtype))
               for key, t in tensors.items()}
     sizes = [t.numel() * t.element_size() for t in tensors.values()]
     buffer = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=pin)
