@@ -23,7 +23,7 @@ from cleandift.images import ImageError
 from ..messages import CLIENT_CLOSED, PROBLEM_MEDIA_TYPE, PROBLEM_TYPE_BASE
 from ..queue.errors import (
     ClientGone,
-    DeadlineExceeded,
+    NoAnswerByDeadline,
     NoLiveWorker,
     QueueFull,
     QueueUnavailable,
@@ -79,33 +79,36 @@ def _phrase(status: int) -> str:
     return PHRASES.get(status) or HTTPStatus(status).phrase
 
 
+# The one mapping from the errors of the layers below to HTTP problems: a table, so that
+# the handlers FastAPI installs (`MAPPED`) and the answers cannot drift apart.
+_PROBLEMS: dict[type[Exception], Callable[[Exception], Problem]] = {
+    RequestError: lambda e: Problem(422, str(e)),
+    ImageError: lambda e: Problem(e.status, str(e)),  # type: ignore[attr-defined]
+    QueueFull: lambda _: Problem(429, "the queue is full; retry later", kind="overloaded",
+                                 headers=RETRY),
+    QueueUnavailable: lambda _: Problem(503, "the queue is unreachable", kind="not-ready",
+                                        headers=RETRY),
+    NoLiveWorker: lambda _: Problem(503, "no worker is alive to run the request",
+                                    kind="no-worker", headers=RETRY),
+    NoAnswerByDeadline: lambda _: Problem(504, "no worker answered before the deadline",
+                                          kind="deadline"),
+    # Nobody reads it: for the access log and the metrics.
+    ClientGone: lambda _: Problem(CLIENT_CLOSED, "the client closed the request",
+                                  kind="client-closed"),
+    BodyTooLarge: lambda _: Problem(413, "the request body is over the size limit",
+                                    kind="payload-too-large"),
+}
+MAPPED: tuple[type[Exception], ...] = (Problem, *_PROBLEMS)
+
+
 def as_problem(exc: Exception) -> Problem:
-    """The one mapping from the errors of the layers below to HTTP problems."""
+    """The problem an error of a lower layer answers (its closest mapped class)."""
     if isinstance(exc, Problem):
         return exc
-    if isinstance(exc, RequestError):
-        return Problem(422, str(exc))
-    if isinstance(exc, ImageError):
-        return Problem(exc.status, str(exc))
-    if isinstance(exc, QueueFull):
-        return Problem(429, "the queue is full; retry later", kind="overloaded", headers=RETRY)
-    if isinstance(exc, QueueUnavailable):
-        return Problem(503, "the queue is unreachable", kind="not-ready", headers=RETRY)
-    if isinstance(exc, NoLiveWorker):
-        return Problem(503, "no worker is alive to run the request", kind="no-worker",
-                       headers=RETRY)
-    if isinstance(exc, DeadlineExceeded):
-        return Problem(504, "no worker answered before the deadline", kind="deadline")
-    if isinstance(exc, ClientGone):  # nobody reads it: for the access log and the metrics
-        return Problem(CLIENT_CLOSED, "the client closed the request", kind="client-closed")
-    if isinstance(exc, BodyTooLarge):
-        return Problem(413, "the request body is over the size limit", kind="payload-too-large")
+    for kind in type(exc).__mro__:
+        if kind in _PROBLEMS:
+            return _PROBLEMS[kind](exc)
     raise TypeError(f"no problem mapping for {type(exc).__name__}")
-
-
-MAPPED: tuple[type[Exception], ...] = (Problem, RequestError, ImageError, QueueFull,
-                                       QueueUnavailable, NoLiveWorker, DeadlineExceeded,
-                                       ClientGone, BodyTooLarge)
 
 
 def install_handlers(app: FastAPI) -> None:

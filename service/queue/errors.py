@@ -19,8 +19,9 @@ class NoLiveWorker(QueueError):
     """No worker has sent a heartbeat recently: nobody would take the job (503)."""
 
 
-class DeadlineExceeded(QueueError):
-    """No worker answered before the job's deadline: 504."""
+class NoAnswerByDeadline(QueueError):
+    """No worker answered before the job's deadline: 504 (the client's DeadlineExceeded;
+    a worker's own deadline checks are matching.DeadlinePassed and extractor.Stopped)."""
 
 
 class ClientGone(QueueError):

@@ -29,7 +29,7 @@ from cleandift.contract import ModelInfo
 from .. import tracing
 from ..logs import request_id_var
 from ..messages import UPLOADS_VERSION, Heartbeat, Job, Result
-from .errors import ClientGone, DeadlineExceeded, NoLiveWorker, QueueFull, QueueUnavailable
+from .errors import ClientGone, NoAnswerByDeadline, NoLiveWorker, QueueFull, QueueUnavailable
 from .keys import Keys
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ class JobProducer:
                 await self._drop(waiter)
                 if self.view.no_worker_since is not None:
                     raise NoLiveWorker  # 503 with Retry-After: worth sending again later
-                raise DeadlineExceeded
+                raise NoAnswerByDeadline
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(waiter.event.wait(), timeout=min(RESULT_POLL_S, remaining))
             waiter.event.clear()
