@@ -252,22 +252,24 @@ class Result:
     # `data`) or stays on the worker for the API to fetch (`meta.location`).
     body: memoryview | None = None
 
-    def inline(self) -> Result:
-        """Move `body` into `data`, one field per layer, to travel through Redis."""
-        if self.body is not None:
-            offset = 0
-            for key, size in zip(self.meta.layers, self.meta.layer_sizes()):
-                self.data[key] = bytes(self.body[offset:offset + size])
-                offset += size
-            self.body = None
-        return self
+    def layer_bytes(self) -> dict[str, bytes | memoryview]:
+        """Each layer's bytes: `data` as it is, or views cut from `body` (no copy, and the
+        result is left as it was: encoding it twice gives the same fields)."""
+        if self.body is None:
+            return dict(self.data)
+        views: dict[str, bytes | memoryview] = {}
+        offset = 0
+        for key, size in zip(self.meta.layers, self.meta.layer_sizes()):
+            views[key] = self.body[offset:offset + size]
+            offset += size
+        return views
 
     def to_fields(self, version: int | None = None) -> dict[str, bytes | str]:
-        self.inline()
+        """The Redis hash of this result (the layers inline)."""
         version = version or self.meta.minimum_version()
         fields: dict[str, bytes | str] = {"v": str(version),
                                           "meta": self.meta.model_dump_json()}
-        fields.update({f"layer:{k}": v for k, v in self.data.items()})
+        fields.update({f"layer:{k}": bytes(v) for k, v in self.layer_bytes().items()})
         return fields
 
     @classmethod
@@ -281,10 +283,10 @@ class Result:
         return cls(meta=meta, data=data)
 
     def array(self, key: str) -> np.ndarray:
-        self.inline()
+        """One layer as an array over the result's bytes (read-only, no copy)."""
         info = self.meta.layers[key]
         dtype = np.dtype(info.dtype).newbyteorder("<")
-        return np.frombuffer(self.data[key], dtype=dtype).reshape(info.shape)
+        return np.frombuffer(self.layer_bytes()[key], dtype=dtype).reshape(info.shape)
 
 
 def failure(job_id: str, status: int, message: str) -> Result:

@@ -32,3 +32,20 @@ def test_keys_share_one_prefix():
     names = [keys.jobs, keys.dead, keys.workers, keys.model, keys.worker("w"), keys.result("r"),
              keys.replies("a"), keys.registry_channel]
     assert all(n.startswith("p:") for n in names) and len(set(names)) == len(names)
+
+
+def test_encoding_a_worker_result_leaves_it_as_it_was():
+    """A worker's result holds its layers in one `body`: reading or encoding it cuts views
+    and changes nothing, so it encodes the same twice (a retried store, a second reader)."""
+    us6, mid = np.arange(24, dtype="<f2").reshape(2, 3, 4), np.ones((1, 2, 2), "<f4")
+    body = memoryview(us6.tobytes() + mid.tobytes())
+    result = Result(ResultMeta(job_id="j", model="m", model_version="v",
+                               layers={"us6": LayerMeta(shape=[2, 3, 4], dtype="float16"),
+                                       "mid": LayerMeta(shape=[1, 2, 2], dtype="float32")}),
+                    body=body)
+    first, second = result.to_fields(), result.to_fields()
+    assert first == second and result.body is body and result.data == {}
+    assert np.array_equal(result.array("mid"), mid) and np.array_equal(result.array("us6"), us6)
+    back = Result.from_fields({k.encode(): v.encode() if isinstance(v, str) else v
+                               for k, v in first.items()})
+    assert np.array_equal(back.array("us6"), us6) and np.array_equal(back.array("mid"), mid)
