@@ -22,9 +22,9 @@ if TYPE_CHECKING:
 
     from cleandift.extractor import Extractor
 
+    from ..featurecache import FeatureCache
     from ..metrics import WorkerMetrics
     from ..queue.keys import Keys
-    from ..worker.cache import FeatureCache
     from ..worker.holder import ModelHolder
     from ..worker.loop import Worker
     from ..worker.reload import RegistryWatcher
@@ -99,9 +99,8 @@ def live_spec(settings: Settings, client: redis.Redis, keys: Keys) -> str | None
 
 
 def feature_cache(settings: Settings, client: redis.Redis) -> FeatureCache | None:
-    from ..queue.featurecache import SharedTier, eviction_risk
+    from ..featurecache import FeatureCache, MemoryTier, SharedTier, eviction_risk
     from ..queue.keys import Keys
-    from ..worker.cache import FeatureCache, MemoryTier
 
     memory = MemoryTier(settings.feature_cache_bytes) if settings.feature_cache_bytes else None
     shared = None

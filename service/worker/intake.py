@@ -14,11 +14,11 @@ from collections.abc import Callable
 from cleandift.extractor import Extractor
 from cleandift.settings import Settings
 
+from ..featurecache import FeatureCache
 from ..messages import Job, Result
 from ..metrics import WorkerMetrics
 from . import isolation, stages
 from .batching import collate_requests
-from .cache import FeatureCache
 from .claiming import CLAIM_BLOCK_MS, Claimer
 from .decoding import Decoder
 from .holder import ModelHolder

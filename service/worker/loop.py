@@ -19,10 +19,10 @@ from typing import Any
 
 from cleandift.settings import Settings
 
+from ..featurecache import FeatureCache
 from ..messages import Job, Result
 from ..metrics import WorkerMetrics
 from . import answering, isolation, post, stages
-from .cache import FeatureCache
 from .claiming import Claimer, Consumer
 from .holder import ModelHolder
 from .intake import Intake

@@ -8,9 +8,8 @@ import httpx
 import pytest
 import torch
 
-from cleandift.service.queue.featurecache import SharedTier
+from cleandift.service.featurecache import FeatureCache, MemoryTier, SharedTier
 from cleandift.service.queue.keys import Keys
-from cleandift.service.worker.cache import FeatureCache, MemoryTier
 from tests.corpus import encode, textured_image
 from tests.service.service_helpers import redis_client, running_service
 

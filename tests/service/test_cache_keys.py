@@ -10,8 +10,8 @@ import torch
 
 from cleandift.contract import ModelInfo
 from cleandift.service.api.responses import ETAG_FIELDS, answer_etag
+from cleandift.service.featurecache import image_keys
 from cleandift.service.messages import JobSpec
-from cleandift.service.worker.cache import image_keys
 
 INFO = ModelInfo(name="m", version="v1", base="b", input_size=256, default_layers=["us6"],
                  layers={})

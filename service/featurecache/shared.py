@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from .errors import QueueUnavailable
-from .keys import Keys
+from ..queue.errors import QueueUnavailable
+from ..queue.keys import Keys
 
 _PUT = """
 local lru, sizes, total, base = KEYS[1], KEYS[2], KEYS[3], ARGV[1]
