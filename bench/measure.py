@@ -17,12 +17,12 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+from cleandift.client.tensors import read_safetensors
 from cleandift.extractor import Extractor
 from cleandift.layers import unet_features
 from cleandift.method import DIFT_TIMESTEP, LAYER_KEYS
 from cleandift.service.api.encoding import encode, inline_raw
 from cleandift.service.messages import LayerMeta, ResultMeta
-from cleandift.tensors import read_safetensors
 from cleandift.trainer.distill import Student, distill_loss
 
 Images = list[Image.Image]

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
-from cleandift.tensors import read_safetensors
+from cleandift.client.tensors import read_safetensors
 
 from .stack import Stack, service_stack
 

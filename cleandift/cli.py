@@ -27,7 +27,7 @@ from .cli_options import (
     _load,
     user_errors,
 )
-from .dataset_cli import register as _register_dataset_command
+from .datasets.cli import register as _register_dataset_command
 from .method import DIFT_PROMPT
 
 if TYPE_CHECKING:

@@ -6,7 +6,7 @@ worker), before anything is copied to the host.
   bilinear sampling as /correspond (DIFT's upsampled map at those pixels).
 - grid: `[C, g, g]`, each cell the mean of the map over its region (adaptive pooling).
 - int8: symmetric, one scale per channel: value = int8 * scale[c]; the scales travel as a
-  float32 tensor named `KEY.scale` (`cleandift.tensors.dequantize_int8` undoes it).
+  float32 tensor named `KEY.scale` (`cleandift.client.tensors.dequantize_int8` undoes it).
 """
 
 from __future__ import annotations

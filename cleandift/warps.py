@@ -29,9 +29,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from .datasets.sources import (
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_PIXELS,
+    Record,
+    load_records,
+    read_image_bytes,
+)
 from .images import ImageError, decode_image
 from .matching import match_points
-from .sources import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, Record, load_records, read_image_bytes
 
 if TYPE_CHECKING:
     from .extractor import Extractor
@@ -202,7 +208,7 @@ def read_samples(records: Sequence[Record], max_side: int = MAX_SIDE) -> tuple[l
 
 
 def load_samples(source: str, max_side: int = MAX_SIDE) -> tuple[list[Sample], int]:
-    """A folder, list file or shards (as `cleandift.sources` reads them) -> samples."""
+    """A folder, list file or shards (as `cleandift.datasets.sources` reads them) -> samples."""
     return read_samples(load_records(source), max_side)
 
 

@@ -93,5 +93,5 @@ def test_the_command_line_examples_run_as_pasted(served):
     for line in lines:
         run(line, url, here)
     assert (here / "feats" / "index.jsonl").is_file() and (here / "warps.json").is_file()
-    run("python -c 'from cleandift.dataset import FeatureDataset as F; "
+    run("python -c 'from cleandift.datasets import FeatureDataset as F; "
         "print(F(\"feats\")[\"cat.jpg\"].features[\"us6\"].shape)'", url, here)

@@ -1,5 +1,5 @@
 """Training images: an image folder with caption sidecars, a list file, or img2dataset tar
-shards (`cleandift.sources`).
+shards (`cleandift.datasets.sources`).
 
 All become an indexed list of records, so the order is a seeded permutation per epoch
 and a resumed run continues from the exact sample it stopped at. Corrupt images are
@@ -13,8 +13,8 @@ import tarfile
 import numpy as np
 import torch
 
+from cleandift.datasets.sources import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, Record, read_image_bytes
 from cleandift.images import ImageError, decode_for_model, to_pixels
-from cleandift.sources import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, Record, read_image_bytes
 
 
 class BatchStream:

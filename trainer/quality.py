@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from PIL import Image
 
+from cleandift.datasets.sources import Record
 from cleandift.extractor import Extractor
 from cleandift.layers import unet_features
 from cleandift.loading import load_extractor
-from cleandift.sources import Record
 from cleandift.warps import (
     FeatureFn,
     Sample,

@@ -19,10 +19,10 @@ import torch
 from tqdm import tqdm
 
 from cleandift import official
+from cleandift.datasets.sources import load_records
 from cleandift.extractor import Extractor
 from cleandift.loading import load_extractor
 from cleandift.optimize import compile_blocks
-from cleandift.sources import load_records
 from cleandift.warps import Sample
 
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint

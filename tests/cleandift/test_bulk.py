@@ -19,9 +19,9 @@ import torch
 from typer.testing import CliRunner
 
 from cleandift.cli import app
-from cleandift.dataset import INDEX, FeatureDataset, read_index
+from cleandift.datasets.dataset import INDEX, FeatureDataset, read_index
+from cleandift.datasets.sources import load_records
 from cleandift.images import decode_for_model
-from cleandift.sources import load_records
 from tests.corpus import encode, textured_image
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cleandift.dataset import FeatureDataset, read_index
+from cleandift.datasets import FeatureDataset, read_index
 from tests.cleandift.test_bulk import lines, write_folder
 
 pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from cleandift.contract import UsageError
-from cleandift.dataset import FeatureDataset, read_index
-from cleandift.sources import ItemError, ReadLimits, Record, load_records, read_image_bytes
-from cleandift.storage import LocalStore, open_store
+from cleandift.datasets import FeatureDataset, read_index
+from cleandift.datasets.sources import ItemError, ReadLimits, Record, load_records, read_image_bytes
+from cleandift.datasets.storage import LocalStore, open_store
 from tests.cleandift.test_bulk import extract, write_folder
 from tests.corpus import encode, textured_image
 

@@ -12,8 +12,8 @@ from tqdm import tqdm
 from typer.testing import CliRunner
 
 from cleandift.cli import app
-from cleandift.dataset import read_index
-from cleandift.sources import ItemError, ReadLimits, Record, read_image_bytes
+from cleandift.datasets.dataset import read_index
+from cleandift.datasets.sources import ItemError, ReadLimits, Record, read_image_bytes
 from tests.corpus import BadServer, bad_sources, encode, textured_image
 
 pytestmark = pytest.mark.integration

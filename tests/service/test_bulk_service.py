@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from cleandift.cli import app
-from cleandift.dataset import FeatureDataset
+from cleandift.datasets import FeatureDataset
 from tests.cleandift.test_bulk import write_folder
 from tests.service.service_helpers import running_service
 
@@ -39,10 +39,10 @@ def test_through_a_service_equals_local_extraction(settings, extractor, demo_dir
 
 def test_a_model_change_during_a_run_stops_it(settings, extractor, jpeg):
     """A hot reload mid-run would mix versions in one dataset: the run stops instead."""
-    from cleandift.bulk import Options
-    from cleandift.bulk_compute import service_compute
     from cleandift.client import Client
     from cleandift.contract import UsageError
+    from cleandift.datasets.bulk import Options
+    from cleandift.datasets.compute import service_compute
 
     options = Options(source="-", layers=["us6"], size=64)
     with running_service(settings, extractor) as (client, _), Client(str(client.base_url)) as c:

@@ -113,7 +113,7 @@ def test_the_client_and_extract_dataset_choose_a_model(two_models, jpeg, tmp_pat
 
     from cleandift.cli import app
     from cleandift.client import Client
-    from cleandift.dataset import FeatureDataset
+    from cleandift.datasets import FeatureDataset
     from tests.cleandift.test_bulk import write_folder
 
     url = str(two_models.base_url)

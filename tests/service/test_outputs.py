@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cleandift.client.tensors import bfloat16_to_float32, dequantize_int8, read_safetensors
 from cleandift.matching import sample_points
-from cleandift.tensors import bfloat16_to_float32, dequantize_int8, read_safetensors
 from tests.corpus import encode
 from tests.service.service_helpers import expected_features
 

@@ -186,7 +186,7 @@ def _send_until(client, jpeg: bytes, images: str, tries: int = 40):
 
 @pytest.mark.integration
 def test_the_service_sends_uploads_and_answers_as_before(settings, extractor, jpeg):
-    from cleandift.tensors import read_safetensors
+    from cleandift.client.tensors import read_safetensors
 
     with running_service(settings, extractor) as (client, _):
         response, text = _send_until(client, jpeg, "uploads")

@@ -5,7 +5,7 @@ import tarfile
 import pytest
 from PIL import Image
 
-from cleandift.sources import expand_braces, load_records
+from cleandift.datasets.sources import expand_braces, load_records
 from cleandift.trainer.data import BatchStream
 from tests.corpus import encode, textured_image
 

@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..contract import UsageError
+from ..images import ImageError, decode_for_model, noise_seed, pixels_digest
 from .bulk import Compute, Options, Result
-from .contract import UsageError
-from .images import ImageError, decode_for_model, noise_seed, pixels_digest
 from .sources import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 
 if TYPE_CHECKING:
-    from .client import Client
-    from .extractor import Extractor
+    from ..client.session import Client
+    from ..extractor import Extractor
 
 def local_compute(extractor: Extractor, options: Options) -> Compute:
     def compute(images: list[bytes]) -> list[Result]:
@@ -53,7 +53,7 @@ def service_compute(client: Client, options: Options, concurrency: int,
     """`concurrency` requests in flight; the client retries 429/503 after Retry-After.
     A dataset holds one model version: if the service's changes (a hot reload), the run
     stops with what it committed, and a new --out takes the new version."""
-    from .wire import BadImage, InvalidParameters, TooLarge, UnsupportedMediaType
+    from ..client.wire import BadImage, InvalidParameters, TooLarge, UnsupportedMediaType
 
     wire_dtype = options.dtype if options.dtype in ("float16", "bfloat16") else "float32"
     pool = ThreadPoolExecutor(max_workers=max(1, concurrency))

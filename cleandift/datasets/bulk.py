@@ -1,5 +1,5 @@
 """`cleandift extract-dataset`: features of every image of a folder, list or shard set,
-written as sharded safetensors with an index (format and loader: `cleandift.dataset`).
+written as sharded safetensors with an index (format and loader: `cleandift.datasets.dataset`).
 
 Streaming and resumable by construction: items are taken in input order, a shard's worth
 at a time (memory: one shard), and a shard is committed (its file, then its index lines:
@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .contract import UsageError
+from ..contract import UsageError
+from ..dtypes import FLOAT_NAMES, torch_dtype
+from ..reduce import pooled, quantize_int8
 from .dataset import MANIFEST, SCALE, SHARD, tensor_name
-from .dtypes import FLOAT_NAMES, torch_dtype
-from .reduce import pooled, quantize_int8
 from .sources import ReadLimits, Record, load_records, read_image_bytes
 from .storage import Store, open_store
 

@@ -68,8 +68,8 @@ class FeatureActor:
     def __init__(self, plan: RayPlan, options: Options) -> None:
         import torch
 
-        from .bulk_compute import local_compute
-        from .loading import load_extractor
+        from ..loading import load_extractor
+        from .compute import local_compute
 
         if plan.torch_threads:
             torch.set_num_threads(plan.torch_threads)

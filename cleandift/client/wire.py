@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from .contract import SCALE_SUFFIX
+from ..contract import SCALE_SUFFIX
 from .tensors import bfloat16_to_float32, dequantize_int8, read_safetensors
 
 ImageLike = str | Path | bytes | Any  # a path, raw file bytes, a PIL image or an HWC uint8 array

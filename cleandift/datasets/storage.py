@@ -23,7 +23,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as dump_tensors
 from safetensors.torch import save_file
 
-from .contract import UsageError
+from ..contract import UsageError
 
 MANIFEST = "manifest.json"
 INDEX = "index.jsonl"

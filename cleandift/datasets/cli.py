@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from .cli_options import (
+from ..cli_options import (
     DeviceOpt,
     DtypeOpt,
     PromptOpt,
@@ -59,7 +59,7 @@ def extract_dataset(
         min=0, help="--engine ray: GPUs per actor (0: CPU actors)")] = 0.0,
     fetch_timeout: Annotated[float | None, typer.Option(
         min=0.001, help="seconds one URL may take in all, then it is an error row "
-        "(default: cleandift.sources.FETCH_TIMEOUT_S)")] = None,
+        "(default: cleandift.datasets.sources.FETCH_TIMEOUT_S)")] = None,
     # No envvar here: CLEANDIFT_MODEL (a worker's spec) must not name a service's model;
     # without --service, Settings still reads it.
     model: Annotated[str | None, typer.Option(
@@ -71,7 +71,7 @@ def extract_dataset(
     dtype: DtypeOpt = None,
 ) -> None:
     """Features of a whole dataset as sharded safetensors + index (streaming, resumable;
-    read them with cleandift.dataset.FeatureDataset)."""
+    read them with cleandift.datasets.FeatureDataset)."""
     from .bulk import DTYPES, Options
     from .bulk import extract_dataset as run
     from .sources import ReadLimits
@@ -123,7 +123,7 @@ def _list(source: str) -> list[Any]:
 
 
 def _start_ray(address: str | None) -> None:
-    from .bulk_ray import start_ray
+    from .ray_engine import start_ray
 
     try:
         start_ray(address)
@@ -136,7 +136,7 @@ def _start_ray(address: str | None) -> None:
 def _run_ray(out: str, options: Any, info: dict[str, str], limits: Any,
              extractor_args: dict[str, Any], address: str | None, workers: int,
              gpus: float, records: list[Any]) -> dict[str, int]:
-    from .bulk_ray import RayPlan, ray_extract
+    from .ray_engine import RayPlan, ray_extract
 
     plan = RayPlan(extractor_args=extractor_args, workers=workers, gpus_per_worker=gpus,
                    address=address, torch_threads=_torch_threads())
@@ -155,10 +155,10 @@ def _backend(service: str | None, concurrency: int, model: str | None,
              unet: str | None, device: str | None, dtype: str | None,
              size: int | None, layers: str | None) -> tuple[Any, dict, int, list[str]]:
     """(compute factory, model name/version, input size, layers) of a service or a model."""
-    from . import bulk_compute
+    from . import compute as bulk_compute
 
     if service:
-        from .client import Client
+        from ..client.session import Client
 
         # A long run rides through worker restarts and short outages (503, Retry-After).
         # --model names one of the service's models (its default when absent).

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .contract import UsageError
+from ..contract import UsageError
 from .fetch import ItemError, fetch_url
 from .storage import filesystem, is_url
 

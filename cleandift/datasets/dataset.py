@@ -6,7 +6,7 @@ The folder holds `manifest.json` (how the features were made), `shard-NNNNN.safe
 the error that kept it out). A shard and its index lines are committed together, so
 whatever is in the index is complete.
 
-    from cleandift.dataset import FeatureDataset
+    from cleandift.datasets import FeatureDataset
     data = FeatureDataset("feats/")          # a torch-style Dataset over the items
     item = data["cats/001.jpg"]              # or data[0]; item.features["us6"] is a tensor
     for item in data: ...                    # shard by shard, one file open at a time
