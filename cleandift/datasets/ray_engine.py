@@ -142,10 +142,11 @@ def _run(out: Store, options: Options, plan: RayPlan, model: dict[str, str],
     items = [{"shard": n, "records": pickle.dumps([asdict(r) for r in rs])} for n, rs in shards]
     dataset = (ray.data.from_items(items, override_num_blocks=len(items))
                .flat_map(partial(read_shard, options=options, limits=limits),
-                         num_cpus=0, concurrency=2)
+                         num_cpus=0, compute=ray.data.TaskPoolStrategy(size=2))
                .map_batches(FeatureActor, fn_constructor_kwargs={"plan": plan,
                                                                  "options": options},
-                            batch_size=1, concurrency=plan.workers,
+                            batch_size=1,
+                            compute=ray.data.ActorPoolStrategy(size=plan.workers),
                             num_gpus=plan.gpus_per_worker or None,
                             num_cpus=None if plan.gpus_per_worker else 1))
     expected = iter(n for n, _ in shards)
