@@ -9,8 +9,8 @@ from cleandift.settings import Settings
 
 def configure_process(settings: Settings, service_name: str) -> None:
     """Logging and tracing of this process, as the settings say."""
-    from ..logs import configure_logging
-    from ..tracing import configure_tracing
+    from .logs import configure_logging
+    from .tracing import configure_tracing
 
     configure_logging(settings.log_level, settings.log_format)
     configure_tracing(settings.tracing, service_name)
