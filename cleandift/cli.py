@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
@@ -105,7 +105,7 @@ def extract(
     layers: Annotated[str | None, typer.Option(help="comma-separated keys, e.g. us6,us9")] = None,
     size: SizeOpt = None,
     prompt: PromptOpt = "",
-    mode: Annotated[str, typer.Option(help="clean or dift")] = "clean",
+    mode: Annotated[Literal["clean", "dift"], typer.Option(help="clean or dift")] = "clean",
     batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 8,
     model: ModelOpt = None,
     unet: UnetOpt = None,
@@ -149,8 +149,8 @@ def correspond(
     = None,
     size: SizeOpt = None,
     prompt: PromptOpt = "",
-    mode: Annotated[str, typer.Option(help="clean (one pass) or dift (the DIFT baseline: "
-                                      "t=261, 8 noisy passes)")] = "clean",
+    mode: Annotated[Literal["clean", "dift"], typer.Option(
+        help="clean (one pass) or dift (the DIFT baseline: t=261, 8 noisy passes)")] = "clean",
     max_matches: Annotated[int | None, typer.Option(help="mutual matches without points")] = None,
     model: ModelOpt = None,
     unet: UnetOpt = None,

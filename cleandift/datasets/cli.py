@@ -40,7 +40,7 @@ def extract_dataset(
         "--out-dtype", help="float16, bfloat16, float32, or int8 (per-channel scales)")]
     = "float16",
     grid: Annotated[int | None, typer.Option(help="pool each map to GRID x GRID")] = None,
-    mode: Annotated[str, typer.Option(help="clean or dift")] = "clean",
+    mode: Annotated[Literal["clean", "dift"], typer.Option(help="clean or dift")] = "clean",
     prompt: PromptOpt = "",
     shard_size: Annotated[int, typer.Option(help="images per shard file")] = 256,
     batch_size: Annotated[int, typer.Option(help="images per forward pass (local, ray)")] = 8,
