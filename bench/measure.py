@@ -21,7 +21,7 @@ from cleandift.client.tensors import read_safetensors
 from cleandift.extractor import Extractor
 from cleandift.layers import unet_features
 from cleandift.method import DIFT_TIMESTEP, LAYER_KEYS
-from cleandift.service.api.encoding import encode, inline_raw
+from cleandift.service.api.formats import encode, inline_raw
 from cleandift.service.messages import LayerMeta, ResultMeta
 from cleandift.trainer.distill import Student, distill_loss
 

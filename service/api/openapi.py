@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from .encoding import NPY, SAFETENSORS
+from .formats import NPY, SAFETENSORS
 from .parsing import CorrespondBody, FeaturesBody
 from .problems import MEDIA_TYPE, PROBLEM_SCHEMA
 

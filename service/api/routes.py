@@ -1,4 +1,5 @@
-"""HTTP routes: thin glue between parsing, the queue producer and response encoding.
+"""HTTP routes: thin glue. parsing.py turns a request into a job, answers.py turns the
+job into its answer; each route reads top to bottom as that walk.
 
 Errors are raised, not handled, here: request-rule errors, queue errors and problems are
 each mapped to their status once, in problems.py.
@@ -7,23 +8,20 @@ each mapped to their status once, in problems.py.
 from __future__ import annotations
 
 import pathlib
-import time
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import FileResponse, Response
 
 from cleandift.contract import ModelInfo
-from cleandift.dtypes import NPY_DESCR, OutputName
+from cleandift.dtypes import OutputName
 
 from .. import tracing
-from ..messages import Job, Result
 from ..metrics import CONTENT_TYPE, QueueState, merge_worker_snapshots
 from ..queue.errors import QueueUnavailable
 from ..queue.producer import JobProducer
-from . import openapi, parsing, responses
+from . import answers, openapi, parsing
 from .deps import Protected, Services, ServicesDep
-from .encoding import negotiate
 from .problems import RETRY, Problem
 from .schemas import (
     CorrespondOut,
@@ -66,17 +64,6 @@ async def admit_early(request: Request, services: Services, query: str | None) -
     await producer.admit()
 
 
-async def run(producer: JobProducer, job: Job, request: Request) -> Result:
-    """Submit; an error answer of the worker becomes a problem with its status. A client
-    that goes away cancels its job."""
-    start = time.perf_counter()
-    result = await producer.submit(job, gone=request.is_disconnected)
-    if result.meta.status != 200:
-        raise Problem(result.meta.status, result.meta.error)
-    result.meta.timings_ms["total"] = round((time.perf_counter() - start) * 1000, 3)
-    return result
-
-
 @router.post(
     "/features",
     dependencies=Protected,
@@ -98,7 +85,7 @@ async def features(
                            "per-channel scales)")] = None,
     model: ModelQuery = None,
 ) -> Response:
-    fmt = negotiate(format, request.headers.get("accept"))
+    fmt = answers.negotiate(format, request.headers.get("accept"))
     await admit_early(request, services, model)
     with tracing.span("parse"):
         params, blobs = await parsing.read_features(request, dtype)
@@ -110,15 +97,13 @@ async def features(
                                              services.settings.decode_at))
     services.metrics.count_layers("features", job.spec.layers)
     services.metrics.count_job(bool(job.uploads), job.image_bytes)
-    if fmt == "npy" and (len(job.spec.layers) != 1 or job.spec.dtype not in NPY_DESCR):
-        raise Problem(422, "npy holds exactly one float16 or float32 array; ask for one "
-                      "layer, or use safetensors or json")
-    etag = responses.answer_etag(job.spec, info.name, info.version, fmt)
-    responses.check_not_modified(request.headers, etag)
-    result, raw = await responses.obtain(producer, services.fetcher, job,
-                                         gone=request.is_disconnected)
+    answers.check_format(fmt, job.spec)
+    etag = answers.answer_etag(job.spec, info.name, info.version, fmt)
+    answers.check_not_modified(request.headers, etag)
+    result, raw = await answers.obtain(producer, services.fetcher, job,
+                                       gone=request.is_disconnected)
     with tracing.span("respond"):
-        return responses.features_response(result, raw, fmt, job.spec)
+        return answers.features_answer(result, raw, fmt, job.spec)
 
 
 @router.post(
@@ -142,9 +127,10 @@ async def correspond(request: Request, services: ServicesDep, model: ModelQuery 
                                                services.settings.decode_at))
     services.metrics.count_layers("correspond", job.spec.layers)
     services.metrics.count_job(bool(job.uploads), job.image_bytes)
-    result = await run(producer, job, request)
+    result, _ = await answers.obtain(producer, services.fetcher, job,
+                                     gone=request.is_disconnected)
     with tracing.span("respond"):
-        return responses.correspond_response(result)
+        return answers.correspond_answer(result)
 
 
 @router.get("/v1/models", dependencies=Protected, response_model=ModelsOut,

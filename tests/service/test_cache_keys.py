@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import torch
 
 from cleandift.contract import ModelInfo
-from cleandift.service.api.responses import ETAG_FIELDS, answer_etag
+from cleandift.service.api.answers import ETAG_FIELDS, answer_etag
 from cleandift.service.featurecache import image_keys
 from cleandift.service.messages import JobSpec
 

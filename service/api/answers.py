@@ -1,5 +1,7 @@
-"""Worker results as HTTP answers: features in the negotiated format (streamed, see
-encoding.py), matches as JSON; model version and timings as headers on every format."""
+"""From a job to its HTTP answer, in one place: the format negotiated, the conditional
+request checked, the job submitted and its result obtained (inline, or fetched from the
+worker that holds it), then answered: features in that format (bytes streamed by
+formats.py), matches as JSON; model version and timings as headers on every format."""
 
 from __future__ import annotations
 
@@ -12,17 +14,39 @@ from collections.abc import Awaitable, Callable, Mapping
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from cleandift.contract import SCALE_SUFFIX
+from cleandift.dtypes import NPY_DESCR
 
 from ..messages import Job, JobSpec, Result
 from ..queue.producer import JobProducer
-from .encoding import Raw, encode, inline_raw
 from .fetch import FetchFailed, ResultFetcher
+from .formats import FORMATS, Raw, encode, inline_raw
 from .problems import Problem
 
 log = logging.getLogger(__name__)
 FETCH_ATTEMPTS = 3
 QUANTIZATION = ("int8, symmetric per channel: value = KEY * KEY.scale, the channel axis "
                 "being 0 for maps and grids, 1 for points")
+
+
+def negotiate(format_param: str | None, accept: str | None) -> str:
+    """`format=` wins; then the first Accept type we serve; JSON by default."""
+    if format_param is not None:
+        if format_param not in FORMATS:
+            raise Problem(422, f"format must be one of {sorted(FORMATS)}")
+        return format_param
+    for part in (accept or "").split(","):
+        media = part.split(";")[0].strip().lower()
+        for name, served in FORMATS.items():
+            if media == served:
+                return name
+    return "json"
+
+
+def check_format(fmt: str, spec: JobSpec) -> None:
+    """Refused before anything is queued: npy holds one array of a numpy dtype."""
+    if fmt == "npy" and (len(spec.layers) != 1 or spec.dtype not in NPY_DESCR):
+        raise Problem(422, "npy holds exactly one float16 or float32 array; ask for one "
+                      "layer, or use safetensors or json")
 
 
 async def obtain(producer: JobProducer, fetcher: ResultFetcher, job: Job,
@@ -48,7 +72,7 @@ async def obtain(producer: JobProducer, fetcher: ResultFetcher, job: Job,
                   kind="not-ready", headers={"Retry-After": "1"})
 
 
-def features_response(result: Result, raw: Raw, fmt: str, spec: JobSpec) -> StreamingResponse:
+def features_answer(result: Result, raw: Raw, fmt: str, spec: JobSpec) -> StreamingResponse:
     meta, image_size, input_size = result.meta, spec.image_sizes[0], spec.input_size
     metadata = {"model": meta.model, "model_version": meta.model_version,
                 "image_width": str(image_size[0]), "image_height": str(image_size[1]),
@@ -64,7 +88,7 @@ def features_response(result: Result, raw: Raw, fmt: str, spec: JobSpec) -> Stre
     return StreamingResponse(body.chunks, media_type=body.media_type, headers=headers)
 
 
-def correspond_response(result: Result) -> JSONResponse:
+def correspond_answer(result: Result) -> JSONResponse:
     """One target: `matches` (and `heatmap`); several: `results`, one per target, in order."""
     meta = result.meta
     body: dict[str, object] = {"model": meta.model, "model_version": meta.model_version}

@@ -1,10 +1,11 @@
-"""Feature answers in the negotiated format, produced as a stream.
+"""The byte formats of a features answer (JSON, safetensors, npy), produced as a stream.
 
 The raw bytes of every layer (little-endian, C-order, concatenated in the order of the
 result's `layers`) arrive either inline from Redis or streamed from the worker that holds
 them; each format is a header, then those bytes as they arrive (base64 in JSON), then a
 tail. Lengths are known up front, so every answer carries a Content-Length, and the API
-never holds a whole multi-megabyte answer in memory.
+never holds a whole multi-megabyte answer in memory. A leaf: which format, and what
+goes in its header, is answers.py's to decide.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import numpy as np
 from cleandift.dtypes import NPY_DESCR, SAFETENSORS_CODES
 
 from ..messages import ResultMeta
-from .problems import Problem
 
 SAFETENSORS = "application/x-safetensors"
 NPY = "application/x-npy"
@@ -35,20 +35,6 @@ class Body:
     media_type: str
     length: int
     chunks: AsyncIterator[bytes | memoryview]
-
-
-def negotiate(format_param: str | None, accept: str | None) -> str:
-    """`format=` wins; then the first Accept type we serve; JSON by default."""
-    if format_param is not None:
-        if format_param not in FORMATS:
-            raise Problem(422, f"format must be one of {sorted(FORMATS)}")
-        return format_param
-    for part in (accept or "").split(","):
-        media = part.split(";")[0].strip().lower()
-        for name, served in FORMATS.items():
-            if media == served:
-                return name
-    return "json"
 
 
 async def inline_raw(parts: Iterable[bytes | memoryview]) -> Raw:
@@ -81,10 +67,8 @@ def safetensors_body(meta: ResultMeta, raw: Raw, metadata: dict[str, str]) -> Bo
 
 
 def npy_body(meta: ResultMeta, raw: Raw) -> Body:
-    """Exactly one layer (the route checked)."""
+    """Exactly one layer of a dtype npy holds (answers.check_format refused the rest)."""
     [info] = meta.layers.values()
-    if info.dtype not in NPY_DESCR:
-        raise Problem(422, f"npy cannot hold {info.dtype}; use safetensors or json")
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, {"descr": NPY_DESCR[info.dtype],
                                                "fortran_order": False,
