@@ -179,7 +179,7 @@ def _run(server: Any, client: redis.Redis, keys: Keys, template: Job, images: st
         process.start()
     asyncio.run(_produce(server.url, keys, template, 1.0))  # warm-up
     bytes_before = client.info("stats")["total_net_input_bytes"]
-    pids = {"redis": server.process.pid, "consumer": consumers[0].pid}
+    pids = {"redis": server.pid, "consumer": consumers[0].pid}
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     producer_before = time.process_time()
     done, elapsed = asyncio.run(_produce(server.url, keys, template, seconds))

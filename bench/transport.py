@@ -37,7 +37,7 @@ def cpu_seconds(pid: int) -> float:
 def _processes(stack: Stack) -> dict[str, int]:
     pids = {"api": stack.api.pid if stack.api else 0, "worker": stack.workers[0].pid}
     if stack.redis is not None:
-        pids["redis"] = stack.redis.process.pid
+        pids["redis"] = stack.redis.pid
     return pids
 
 

@@ -90,6 +90,11 @@ class Settings(BaseSettings):
     )
     redis_server: str | None = Field(None, description="redis-server binary for `serve`.")
     queue_prefix: str = Field("cleandift", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    redis_cluster: bool = Field(False, description="The Redis URL names a node of a Redis "
+                                "Cluster: keys carry hash tags, the client follows slots.")
+    queue_partitions: int = Field(1, ge=1, le=256, description="Streams per model's queue "
+                                  "(spread over a cluster's nodes; the API and every worker "
+                                  "must agree). docs/scale.md.")
     max_queue: int = Field(256, ge=1, description="Jobs waiting or running before 429.")
     max_batch: int = Field(16, ge=1, description="Images per forward pass at most.")
     max_batch_pixels: int = Field(16 * 768 * 768, ge=64 * 64,

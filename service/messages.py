@@ -112,12 +112,16 @@ def _spec_from_v1(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+Entry = tuple[int, str]  # (partition, stream entry id)
+
+
 @dataclass
 class Job:
     spec: JobSpec
     images: list[np.ndarray]  # uint8 [s, s, 3]; empty until a worker decodes `uploads`
     entry_id: str = ""  # the stream entry, set once read
     deliveries: int = 1
+    partition: int = 0  # the stream it was read from (a sharded queue: docs/scale.md)
     uploads: list[bytes] = field(default_factory=list)  # v4: the images as uploaded
     # A hash of each image's model-sized pixels: DIFT's noise seed (set where decoded).
     digests: list[str] = field(default_factory=list)
@@ -125,6 +129,11 @@ class Job:
     def __post_init__(self) -> None:
         if self.images and not self.digests:  # pixels hashed where they were decoded
             self.digests = list(self.spec.content)
+
+    @property
+    def entry(self) -> Entry:
+        """Where it sits: entry ids are unique within one stream only."""
+        return self.partition, self.entry_id
 
     def minimum_version(self) -> int:
         """The oldest format that expresses this job (older workers can run it)."""

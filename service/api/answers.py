@@ -17,7 +17,7 @@ from cleandift.contract import SCALE_SUFFIX
 from cleandift.dtypes import NPY_DESCR
 
 from ..messages import Job, JobSpec, Result
-from ..queue.producer import JobProducer
+from ..queue.partitions import Producer
 from .fetch import FetchFailed, ResultFetcher
 from .formats import FORMATS, Raw, encode, inline_raw
 from .problems import Problem
@@ -49,7 +49,7 @@ def check_format(fmt: str, spec: JobSpec) -> None:
                       "layer, or use safetensors or json")
 
 
-async def obtain(producer: JobProducer, fetcher: ResultFetcher, job: Job,
+async def obtain(producer: Producer, fetcher: ResultFetcher, job: Job,
                  gone: Callable[[], Awaitable[bool]] | None = None) -> tuple[Result, Raw]:
     """Submit, wait, and open the result's bytes wherever they are: inline, or on the
     worker that holds them (if it cannot deliver, the job runs again elsewhere). `gone`:

@@ -16,7 +16,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from cleandift.settings import Settings
 
 from ..metrics import ApiMetrics
-from ..queue.producer import JobProducer
+from ..queue.partitions import Producer
 from .decoding import MemoryBudget
 from .fetch import ResultFetcher
 from .problems import Problem
@@ -34,7 +34,7 @@ class Services:
     fetcher: ResultFetcher
 
     @property
-    def producer(self) -> JobProducer:
+    def producer(self) -> Producer:
         """The default model's queue."""
         return self.models.main
 

@@ -19,7 +19,7 @@ from cleandift.dtypes import OutputName
 from .. import tracing
 from ..metrics import CONTENT_TYPE, QueueState, merge_worker_snapshots
 from ..queue.errors import QueueUnavailable
-from ..queue.producer import JobProducer
+from ..queue.partitions import Producer
 from . import answers, openapi, parsing
 from .deps import Protected, Services, ServicesDep
 from .problems import RETRY, Problem
@@ -42,7 +42,7 @@ ModelQuery = Annotated[str | None, Query(max_length=200, description="A served m
 
 
 async def pick(request: Request, services: Services, params: Any, query: str | None, *,
-               fresh: bool = False) -> tuple[JobProducer, ModelInfo]:
+               fresh: bool = False) -> tuple[Producer, ModelInfo]:
     """The named model's queue and what it serves; refuse at once (404 unknown, 503 no
     worker, 429 full) before any image is decoded."""
     producer, name = await services.models.choose(parsing.model_name(params, query))

@@ -9,9 +9,7 @@ from cleandift.contract import ModelInfo, shown
 from cleandift.settings import Settings
 
 from ..fleet import fleet_of
-from ..queue.connect import async_client
-from ..queue.keys import Keys
-from ..queue.producer import JobProducer
+from ..queue.partitions import Producer, make_producer
 from .problems import RETRY, Problem
 
 
@@ -19,18 +17,14 @@ class ServedModels:
     """Producers by served name (None: the one unnamed model of a one-model deployment,
     whose name is whatever its workers report)."""
 
-    def __init__(self, producers: dict[str | None, JobProducer], default: str | None) -> None:
+    def __init__(self, producers: dict[str | None, Producer], default: str | None) -> None:
         self.producers, self.default = producers, default
 
     @classmethod
     def from_settings(cls, settings: Settings, redis_url: str) -> ServedModels:
-        fleet, keys = fleet_of(settings), Keys(settings.queue_prefix)
-        producers = {
-            plan.name: JobProducer(async_client(redis_url), keys.for_model(plan.name),
-                                   max_queue=settings.max_queue,
-                                   stream_maxlen=settings.stream_maxlen,
-                                   worker_ttl_s=settings.worker_ttl_s)
-            for plan in fleet.models}
+        fleet = fleet_of(settings)
+        producers = {plan.name: make_producer(settings, redis_url, plan.name)
+                     for plan in fleet.models}
         return cls(producers, fleet.default)
 
     @property
@@ -42,7 +36,7 @@ class ServedModels:
         return [name for name in self.producers if name is not None]
 
     @property
-    def main(self) -> JobProducer:
+    def main(self) -> Producer:
         """The default model's producer."""
         return self.producers[self.default]
 
@@ -52,7 +46,7 @@ class ServedModels:
     async def stop(self) -> None:
         await asyncio.gather(*(p.stop() for p in self.producers.values()))
 
-    async def choose(self, name: str | None) -> tuple[JobProducer, str | None]:
+    async def choose(self, name: str | None) -> tuple[Producer, str | None]:
         """The producer of the named model (the default when None); 404 for a name not
         served."""
         if not name:
@@ -68,7 +62,7 @@ class ServedModels:
         raise Problem(404, f"no model named {shown(name)} is served here; served: "
                       f"{', '.join(served) or 'none loaded yet'}", kind="unknown-model")
 
-    async def info(self, producer: JobProducer, *, fresh: bool = False) -> ModelInfo:
+    async def info(self, producer: Producer, *, fresh: bool = False) -> ModelInfo:
         model = await producer.model_info(fresh=fresh)
         if model is None:
             raise Problem(503, "no worker has loaded a model yet", kind="not-ready",

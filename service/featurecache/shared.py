@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from ..queue.connect import REDIS_ERRORS, Script
 from ..queue.errors import QueueUnavailable
 from ..queue.keys import Keys
 
@@ -70,7 +71,7 @@ def eviction_risk(client: redis.Redis) -> str | None:
         config = client.config_get("maxmemory*")
     except redis.ResponseError:
         return None
-    except (redis.RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         raise QueueUnavailable(str(exc)) from exc
     policy = str(config.get("maxmemory-policy", "noeviction"))
     if int(config.get("maxmemory", 0) or 0) and policy.startswith("allkeys"):
@@ -81,10 +82,10 @@ def eviction_risk(client: redis.Redis) -> str | None:
 class SharedTier:
     def __init__(self, client: redis.Redis, keys: Keys, max_bytes: int) -> None:
         self.r, self.max_bytes = client, max_bytes
-        self.base = f"{keys.prefix}:cache:"
+        self.base = keys.cache_base
         self._meta = [self.base + "lru", self.base + "sizes", self.base + "bytes"]
-        self._put = client.register_script(_PUT)
-        self._invalidate = client.register_script(_INVALIDATE)
+        self._put = Script(client, _PUT)
+        self._invalidate = Script(client, _INVALIDATE)
 
     def get(self, keys: Sequence[str]) -> list[torch.Tensor | None]:
         if not keys:
@@ -94,7 +95,7 @@ class SharedTier:
             pipe.mget([self.base + k for k in keys])
             pipe.zadd(self._meta[0], dict.fromkeys(keys, time.time()), xx=True)  # touch
             blobs, _ = pipe.execute()
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise QueueUnavailable(str(exc)) from exc
         return [load_tensors(blob)["t"] if blob else None for blob in blobs]
 
@@ -104,17 +105,17 @@ class SharedTier:
             args += [key, save_tensors({"t": tensor.contiguous()})]
         try:
             self._put(keys=self._meta, args=args)
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise QueueUnavailable(str(exc)) from exc
 
     def invalidate(self, prefix: str) -> int:
         try:
             return int(self._invalidate(keys=self._meta, args=[self.base, prefix]))
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise QueueUnavailable(str(exc)) from exc
 
     def used(self) -> int:
         try:
             return int(self.r.get(self._meta[2]) or 0)
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise QueueUnavailable(str(exc)) from exc

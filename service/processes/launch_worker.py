@@ -39,17 +39,16 @@ def build_worker(settings: Settings, extractor: Extractor | None = None) -> Work
     from cleandift.loading import load_extractor
 
     from ..metrics import WorkerMetrics
-    from ..queue.connect import sync_client
-    from ..queue.consumer import JobConsumer
-    from ..queue.keys import Keys
+    from ..queue.connect import queue_keys, sync_client
+    from ..queue.partitions import make_consumer
     from ..worker.holder import ModelHolder
     from ..worker.loop import Worker
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     assert settings.redis_url, "the worker needs a Redis URL"
-    client = sync_client(settings.redis_url)
-    keys = Keys(settings.queue_prefix, settings.model_name)
+    client = sync_client(settings.redis_url, cluster=settings.redis_cluster)
+    keys = queue_keys(settings, settings.model_name)
     if extractor is None:  # the version its fleet serves, where that is known
         args = {**settings.extractor_args(), "spec": live_spec(settings, client, keys)}
         extractor = load_extractor(**args)  # type: ignore[arg-type]
@@ -57,10 +56,7 @@ def build_worker(settings: Settings, extractor: Extractor | None = None) -> Work
     prepare_model(extractor, settings)
     log.info("loaded %s %s on %s", extractor.info.name, extractor.info.version, extractor.device)
     consumer = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    jobs = JobConsumer(client, keys, consumer,
-                       visibility_timeout_s=settings.visibility_timeout_s,
-                       max_deliveries=settings.max_deliveries, result_ttl_s=settings.result_ttl_s,
-                       stream_maxlen=settings.stream_maxlen)
+    jobs = make_consumer(settings, client, settings.model_name, consumer)
     holder, metrics = ModelHolder(extractor), WorkerMetrics()
     if extractor.device.type == "cuda":
         from ..metrics import torch_gpu_reader
@@ -100,7 +96,7 @@ def live_spec(settings: Settings, client: redis.Redis, keys: Keys) -> str | None
 
 def feature_cache(settings: Settings, client: redis.Redis) -> FeatureCache | None:
     from ..featurecache import FeatureCache, MemoryTier, SharedTier, eviction_risk
-    from ..queue.keys import Keys
+    from ..queue.connect import queue_keys
 
     memory = MemoryTier(settings.feature_cache_bytes) if settings.feature_cache_bytes else None
     shared = None
@@ -109,7 +105,7 @@ def feature_cache(settings: Settings, client: redis.Redis) -> FeatureCache | Non
         if risk:
             log.warning("shared feature cache off: %s (use noeviction)", risk)
         else:
-            shared = SharedTier(client, Keys(settings.queue_prefix, settings.model_name),
+            shared = SharedTier(client, queue_keys(settings, settings.model_name),
                                 settings.feature_cache_shared_bytes)
     return FeatureCache(memory, shared) if memory is not None or shared is not None else None
 
@@ -131,7 +127,7 @@ def watcher(settings: Settings, holder: ModelHolder, metrics: WorkerMetrics,
     """A registry watcher when the worker serves DIR/NAME (following LATEST)."""
     from cleandift.loading import load_extractor
 
-    from ..queue.keys import Keys
+    from ..queue.connect import queue_keys
     from ..worker.reload import RegistryWatcher, watched_model_dir
     from ..worker.switch import FleetSwitch
 
@@ -147,7 +143,7 @@ def watcher(settings: Settings, holder: ModelHolder, metrics: WorkerMetrics,
         prepare_model(extractor, settings)
         return extractor
 
-    keys = Keys(settings.queue_prefix, settings.model_name)
+    keys = queue_keys(settings, settings.model_name)
     switch = FleetSwitch(client, keys, worker_id, settings.worker_ttl_s,  # as it heartbeats
                          settings.switch_timeout_s)
     return RegistryWatcher(model_dir, holder, load, metrics, poll_s=settings.reload_poll_s,

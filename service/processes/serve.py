@@ -18,9 +18,8 @@ from cleandift.settings import Settings
 
 from ..fleet import FleetError, fleet_of
 from ..metrics import GPU_LABEL_ENV
-from ..queue.connect import sync_client
+from ..queue.connect import REDIS_ERRORS, queue_keys, sync_client
 from ..queue.consumer import remove_worker
-from ..queue.keys import Keys
 from .launch_api import run_api, settings_env
 from .placement import WorkerPlan, place
 from .redis_server import RedisServer, die_with_parent, start_redis_server
@@ -46,6 +45,7 @@ class PrivateRedis:
             self.server.stop()
             self.server = start_redis_server(self.binary, port=self.server.port)
         self._first = False
+        assert self.server.process is not None  # started above
         return self.server.process
 
     def stop(self) -> None:
@@ -76,7 +76,7 @@ def worker_child(settings: Settings, plan: WorkerPlan, client: redis.Redis) -> C
         gpu = physical_gpu(plan.gpu)
         env["CUDA_VISIBLE_DEVICES"] = gpu
         env[GPU_LABEL_ENV] = f"cuda:{gpu}"
-    keys = Keys(settings.queue_prefix, plan.model.name)
+    keys = queue_keys(settings, plan.model.name)
 
     def start() -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-m", "cleandift.cli", "worker"], env=env,
@@ -85,7 +85,7 @@ def worker_child(settings: Settings, plan: WorkerPlan, client: redis.Redis) -> C
     def heartbeat_age() -> float | None:
         try:
             score = client.zscore(keys.workers, worker_id)
-        except redis.RedisError:
+        except REDIS_ERRORS:
             return None
         return None if score is None else time.time() - float(score)
 
@@ -140,7 +140,7 @@ def run_serve(settings: Settings) -> None:
     on_gpu = any(plan.gpu is not None for plan in plans)
     settings = settings.job_cost_for("cuda" if on_gpu else worker_device(settings))
     assert settings.redis_url
-    client = sync_client(settings.redis_url, socket_timeout=2.0)
+    client = sync_client(settings.redis_url, socket_timeout=2.0, cluster=settings.redis_cluster)
     children += [worker_child(settings, plan, client) for plan in plans]
     supervisor = Supervisor(children, hung_after_s=settings.worker_ttl_s)
     supervisor.start()

@@ -18,8 +18,18 @@ from collections.abc import Callable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import redis
+import redis.cluster
 
-from ..messages import READABLE_VERSIONS, Heartbeat, Job, Result, UnreadableJob, failure
+from ..messages import (
+    READABLE_VERSIONS,
+    Entry,
+    Heartbeat,
+    Job,
+    Result,
+    UnreadableJob,
+    failure,
+)
+from .connect import REDIS_ERRORS
 from .errors import QueueUnavailable
 from .keys import Keys
 
@@ -44,7 +54,7 @@ def _owns_errors(method: Callable[P, T]) -> Callable[P, T]:
                     raise
                 consumer.recover()
                 return method(*args, **kwargs)
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise QueueUnavailable(str(exc)) from exc
 
     return wrapper
@@ -69,6 +79,7 @@ class JobConsumer:
         self.result_ttl_s = result_ttl_s
         self.stream_maxlen = stream_maxlen
         self.readable_versions = readable_versions
+        self.partition = keys.partition or 0
         self._model_json: str | None = None
         ensure_group(client, keys)
 
@@ -81,10 +92,11 @@ class JobConsumer:
 
     @_owns_errors
     def claim(self, count: int, block_ms: int) -> list[Job]:
-        """New jobs for this consumer; returns as soon as at least one is there."""
+        """New jobs for this consumer; returns as soon as at least one is there (at once
+        when `block_ms` is 0)."""
         reply: Any = self.r.xreadgroup(
-            self.keys.group, self.consumer, {self.keys.jobs: ">"}, count=count, block=block_ms
-        )
+            self.keys.group, self.consumer, {self.keys.jobs: ">"}, count=count,
+            block=block_ms or None)
         entries = [(entry_id, fields) for _stream, batch in reply or [] for entry_id, fields
                    in batch if fields]
         return self._parse_all(entries)
@@ -151,11 +163,12 @@ class JobConsumer:
         return {job_id for job_id, mark in zip(job_ids, found) if mark is not None}
 
     @_owns_errors
-    def touch(self, entry_ids: Sequence[str]) -> None:
+    def touch(self, entries: Sequence[Entry]) -> None:
         """Reset the idle time of entries this worker still works on, so that only a dead
-        worker's jobs are ever reclaimed (JUSTID: the delivery count does not grow)."""
-        if entry_ids:
-            ids: list[Any] = list(entry_ids)
+        worker's jobs are ever reclaimed (JUSTID: the delivery count does not grow).
+        Entries of other partitions are not this stream's."""
+        ids: list[Any] = [entry for part, entry in entries if part == self.partition]
+        if ids:
             self.r.xclaim(self.keys.jobs, self.keys.group, self.consumer, 0, ids, justid=True)
 
     @_owns_errors
@@ -187,15 +200,25 @@ class JobConsumer:
         self._model_json = info_json
         self.r.set(self.keys.model, info_json)
 
+    def remember_model(self, info_json: str) -> None:
+        """Published by another partition's consumer: kept to publish again (`recover`)."""
+        self._model_json = info_json
+
     # -- helpers ----------------------------------------------------------------------
     def _acknowledge(self, entries: list[tuple[str, str, str]]) -> None:
         """XACK + XDEL each (entry, job id, reply channel) and notify its API."""
         pipe = self.r.pipeline(transaction=False)
-        for entry_id, job_id, reply_to in entries:
+        for entry_id, _, _ in entries:
             pipe.xack(self.keys.jobs, self.keys.group, entry_id)
             pipe.xdel(self.keys.jobs, entry_id)
-            if reply_to:
-                pipe.publish(reply_to, job_id)
+        notes = [(reply_to, job_id) for _, job_id, reply_to in entries if reply_to]
+        if isinstance(self.r, redis.cluster.RedisCluster):  # no PUBLISH in its pipelines
+            pipe.execute()
+            for channel, job_id in notes:
+                self.r.publish(channel, job_id)
+            return
+        for channel, job_id in notes:
+            pipe.publish(channel, job_id)
         pipe.execute()
 
     def _delivery_counts(self, entry_ids: list[str]) -> dict[str, int]:
@@ -210,9 +233,12 @@ class JobConsumer:
         for raw_id, fields in entries:
             entry_id = _text(raw_id)
             try:
-                jobs.append(Job.from_fields(entry_id, fields, self.readable_versions))
+                job = Job.from_fields(entry_id, fields, self.readable_versions)
             except UnreadableJob as exc:  # never let one bad entry wedge us, never drop it
                 self._refuse(entry_id, exc)
+                continue
+            job.partition = self.partition
+            jobs.append(job)
         return jobs
 
     def _refuse(self, entry_id: str, exc: UnreadableJob) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class QueueError(Exception):
     pass
@@ -9,6 +11,15 @@ class QueueError(Exception):
 
 class QueueUnavailable(QueueError):
     """Redis cannot be reached (or answered with an error): 503."""
+
+
+class PartiallyStored(QueueUnavailable):
+    """Some answers were stored; `left` (of another partition, whose node is away) were
+    not: only those are tried again."""
+
+    def __init__(self, message: str, left: list[Any]) -> None:  # (Job, Result) pairs
+        super().__init__(message)
+        self.left = left
 
 
 class QueueFull(QueueError):

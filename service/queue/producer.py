@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.cluster as aiocluster
 from pydantic import ValidationError
 
 from cleandift.contract import ModelInfo
@@ -29,6 +30,7 @@ from cleandift.contract import ModelInfo
 from .. import tracing
 from ..logs import request_id_var
 from ..messages import UPLOADS_VERSION, Heartbeat, Job, Result
+from .connect import ASYNC_REDIS_ERRORS, Script
 from .errors import ClientGone, NoAnswerByDeadline, NoLiveWorker, QueueFull, QueueUnavailable
 from .keys import Keys
 
@@ -53,7 +55,7 @@ WAKE_TTL_S = 600  # a call nobody answered in this long is forgotten
 async def _redis_errors() -> AsyncIterator[None]:
     try:
         yield
-    except (redis.RedisError, OSError) as exc:
+    except ASYNC_REDIS_ERRORS as exc:
         raise QueueUnavailable(str(exc)) from exc
 
 
@@ -94,7 +96,7 @@ class JobProducer:
         self.view = QueueView()
         self._waiters: dict[str, _Waiter] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._xadd = client.register_script(_BOUNDED_XADD)
+        self._xadd = Script(client, _BOUNDED_XADD)
         self._model: tuple[float, ModelInfo | None] = (0.0, None)
         self._members: frozenset[bytes] = frozenset()  # the live workers seen last
         self._members_at = 0.0
@@ -114,7 +116,7 @@ class JobProducer:
             await asyncio.wait(self._tasks, timeout=STOP_S)
         try:
             await asyncio.wait_for(self.r.aclose(), STOP_S)
-        except (asyncio.TimeoutError, redis.RedisError, OSError) as exc:
+        except (asyncio.TimeoutError, *ASYNC_REDIS_ERRORS) as exc:  # type: ignore[misc]
             log.warning("closing the Redis client failed (%s); left to the process exit",
                         type(exc).__name__)
 
@@ -178,6 +180,8 @@ class JobProducer:
                 await self._drop(waiter)
                 if self.view.no_worker_since is not None:
                     raise NoLiveWorker  # 503 with Retry-After: worth sending again later
+                log.warning("job %s (entry %s of %s) had no answer by its deadline", job_id,
+                            waiter.entry, self.keys.jobs)
                 raise NoAnswerByDeadline
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(waiter.event.wait(), timeout=min(RESULT_POLL_S, remaining))
@@ -193,24 +197,38 @@ class JobProducer:
                 await self._resubmit(waiter)
 
     async def _take_result(self, job_id: str) -> Result | None:
+        """Read, then delete: a read whose reply was lost is simply retried (clients retry
+        a command on a broken connection, and one read-and-delete step retried would
+        find its result gone). Only this process waits for the job; the TTL removes a
+        result whose delete failed."""
         key = self.keys.result(job_id)
         try:
-            pipe = self.r.pipeline(transaction=True)
-            pipe.hgetall(key)
-            pipe.delete(key)
-            fields, _ = await pipe.execute()
-        except redis.RedisError as exc:
+            fields = await self.r.hgetall(key)
+        except ASYNC_REDIS_ERRORS as exc:
             log.warning("reading result %s failed: %s", job_id, exc)
             return None
-        return Result.from_fields(fields) if fields else None
+        if not fields:
+            return None
+        with contextlib.suppress(*ASYNC_REDIS_ERRORS):
+            await self.r.delete(key)
+        return Result.from_fields(fields)
 
     async def _resubmit(self, waiter: _Waiter) -> None:
-        """After a Redis restart: submit again a job the new Redis does not have."""
+        """After a Redis restart: submit again a job the new Redis does not have, or
+        one a worker had taken: a server that restarted from its append-only file may
+        have lost the last second of writes, its answer among them, while the entry came
+        back as taken (nobody would run it again before the visibility timeout). Only a
+        job still waiting to be taken is left as it is."""
         try:
             async with _redis_errors():
-                exists = await self.r.xrange(self.keys.jobs, waiter.entry, waiter.entry)
-            if not exists:
+                entry = waiter.entry
+                exists = await self.r.xrange(self.keys.jobs, entry, entry)
+                taken = bool(exists) and bool(await self.r.xpending_range(
+                    self.keys.jobs, self.keys.group, entry, entry, 1))
+            if not exists or taken:
                 waiter.entry = await self._enqueue(waiter.job, bounded=False)
+                if taken:  # the copy taken before stays answered, never run a third time
+                    await self.r.xdel(self.keys.jobs, entry)
                 log.warning("Redis restarted: job %s submitted again", waiter.job.spec.id)
             waiter.epoch = self.view.epoch
         except QueueUnavailable:
@@ -218,7 +236,7 @@ class JobProducer:
 
     async def _drop(self, waiter: _Waiter) -> None:
         """Take a job nobody will wait for out of the stream, so no worker runs it."""
-        with contextlib.suppress(redis.RedisError, OSError):
+        with contextlib.suppress(*ASYNC_REDIS_ERRORS):
             await self.r.xdel(self.keys.jobs, waiter.entry)
 
     async def _cancel(self, waiter: _Waiter) -> None:
@@ -226,7 +244,7 @@ class JobProducer:
         cancelled (until its deadline) so a worker that did stops at its next stage."""
         await self._drop(waiter)
         job_id, left = waiter.job.spec.id, waiter.job.spec.deadline - time.time()
-        with contextlib.suppress(redis.RedisError, OSError):
+        with contextlib.suppress(*ASYNC_REDIS_ERRORS):
             await self.r.set(self.keys.cancelled(job_id), 1, ex=max(1, math.ceil(left)))
         log.info("job %s cancelled: its client went away", job_id)
 
@@ -239,6 +257,7 @@ class JobProducer:
         while True:
             pubsub = self.r.pubsub(ignore_subscribe_messages=True)
             try:
+                await self.r.ping()  # a cluster client learns its slots before a subscribe
                 await pubsub.subscribe(self.reply_channel)
                 if warned:
                     log.info("reply listener reconnected to Redis")
@@ -281,19 +300,18 @@ class JobProducer:
             pipe = self.r.pipeline(transaction=False)
             pipe.zrangebyscore(self.keys.workers, since, "+inf")
             pipe.xlen(self.keys.jobs)
-            pipe.info("server")
-            members, depth, info = await pipe.execute()
+            members, depth = await pipe.execute()
+            run_id = await self._run_id()
             live = len(members)
             await self._look_at_workers(frozenset(members))
         view = self.view
-        if view.run_id and info["run_id"] != view.run_id:
+        if view.run_id and run_id != view.run_id:
             view.epoch += 1
-            log.warning("Redis restarted (run id %s): waiting requests are checked",
-                        info["run_id"][:8])
+            log.warning("Redis restarted (run id %s): waiting requests are checked", run_id[:8])
             for waiter in list(self._waiters.values()):
                 waiter.event.set()
             view.restarted_at, view.no_worker_since = time.monotonic(), None
-        view.run_id, view.reachable = info["run_id"], True
+        view.run_id, view.reachable = run_id, True
         view.live_workers, view.depth = int(live), int(depth)
         now = time.monotonic()
         # An empty Redis knows no worker until each heartbeats again (a period plus its
@@ -304,6 +322,14 @@ class JobProducer:
         else:
             view.no_worker_since = view.no_worker_since or now
         view.seen_at = now
+
+    async def _run_id(self) -> str:
+        """The run id of the server holding this queue's stream (in a cluster, the node
+        that owns its slot): a new one means it restarted, maybe empty."""
+        if isinstance(self.r, aiocluster.RedisCluster):
+            node = self.r.get_node_from_key(self.keys.jobs)
+            return str((await self.r.info("server", target_nodes=node))["run_id"])
+        return str((await self.r.info("server"))["run_id"])
 
     async def _look_at_workers(self, members: frozenset[bytes]) -> None:
         """Whether every live worker decodes uploads: read from their heartbeats when the
@@ -326,7 +352,7 @@ class JobProducer:
     async def ping(self) -> bool:
         try:
             return bool(await self.r.ping())
-        except (redis.RedisError, OSError):
+        except ASYNC_REDIS_ERRORS:
             return False
 
     async def live_workers(self) -> list[str]:

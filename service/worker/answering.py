@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 from ..messages import CLIENT_CLOSED, Job, Result
 from ..metrics import WorkerMetrics
-from ..queue.errors import QueueUnavailable
+from ..queue.errors import PartiallyStored, QueueUnavailable
 from . import isolation, post
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,8 @@ def store(complete: Callable[[Sequence[Answer]], None], answers: list[Answer],
             complete(answers)
             return
         except QueueUnavailable as exc:
+            if isinstance(exc, PartiallyStored):  # the rest were stored: not twice
+                answers = exc.left
             if time.monotonic() > deadline:
                 log.error("dropping %d answers: Redis unreachable (%s)", len(answers), exc)
                 return

@@ -48,7 +48,7 @@ class Intake:
                 stopping.wait(CLAIM_BLOCK_MS / 1000)  # take its jobs over, and new ones
                 continue
             jobs, version = self.claimer.next()
-            self.lease.hold(job.entry_id for job in jobs)
+            self.lease.hold(job.entry for job in jobs)
             extractor = self.model.get(version)
             if extractor is None:  # the fleet switched to a version this worker lacks
                 self.release(jobs)

@@ -21,7 +21,7 @@ from typing import TypeVar
 
 from cleandift.settings import Settings
 
-from ..messages import Heartbeat
+from ..messages import Entry, Heartbeat
 from ..metrics import WorkerMetrics, device_label
 from ..queue.errors import QueueUnavailable
 from .claiming import Claimer, Consumer
@@ -49,7 +49,7 @@ class Lease:
                  model: ModelHolder, claimer: Claimer, stopping: threading.Event) -> None:
         self.settings, self.jobs, self.metrics, self.model = settings, jobs, metrics, model
         self.claimer, self.stopping = claimer, stopping
-        self.held: set[str] = set()  # entries claimed and not yet answered
+        self.held: set[Entry] = set()  # entries claimed and not yet answered
         self._lock = threading.Lock()
         self.started_at = time.time()
         self.last_heartbeat = 0.0  # monotonic time of the last heartbeat Redis accepted
@@ -60,13 +60,13 @@ class Lease:
         self._http: ThreadingHTTPServer | None = None
 
     # -- the held set -----------------------------------------------------------------
-    def hold(self, entry_ids: Iterable[str]) -> None:
+    def hold(self, entries: Iterable[Entry]) -> None:
         with self._lock:
-            self.held.update(entry_ids)
+            self.held.update(entries)
 
-    def let_go(self, entry_ids: Iterable[str]) -> None:
+    def let_go(self, entries: Iterable[Entry]) -> None:
         with self._lock:
-            self.held.difference_update(entry_ids)
+            self.held.difference_update(entries)
 
     @contextmanager
     def forward(self) -> Iterator[None]:
@@ -90,7 +90,7 @@ class Lease:
             else:
                 with self._lock:
                     held = list(self.held)
-                safe(lambda ids=held: self.jobs.touch(ids), None)  # type: ignore[misc]
+                safe(lambda entries=held: self.jobs.touch(entries), None)  # type: ignore[misc]
                 if time.monotonic() >= next_beat:
                     if self._published != self.model.current.info.version:
                         self.publish_model()

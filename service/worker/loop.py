@@ -196,7 +196,7 @@ class Worker:
             log.warning("released %d jobs: the fleet serves %s, which this worker does not "
                         "hold", len(jobs), self.claimer.live)
         self.waiting.forget([job.spec.id for job in jobs])
-        self.lease.let_go(job.entry_id for job in jobs)
+        self.lease.let_go(job.entry for job in jobs)
 
     def _answer(self, answers: list[Answer]) -> None:
         """Count and store; whatever happens, this worker holds the jobs no more (one
@@ -206,7 +206,7 @@ class Worker:
         self.waiting.forget([job.spec.id for job, _ in answers])
         answering.count(self.metrics, answers)
         answering.store(self.jobs.complete, answers, self.settings.request_timeout_s)
-        self.lease.let_go(job.entry_id for job, _ in answers)
+        self.lease.let_go(job.entry for job, _ in answers)
 
     def _put(self, q: queue.Queue[Any], item: object) -> None:
         """Hand over to the next stage; if that stage is gone the jobs stay pending in

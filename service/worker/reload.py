@@ -25,6 +25,7 @@ from cleandift import registry
 from cleandift.extractor import Extractor
 
 from ..metrics import WorkerMetrics
+from ..queue.connect import REDIS_ERRORS
 from ..queue.errors import QueueUnavailable
 from .holder import ModelHolder
 from .switch import FleetSwitch
@@ -124,7 +125,7 @@ class RegistryWatcher:
                         degraded = False
                     else:
                         self.stopping.wait(wake)
-                except redis.RedisError as exc:  # fall back to polling until Redis is back
+                except REDIS_ERRORS as exc:  # fall back to polling until Redis is back
                     if not degraded:
                         log.warning("registry channel unavailable (%s); polling", exc)
                     degraded = True
@@ -151,5 +152,5 @@ class RegistryWatcher:
 def _close(pubsub: Any) -> None:
     """Close a subscription, quietly: it is dropped because Redis failed or we stop."""
     if pubsub is not None:
-        with contextlib.suppress(redis.RedisError, OSError):
+        with contextlib.suppress(*REDIS_ERRORS):
             pubsub.close()

@@ -19,6 +19,7 @@ import time
 
 import redis
 
+from ..queue.connect import REDIS_ERRORS, Script
 from ..queue.errors import QueueUnavailable
 from ..queue.keys import Keys
 
@@ -55,7 +56,7 @@ class FleetSwitch:
                  timeout_s: float) -> None:
         self.r, self.keys, self.worker_id = client, keys, worker_id
         self.worker_ttl_s, self.timeout_s = worker_ttl_s, timeout_s
-        self._flip = client.register_script(_FLIP)
+        self._flip = Script(client, _FLIP)
         self._staged: tuple[str, float] | None = None  # the version held ready, since when
         self._seen: str | None = None  # the live version this worker read last
 
@@ -69,7 +70,7 @@ class FleetSwitch:
             pipe.set(self.keys.live, proposal, nx=True)
             pipe.get(self.keys.live)
             value = pipe.execute()[1]
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise QueueUnavailable(str(exc)) from exc
         self._seen = (value.decode() if isinstance(value, bytes) else value) or proposal
         return self._seen
@@ -82,14 +83,14 @@ class FleetSwitch:
                 self._staged = (version, time.monotonic())
             self.r.hset(self.keys.staged, self.worker_id, version)
             return self._try_flip(before)
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise QueueUnavailable(str(exc)) from exc
 
     def failed(self, version: str) -> None:
         """This worker cannot load `version`: the others switch without it."""
         try:
             self.r.hset(self.keys.staged, self.worker_id, FAILED + version)
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise QueueUnavailable(str(exc)) from exc
 
     def _try_flip(self, before: str) -> bool:
@@ -105,5 +106,5 @@ class FleetSwitch:
         return flipped
 
     def leave(self) -> None:
-        with contextlib.suppress(redis.RedisError, OSError):
+        with contextlib.suppress(*REDIS_ERRORS):
             self.r.hdel(self.keys.staged, self.worker_id)

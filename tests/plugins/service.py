@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from cleandift.service.processes.redis_cluster import RedisCluster, start_redis_cluster
 from cleandift.service.processes.redis_server import start_redis_server
 from cleandift.settings import Settings
 from tests.corpus import encode
@@ -23,6 +24,13 @@ def redis_url() -> Iterator[str]:
         return
     with start_redis_server() as server:
         yield server.url
+
+
+@pytest.fixture
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A private three-node Redis Cluster (its own per test: tests restart its nodes)."""
+    with start_redis_cluster(3) as cluster:
+        yield cluster
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ import redis.connection
 # Fixture name -> what it starts (why a test using it is integration).
 INTEGRATION_FIXTURES = {
     "redis_url": "a redis-server",
+    "redis_cluster": "three redis-server cluster nodes",
     "settings": "a redis-server (the service settings point at it)",
     "service": "a uvicorn server and workers",
     "browser": "Chromium",

@@ -63,8 +63,8 @@ class MemoryQueue:
                 assert job.spec.id not in self.answers, "a job was answered twice"
                 self.answers[job.spec.id] = result
 
-    def touch(self, entry_ids: Sequence[str]) -> None:
-        self.touched.update(entry_ids)
+    def touch(self, entries: Sequence[tuple[int, str]]) -> None:
+        self.touched.update(entry for _, entry in entries)
 
     def cancelled(self, job_ids: Sequence[str]) -> set[str]:
         with self.lock:
