@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from cleandift.settings import Settings
 
 RedisOpt = Annotated[str | None, typer.Option(
-    envvar=["CLEANDIFT_REDIS_URL", "REDIS_URL"], help="Redis URL; serve starts its own if unset")]
+    envvar=["CLEANDIFT_REDIS_URL", "REDIS_URL"],
+    help="Redis URL (serve starts a private one when unset; api and worker need one)")]
 HostOpt = Annotated[str | None, typer.Option(envvar="CLEANDIFT_HOST",
                                              help="bind address (default 127.0.0.1)")]
 PortOpt = Annotated[int | None, typer.Option(envvar="CLEANDIFT_PORT",

@@ -79,11 +79,21 @@ def carrier() -> dict[str, str]:
 
 def record_stages(context: Mapping[str, str], stages: Sequence[tuple[str, float, float]],
                   **attributes: Any) -> None:
-    """Spans (name, start, end in epoch seconds) under the job's carried context."""
-    if not context:
+    """A job's worker side: one CONSUMER `process` span (OpenTelemetry's messaging
+    conventions), a child of the request's `enqueue` span carried in the job, over the
+    stages (name, start, end in epoch seconds) as its children."""
+    if not context or not stages:
         return
-    parent, t = propagate.extract(context), tracer()
+    t = tracer()
+    first, last = min(s[1] for s in stages), max(max(s[1], s[2]) for s in stages)
+    process = t.start_span("process", context=propagate.extract(context),
+                           kind=trace.SpanKind.CONSUMER, start_time=int(first * 1e9),
+                           attributes={"messaging.system": "redis",
+                                       "messaging.operation.type": "process",
+                                       "messaging.operation.name": "process", **attributes})
+    parent = trace.set_span_in_context(process)
     for name, start, end in stages:
         recorded = t.start_span(name, context=parent, start_time=int(start * 1e9),
                                 attributes=attributes)
         recorded.end(end_time=int(max(start, end) * 1e9))
+    process.end(end_time=int(last * 1e9))

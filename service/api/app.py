@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
@@ -55,7 +57,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     return_memory_promptly()
     app = FastAPI(title="CleanDIFT feature service", version=__version__,
-                  description=DESCRIPTION, lifespan=lifespan, docs_url=None, redoc_url=None)
+                  description=DESCRIPTION, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  **native_telemetry_off())
     install_handlers(app)
     install_docs(app)  # /docs and /redoc with their own assets: they work offline
     app.include_router(router)
@@ -65,6 +68,16 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # counts all
     app.add_middleware(RequestContextMiddleware)  # outermost: every answer has its id
     return app
+
+
+def native_telemetry_off() -> dict[str, Any]:
+    """FastAPI 0.165+ traces, meters and logs on its own, on by default: a second SERVER
+    span per request (ours follows the conventions and skips probes), spans around every
+    dependency, metrics beside ours. Ours are the service's; FastAPI's are turned off
+    (older FastAPI has no such option)."""
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
 
 
 def app_from_env() -> FastAPI:

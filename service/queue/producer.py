@@ -140,11 +140,12 @@ class JobProducer:
         was accepted before (its result was lost) is never refused for room. `gone()`
         (asked at each poll) says the client went away: the job is cancelled."""
         job.spec.reply_to = self.reply_channel
-        job.spec.request_id, job.spec.trace = request_id_var.get(), tracing.carrier()
+        job.spec.request_id = request_id_var.get()
         with tracing.span("enqueue", tracing.SpanKind.PRODUCER, **{
                 "cleandift.job_id": job.spec.id, "messaging.system": "redis",
                 "messaging.operation.type": "send",
                 "messaging.destination.name": self.keys.jobs}):
+            job.spec.trace = tracing.carrier()  # the worker's spans follow this send
             entry = await self._enqueue(job, bounded=not again)
         waiter = self._waiters[job.spec.id] = _Waiter(job, entry, self.view.epoch)
         try:
@@ -203,7 +204,7 @@ class JobProducer:
         result whose delete failed."""
         key = self.keys.result(job_id)
         try:
-            fields = await self.r.hgetall(key)
+            fields: dict[bytes, bytes] = await self.r.hgetall(key)  # type: ignore[assignment]
         except ASYNC_REDIS_ERRORS as exc:
             log.warning("reading result %s failed: %s", job_id, exc)
             return None
