@@ -73,7 +73,8 @@ def _read_image(path: Path, size: int, settings: Settings) -> tuple[np.ndarray, 
 def demo_model(
     out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="folder to write")],
     seed: Annotated[int, typer.Option(help="weights seed")] = 0,
-    kind: Annotated[str, typer.Option(help="demo, demo15 or bench")] = "demo",
+    kind: Annotated[Literal["demo", "demo15", "bench"],
+                    typer.Option(help="demo, demo15 or bench")] = "demo",
 ) -> None:
     """Write a small built-in model (diffusers layout) to OUT_DIR: the SD2.1-shaped demo
     (default), the SD1.5-shaped demo15 or the larger bench."""

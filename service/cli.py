@@ -124,12 +124,17 @@ def worker(
     tracing: TracingOpt = None,
 ) -> None:
     """Run a worker: load the model, take batches from the queue, answer them."""
-    from .processes.launch_worker import run_worker
+    from .processes.launch_worker import redis_problem, run_worker
 
-    run_worker(_with_redis("a worker", model=model, unet=unet, device=device, dtype=dtype,
+    settings = _with_redis("a worker", model=model, unet=unet, device=device, dtype=dtype,
                            redis_url=redis_url, max_batch=max_batch, worker_port=worker_port,
                            torch_threads=torch_threads, model_name=model_name,
-                           log_level=log_level, log_format=log_format, tracing=tracing))
+                           log_level=log_level, log_format=log_format, tracing=tracing)
+    problem = redis_problem(settings)
+    if problem:
+        typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(1)
+    run_worker(settings)
 
 
 def serve(

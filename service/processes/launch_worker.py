@@ -159,3 +159,17 @@ def run_worker(settings: Settings, extractor: Extractor | None = None) -> None:
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
     worker.run()
+
+
+def redis_problem(settings: Settings) -> str | None:
+    """What is wrong when the queue cannot be reached at all, said before the model loads
+    (later outages are ridden out: the worker retries)."""
+    from ..queue.connect import REDIS_ERRORS, sync_client
+
+    assert settings.redis_url
+    try:
+        sync_client(settings.redis_url, socket_timeout=5.0, cluster=settings.redis_cluster
+                    ).ping()
+    except REDIS_ERRORS as exc:
+        return f"cannot reach Redis at {settings.redis_url}: {exc}"
+    return None

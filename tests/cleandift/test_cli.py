@@ -106,11 +106,13 @@ def test_unknown_layers_are_refused_before_the_model_loads(files, tmp_path):
     would be an error of its own) is never loaded."""
     full = every_command()
     for command in (["extract", files / "a.jpg", "--out", tmp_path / "x.safetensors"],
-                    ["eval-warps", files]):
+                    ["eval-warps", files],
+                    ["extract-dataset", files, "--out", tmp_path / "ds"]):
         args = [*command, "--layers", "us6,nope", "--model", tmp_path / "nothing-here"]
         result = CliRunner().invoke(full, list(map(str, args)))
         assert result.exit_code == 2, result.output
         assert "unknown layer(s) ['nope']" in result.output and "no model" not in result.output
+    assert not (tmp_path / "ds").exists()  # nothing written that a rerun would trip on
 
 
 def test_api_and_worker_without_a_redis_url_say_so_in_one_line(monkeypatch):
@@ -122,3 +124,18 @@ def test_api_and_worker_without_a_redis_url_say_so_in_one_line(monkeypatch):
         assert result.exit_code == 2, result.output
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and "Redis URL" in lines[0]
+
+
+@pytest.mark.integration  # it connects (to a port where no Redis listens)
+def test_a_worker_that_cannot_reach_redis_says_so_before_loading(monkeypatch):
+    result = CliRunner().invoke(every_command(), ["worker", "--redis-url",
+                                                  "redis://127.0.0.1:1/0"])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot reach Redis at "), lines
+
+
+def test_an_unknown_demo_model_kind_is_a_usage_error(tmp_path):
+    result = run("demo-model", tmp_path / "m", "--kind", "nope")
+    assert result.exit_code == 2 and "Invalid value" in result.output
+    assert not (tmp_path / "m").exists()

@@ -5,16 +5,11 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-import pytest
-
 from tests.service.service_helpers import ApiServer
-from tests.service.test_page import CHROMIUM, SHOTS, browser  # noqa: F401 (a fixture)
-
-pytestmark = [pytest.mark.integration, pytest.mark.skipif(
-    CHROMIUM is None, reason="Chromium is not installed (CI installs it from Debian)")]
+from tests.tools import SHOTS
 
 
-def _offline_page(browser, api_url: str):  # noqa: F811
+def _offline_page(browser, api_url: str):
     """A page whose requests anywhere but the API are refused (and recorded)."""
     page = browser.new_page()
     refused: list[str] = []
@@ -31,7 +26,7 @@ def _offline_page(browser, api_url: str):  # noqa: F811
     return page, refused
 
 
-def test_docs_and_redoc_render_offline(settings, browser):  # noqa: F811
+def test_docs_and_redoc_render_offline(settings, browser):
     with ApiServer(settings) as api:
         page, refused = _offline_page(browser, api.url)
         page.goto(api.url + "/docs")

@@ -80,7 +80,7 @@ def test_metrics_of_several_api_processes_add_up(api_processes):
 
 
 def promtool() -> str:
-    return require("promtool", "prometheus")
+    return require("promtool", "apt-get install prometheus")
 
 
 def test_promtool_accepts_the_api_and_worker_metrics(settings, extractor, jpeg):

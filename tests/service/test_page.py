@@ -2,32 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path
-
 import pytest
 
 from tests.corpus import encode, textured_image
 from tests.service.service_helpers import running_service
+from tests.tools import SHOTS
 
-CHROMIUM = os.environ.get("CLEANDIFT_CHROMIUM") or shutil.which("chromium")
-SHOTS = Path(os.environ.get("CLEANDIFT_SCREENSHOTS", "/tmp"))
-pytestmark = [pytest.mark.integration, pytest.mark.skipif(
-    CHROMIUM is None and not os.environ.get("CI"),
-    reason="Chromium is not installed (CI installs it from Debian)",
-)]
-
-
-@pytest.fixture
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        yield browser
-        browser.close()
+pytestmark = pytest.mark.integration
 
 
 def test_pick_click_match_switch_layer_and_error(settings, extractor, browser, tmp_path):
