@@ -129,6 +129,9 @@ def _exit(*_args: object) -> None:
 
 
 def run_serve(settings: Settings) -> None:
+    from ..logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)  # serve's own lines too
     plans = worker_plans(settings)  # a fleet that cannot be placed fails before anything runs
     private = None
     children: list[Child] = []

@@ -3,6 +3,7 @@ from one command, and a version switch of two worker processes under load."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -18,8 +19,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_one_serve_runs_two_different_demo_models(cache_dir, tmp_path, jpeg):
-    with serving(["--model", "sd21=demo", "--model", "sd15=demo15"], cache_dir,
-                 tmp_path / "serve.log") as url:
+    with serving(["--model", "sd21=demo", "--model", "sd15=demo15", "--log-format", "json"],
+                 cache_dir, tmp_path / "serve.log") as url:
         listing = httpx.get(url + "/v1/models").json()
         ready = httpx.get(url + "/readyz").json()
         answers = {name: httpx.post(f"{url}/features?model={name}", timeout=60,
@@ -28,6 +29,9 @@ def test_one_serve_runs_two_different_demo_models(cache_dir, tmp_path, jpeg):
                    for name in ("sd21", "sd15")}
     models = {m["name"]: m for m in listing["models"]}
     assert listing["served"] == ["sd21", "sd15"] and ready["workers"] == 2
+    own = [line for line in (tmp_path / "serve.log").read_text().splitlines()
+           if "private redis-server" in line or "Application startup" in line]
+    assert len(own) >= 2 and all(json.loads(line)["level"] == "INFO" for line in own), own
     assert models["sd21"]["base"] != models["sd15"]["base"]
     for name, answer in answers.items():
         model = models[name]
