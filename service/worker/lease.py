@@ -158,13 +158,19 @@ class Lease:
         info = self.model.current.info
         return True, f"ready: {info.name} {info.version}"
 
+    def facts(self) -> dict[str, object]:
+        """The API's /readyz fields, for this one worker."""
+        info = self.model.current.info
+        return {"workers": 1, "model": info.name, "model_version": info.version,
+                "models": {info.name: info.version}}
+
     def open_port(self, results: ResultStore) -> None:
         """The worker's HTTP port: probes, metrics and held results (0: any free port)."""
         settings = self.settings
         try:
             self._http = serve_worker_http(settings.worker_port, self.metrics.render,
                                            self.ready, self.alive, host=settings.host,
-                                           results=results,
+                                           results=results, facts=self.facts,
                                            idle_timeout_s=settings.worker_idle_timeout_s)
         except OSError as exc:  # results then travel through Redis; metrics by heartbeat
             log.warning("worker port %d unavailable: %s", settings.worker_port, exc)

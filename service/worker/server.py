@@ -38,6 +38,7 @@ SHUTDOWN_POLL_S = 0.05
 def serve_worker_http(port: int, render_metrics: Callable[[], bytes], ready: Check,
                       alive: Check, host: str = "127.0.0.1",
                       results: ResultStore | None = None,
+                      facts: Callable[[], dict[str, object]] = dict,
                       idle_timeout_s: float = 30.0) -> ThreadingHTTPServer:
     """Serve on `host` (the process's bind address: 127.0.0.1 unless configured); port 0
     takes any free port (`server.server_address` says which). Each connection holds a
@@ -54,16 +55,17 @@ def serve_worker_http(port: int, render_metrics: Callable[[], bytes], ready: Che
                 token = parse_qs(url.query).get("token", [""])[0]
                 body = results.take(url.path[len(RESULTS_PATH):], token)
                 if body is None:
-                    self._send(404, b"no such result (fetched already, expired, or bad token)\n")
+                    self._send(*problem(404, "no such result (fetched already, expired, or "
+                                        "bad token)", "not-found"))
                 else:
                     self._send(200, body, "application/octet-stream")
             elif url.path == "/metrics":
                 self._send(200, render_metrics(), CONTENT_TYPE_LATEST)
             elif url.path in ("/healthz", "/readyz"):
                 ok, reason = (alive if url.path == "/healthz" else ready)()
-                self._send(*probe_answer(url.path, ok, reason))
+                self._send(*probe_answer(url.path, ok, reason, facts()))
             else:
-                self._send(404, b"not found\n")
+                self._send(*problem(404, f"no such path: {url.path}", "not-found"))
 
         def _send(self, status: int, body: bytes | memoryview,
                   content_type: str = "text/plain") -> None:
@@ -84,15 +86,22 @@ def serve_worker_http(port: int, render_metrics: Callable[[], bytes], ready: Che
     return server
 
 
-def probe_answer(path: str, ok: bool, reason: str) -> tuple[int, bytes, str]:
-    """(status, body, media type) of a probe, in the API's format: 200 with
-    {"status", "detail"}, or a 503 problem+json with the reason."""
-    if ok:
-        status = "ok" if path == "/healthz" else "ready"
-        return 200, json.dumps({"status": status, "detail": reason}).encode(), "application/json"
-    problem = {"type": PROBLEM_TYPE_BASE + "not-ready", "title": "Service Unavailable",
-               "status": 503, "detail": reason}
-    return 503, json.dumps(problem).encode(), PROBLEM_MEDIA_TYPE
+def probe_answer(path: str, ok: bool, reason: str, facts: dict[str, object]
+                 ) -> tuple[int, bytes, str]:
+    """(status, body, media type) of a probe, in the API's format: /healthz {"status":
+    "ok"}, /readyz the API's fields for this worker's model (`facts`), each with the
+    worker's `detail`; or a 503 problem+json with the reason."""
+    if not ok:
+        return problem(503, reason, "not-ready")
+    body = {"status": "ok"} if path == "/healthz" else {"status": "ready", **facts}
+    return 200, json.dumps({**body, "detail": reason}).encode(), "application/json"
+
+
+def problem(status: int, detail: str, kind: str) -> tuple[int, bytes, str]:
+    title = {404: "Not Found", 503: "Service Unavailable"}[status]
+    body = {"type": PROBLEM_TYPE_BASE + kind, "title": title, "status": status,
+            "detail": detail}
+    return status, json.dumps(body).encode(), PROBLEM_MEDIA_TYPE
 
 
 def advertised_host(bind: str) -> str:

@@ -35,8 +35,9 @@ def test_the_store_is_bounded_and_forgets_what_nobody_fetched():
 
 def test_the_port_serves_results_and_probes():
     store = ResultStore(max_bytes=10**6, hold_s=30)
+    facts = {"workers": 1, "model": "m", "model_version": "v1", "models": {"m": "v1"}}
     server = serve_worker_http(0, lambda: b"metrics\n", lambda: (True, "ready"),
-                               lambda: (True, "ok"), results=store)
+                               lambda: (True, "ok"), results=store, facts=lambda: facts)
     base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         token = store.put("j1", body(5000))
@@ -44,8 +45,14 @@ def test_the_port_serves_results_and_probes():
             answer = client.get("/results/j1", params={"token": token})
             assert answer.status_code == 200 and answer.content == bytes(body(5000))
             assert answer.headers["content-length"] == "5000"
-            assert client.get("/results/j1", params={"token": token}).status_code == 404
-            assert client.get("/readyz").json() == {"status": "ready", "detail": "ready"}
+            gone = client.get("/results/j1", params={"token": token})
+            assert gone.status_code == 404
+            assert gone.headers["content-type"] == "application/problem+json"
+            # The API's /readyz fields, for this worker's model; the API's health format.
+            assert client.get("/readyz").json() == {"status": "ready", **facts,
+                                                    "detail": "ready"}
+            assert client.get("/healthz").json() == {"status": "ok", "detail": "ok"}
+            assert client.get("/nowhere").json()["status"] == 404
             assert client.get("/metrics").text == "metrics\n"
     finally:
         server.shutdown()
