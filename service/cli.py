@@ -111,8 +111,9 @@ def worker(
     dtype: DtypeOpt = None,
     redis_url: RedisOpt = None,
     max_batch: BatchOpt = None,
+    host: HostOpt = None,
     worker_port: Annotated[int | None, typer.Option(
-        "--worker-port", "--port", envvar="CLEANDIFT_WORKER_PORT",
+        "--worker-port", envvar="CLEANDIFT_WORKER_PORT",
         help="the worker's own port (probes, metrics, results); 0: any free port; default "
         "9001")] = None,
     torch_threads: ThreadsOpt = None,
@@ -127,8 +128,9 @@ def worker(
     from .processes.launch_worker import redis_problem, run_worker
 
     settings = _with_redis("a worker", model=model, unet=unet, device=device, dtype=dtype,
-                           redis_url=redis_url, max_batch=max_batch, worker_port=worker_port,
-                           torch_threads=torch_threads, model_name=model_name,
+                           redis_url=redis_url, max_batch=max_batch, host=host,
+                           worker_port=worker_port, torch_threads=torch_threads,
+                           model_name=model_name,
                            log_level=log_level, log_format=log_format, tracing=tracing)
     problem = redis_problem(settings)
     if problem:

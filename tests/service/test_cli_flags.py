@@ -24,7 +24,7 @@ SHARED = {  # flag: the commands that must have it
     "--worker-port": ("serve", "worker"),
     "--api-workers": ("serve", "api"),
     "--max-queue": ("serve", "api"),
-    "--host": ("serve", "api"),
+    "--host": ("serve", "api", "worker"),
     "--port": ("serve", "api"),
     "--model": ("serve", "api", "worker"),
     "--max-batch": ("serve", "worker"),
@@ -37,7 +37,7 @@ def test_every_shared_setting_has_one_flag_and_one_variable_everywhere():
     for flag, commands in SHARED.items():
         seen = {options[c][flag] for c in commands if flag in options[c]}
         assert all(flag in options[c] for c in commands), (flag, commands)
-        if flag not in ("--port", "--model"):  # worker's --port: its own (--worker-port)
+        if flag != "--model":
             assert len(seen) == 1, (flag, seen)
-    assert options["worker"]["--port"] == options["worker"]["--worker-port"]  # an alias
+    assert "--port" not in options["worker"]  # the API's port; a worker's is --worker-port
     assert options["api"]["--processes"] == options["api"]["--api-workers"]  # an alias
