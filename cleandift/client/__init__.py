@@ -13,10 +13,11 @@ to load.
 
     with Client("http://localhost:8000") as client:
         client.wait_ready()
-        feats = client.features("photo.jpg", layers=["us6"])        # feats["us6"]: [C, h, w]
-        descriptors = client.features("photo.jpg", points=[(120, 80)])["us6"]   # [1, C]
+        feats = client.features("examples/cat.jpg", layers=["us6"])  # feats["us6"]: [C, h, w]
+        descriptors = client.features("examples/cat.jpg", points=[(120, 80)])["us6"]  # [1, C]
         many = client.features_many(paths, concurrency=8)           # in order
-        body = client.correspond("a.jpg", targets=["b.jpg", "c.jpg"], points=[(10, 20)])
+        body = client.correspond("examples/cat.jpg", targets=["examples/coffee.jpg"],
+                                 points=[(10, 20)])
 """
 
 from .session import (
