@@ -15,6 +15,7 @@ import os
 import re
 import stat
 import tarfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,14 +213,50 @@ def read_member(record: Record, max_bytes: int) -> bytes:
         if len(data) != record.size:
             raise ItemError(f"{name}: the shard ends inside it")
         return data
-    with _open_binary(record.source) as fh, tarfile.open(fileobj=fh) as tar:
-        info = tar.getmember(record.image)
-        if info.size > max_bytes:
-            raise ItemError(f"{name} is {info.size} bytes; the limit is {max_bytes}")
-        handle = tar.extractfile(info)
-        if handle is None:
-            raise ItemError(f"{name} is not a regular file")
-        return handle.read(max_bytes)
+    stream = getattr(_streams, "current", None)
+    if stream is None or stream.source != record.source or record.image in stream.passed:
+        if stream is not None:
+            stream.close()
+        stream = _streams.current = _ShardStream(record.source)
+    try:
+        return stream.read(record.image, max_bytes)
+    except BaseException:  # a broken stream is not read on: the next member reopens
+        stream.close()
+        _streams.current = None
+        raise
+
+
+_streams = threading.local()  # each reading thread's open compressed shard
+
+
+class _ShardStream:
+    """A compressed shard (no member can be reached without what precedes it), read as one
+    forward stream: members asked for in order (as listed) cost one pass over the shard,
+    not one per member. A member already passed reopens it."""
+
+    def __init__(self, source: str) -> None:
+        self.source, self.passed = source, set[str]()
+        self._fh = _open_binary(source)
+        self._tar = tarfile.open(fileobj=self._fh, mode="r|*")  # noqa: SIM115 (kept open)
+        self._members = iter(self._tar)
+
+    def read(self, member: str, max_bytes: int) -> bytes:
+        name = f"{self.source}/{member}"
+        for info in self._members:
+            self.passed.add(info.name)
+            if info.name != member:
+                continue
+            if info.size > max_bytes:
+                raise ItemError(f"{name} is {info.size} bytes; the limit is {max_bytes}")
+            handle = self._tar.extractfile(info)
+            if handle is None:
+                raise ItemError(f"{name} is not a regular file")
+            return handle.read(max_bytes)
+        raise ItemError(f"{name}: not in the shard")
+
+    def close(self) -> None:
+        self._tar.close()
+        self._fh.close()
 
 
 def _read_range(location: str, offset: int, size: int) -> bytes:

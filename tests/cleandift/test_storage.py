@@ -199,3 +199,20 @@ def test_shards_keep_the_order_of_their_patterns_at_a_url_as_on_disk(tmp_path, m
 def test_a_url_whose_package_is_missing_stops_the_run_not_the_item():
     with pytest.raises(UsageError, match="Protocol not known"):
         read_image_bytes(Record("nope://bucket/1.jpg", ""))
+
+
+def test_a_compressed_shard_is_read_in_one_pass_not_once_per_member(tmp_path, monkeypatch):
+    """A .tar.gz has no offsets: members read in listed order cost one decompression of
+    the shard, not one each (which grew with the square of the shard size)."""
+    from cleandift.datasets import sources
+
+    jpegs = {f"{k:03d}.jpg": encode(textured_image(32, 24, seed=k), "JPEG") for k in range(40)}
+    (tmp_path / "00000.tar.gz").write_bytes(_tar(jpegs, "w:gz"))
+    records = load_records(str(tmp_path / "00000.tar.gz"))
+    opened: list[str] = []
+    real = sources._open_binary
+    monkeypatch.setattr(sources, "_open_binary", lambda where: opened.append(where) or real(where))
+    assert [read_image_bytes(r) for r in records] == list(jpegs.values())
+    assert len(opened) == 1
+    assert read_image_bytes(records[3]) == jpegs["003.jpg"]  # an earlier one: reopened
+    assert len(opened) == 2
