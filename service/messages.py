@@ -39,6 +39,7 @@ from cleandift.dtypes import ITEMSIZE, OutputName
 PROTOCOL_VERSION = 4
 READABLE_VERSIONS = (1, 2, 3, 4)
 UPLOADS_VERSION = 4  # the first version whose jobs may carry uploads, not pixels
+DTYPES_SINCE_V3 = ("bfloat16", "int8")  # answer dtypes a v2 reader does not know
 CLIENT_CLOSED = 499  # the status of a job whose client went away (nginx's "client closed")
 # RFC 9457 problems, as the API and a worker's own port answer them.
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -98,7 +99,7 @@ class JobSpec(BaseModel):
     def minimum_version(self) -> int:
         """The oldest format that expresses this job (older workers can run it)."""
         needs_v3 = (self.grid is not None or self.content
-                    or self.dtype in ("bfloat16", "int8")
+                    or self.dtype in DTYPES_SINCE_V3
                     or (self.kind == "features" and self.points is not None)
                     or len(self.image_sizes) > (2 if self.kind == "correspond" else 1))
         return 3 if needs_v3 else 2
@@ -294,6 +295,8 @@ class Result:
     def array(self, key: str) -> np.ndarray:
         """One layer as an array over the result's bytes (read-only, no copy)."""
         info = self.meta.layers[key]
+        if info.dtype == "bfloat16":  # numpy has no such type
+            raise ValueError(f"{key} is bfloat16: read its bytes (layer_bytes) with torch")
         dtype = np.dtype(info.dtype).newbyteorder("<")
         return np.frombuffer(self.layer_bytes()[key], dtype=dtype).reshape(info.shape)
 

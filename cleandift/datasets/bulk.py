@@ -25,13 +25,11 @@ import torch
 from tqdm import tqdm
 
 from ..contract import UsageError
-from ..dtypes import FLOAT_NAMES, torch_dtype
+from ..dtypes import torch_dtype
 from ..reduce import pooled, quantize_int8
 from .dataset import MANIFEST, SCALE, SHARD, tensor_name
 from .sources import ReadLimits, Record, load_records, read_image_bytes
 from .storage import Store, open_store
-
-DTYPES = FLOAT_NAMES  # --out-dtype: these, or int8 with scales
 
 
 @dataclass(frozen=True)

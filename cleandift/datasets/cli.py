@@ -26,6 +26,7 @@ from ..cli_options import (
     settings_with,
     user_errors,
 )
+from ..dtypes import OutputName
 
 
 def extract_dataset(
@@ -37,7 +38,7 @@ def extract_dataset(
     layers: Annotated[str | None, typer.Option(help="comma-separated keys; the model's "
                                                "default layers")] = None,
     size: SizeOpt = None,
-    out_dtype: Annotated[str, typer.Option(
+    out_dtype: Annotated[OutputName, typer.Option(
         "--out-dtype", help="float16, bfloat16, float32, or int8 (per-channel scales)")]
     = "float16",
     grid: Annotated[int | None, typer.Option(help="pool each map to GRID x GRID")] = None,
@@ -73,12 +74,10 @@ def extract_dataset(
 ) -> None:
     """Features of a whole dataset as sharded safetensors + index (streaming, resumable;
     read them with cleandift.datasets.FeatureDataset)."""
-    from .bulk import DTYPES, Options
+    from .bulk import Options
     from .bulk import extract_dataset as run
     from .sources import ReadLimits
 
-    if out_dtype not in (*DTYPES, "int8"):
-        raise typer.BadParameter(f"--out-dtype must be one of {[*DTYPES, 'int8']}")
     if engine == "ray" and service:
         raise typer.BadParameter("--engine ray computes with its own actors; --service "
                                  "sends to a running service: choose one")
