@@ -19,15 +19,14 @@ import time
 from typing import Any
 
 import redis
-import redis.asyncio as aioredis
 
 from cleandift.service.api.decoding import MemoryBudget
 from cleandift.service.api.parsing import FeaturesParams, features_job
 from cleandift.service.messages import Job, LayerMeta, Result, ResultMeta
+from cleandift.service.processes.redis_cluster import start_redis_cluster
 from cleandift.service.processes.redis_server import start_redis_server
-from cleandift.service.queue.consumer import JobConsumer
-from cleandift.service.queue.keys import Keys
-from cleandift.service.queue.producer import JobProducer
+from cleandift.service.queue.connect import sync_client
+from cleandift.service.queue.partitions import make_consumer, make_producer
 from cleandift.settings import Settings
 
 from .shapes import ShapeOnlyExtractor
@@ -44,6 +43,15 @@ QUEUE_DESCRIPTIONS = {
         (f"queue_consumer_cpu_ms_per_job_{images}", f"worker's queue client CPU per job "
                                                     f"(ms), {what}"),
         (f"queue_jobs_per_s_{images}", f"jobs/s through one Redis and back, {what}"))},
+    **{key.format(tag="uploads_3_shards"): f"{text}, uploads through a 3-node Redis Cluster "
+       "(12 partitions)" for key, text in (
+           ("queue_redis_bytes_in_per_job_{tag}", "bytes all nodes received per job"),
+           ("queue_redis_cpu_ms_per_job_{tag}", "CPU of all nodes per job (ms)"),
+           ("queue_producer_cpu_ms_per_job_{tag}", "API's queue client CPU per job (ms)"),
+           ("queue_consumer_cpu_ms_per_job_{tag}", "worker's queue client CPU per job (ms)"),
+           ("queue_jobs_per_s_{tag}", "jobs/s"))},
+    "queue_job_bytes_uploads_3_shards": "image bytes of one us6 job (uploads, sharded run)",
+    "queue_jobs_per_s_3_shards_vs_one": "jobs/s, 3-node cluster / one Redis (uploads)",
     "queue_api_cpu_ms_per_job_pixels": "API CPU to check and decode the photo (ms)",
     "queue_api_cpu_ms_per_job_uploads": "API CPU to check the photo's header (ms)",
     "queue_worker_decode_ms_per_job": "worker CPU to decode an upload (ms; v4 only)",
@@ -51,6 +59,7 @@ QUEUE_DESCRIPTIONS = {
     "queue_jobs_per_s_uploads_vs_pixels": "jobs/s through one Redis, uploads / pixels",
 }
 CONSUMERS = 1  # processes; with the producer and Redis, the 2 cores are busy
+SHARDS, PARTITIONS = 3, 12  # the sharded run: a 3-node cluster, 4 partitions per node
 IN_FLIGHT = 32
 CLAIM_BATCH = 8
 
@@ -90,19 +99,19 @@ def _answer(job: Job) -> Result:
                              nbytes=1280 * 48 * 48 * 2))
 
 
-def _consume(url: str, keys: Keys, name: str, stop: Any) -> None:
-    """One consumer process (a worker is a process of its own): claim, answer, repeat."""
-    consumer = JobConsumer(redis.Redis.from_url(url), keys, name, visibility_timeout_s=60,
-                           max_deliveries=3, result_ttl_s=60, stream_maxlen=100_000)
+def _consume(settings: Settings, name: str, stop: Any) -> None:
+    """One consumer process (a worker is a process of its own): claim, answer, repeat.
+    Its queue is the worker's (one stream, or every partition of a sharded one)."""
+    client = sync_client(str(settings.redis_url), cluster=settings.redis_cluster)
+    consumer = make_consumer(settings, client, None, name)
     while not stop.is_set():
         jobs = consumer.claim(CLAIM_BATCH, 100)
         if jobs:
             consumer.complete([(job, _answer(job)) for job in jobs])
 
 
-async def _produce(url: str, keys: Keys, template: Job, seconds: float) -> tuple[int, float]:
-    producer = JobProducer(aioredis.from_url(url), keys, max_queue=100_000,
-                           stream_maxlen=100_000, worker_ttl_s=60)
+async def _produce(settings: Settings, template: Job, seconds: float) -> tuple[int, float]:
+    producer = make_producer(settings, str(settings.redis_url), None)
     await producer.start()
     done, stop_at = 0, time.perf_counter() + seconds
 
@@ -123,21 +132,33 @@ async def _produce(url: str, keys: Keys, template: Job, seconds: float) -> tuple
     return done, elapsed
 
 
+def _queue_settings(url: str, prefix: str, partitions: int = 1) -> Settings:
+    return Settings(redis_url=url, queue_prefix=prefix, redis_cluster=partitions > 1,
+                    queue_partitions=partitions, max_queue=100_000, stream_maxlen=100_000,
+                    worker_ttl_s=60, visibility_timeout_s=60, result_ttl_s=60)
+
+
 def queue_figures(jpeg: bytes, quick: bool) -> dict[str, float]:
     """Both formats through one private Redis, one after the other, same load."""
     settings = Settings(max_job_cost=1e9)
     figures: dict[str, float] = {}
+    seconds = 3.0 if quick else 8.0
     with start_redis_server() as server:
-        client = redis.Redis.from_url(server.url)
         for images, decode in (("pixels", True), ("uploads", False)):
             template = one_job(jpeg, decode, settings)
-            figures.update(_run(server, client, Keys(f"bench-{images}"), template, images,
-                                3.0 if quick else 8.0))
+            figures.update(_run([server], _queue_settings(server.url, f"bench-{images}"),
+                                template, images, seconds))
+    with start_redis_cluster(SHARDS) as cluster:  # the same uploads jobs, sharded
+        figures.update(_run(cluster.nodes, _queue_settings(
+            cluster.url, "bench-shards", PARTITIONS), one_job(jpeg, False, settings),
+            "uploads", seconds, suffix=f"_{SHARDS}_shards"))
     figures.update(image_costs(jpeg, settings, 5 if quick else 20))
     figures["queue_bytes_pixels_vs_uploads"] = (figures["queue_redis_bytes_in_per_job_pixels"]
                                                 / figures["queue_redis_bytes_in_per_job_uploads"])
     figures["queue_jobs_per_s_uploads_vs_pixels"] = (figures["queue_jobs_per_s_uploads"]
                                                      / figures["queue_jobs_per_s_pixels"])
+    figures[f"queue_jobs_per_s_{SHARDS}_shards_vs_one"] = (
+        figures[f"queue_jobs_per_s_uploads_{SHARDS}_shards"] / figures["queue_jobs_per_s_uploads"])
     return figures
 
 
@@ -169,28 +190,37 @@ def image_costs(jpeg: bytes, settings: Settings, repeats: int) -> dict[str, floa
     return figures
 
 
-def _run(server: Any, client: redis.Redis, keys: Keys, template: Job, images: str,
-         seconds: float) -> dict[str, float]:
+def _run(servers: list[Any], settings: Settings, template: Job, images: str,
+         seconds: float, suffix: str = "") -> dict[str, float]:
+    """`servers`: the Redis processes the queue lives on (their CPU and bytes in count)."""
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
-    consumers = [context.Process(target=_consume, args=(server.url, keys, f"c{i}", stop),
+    consumers = [context.Process(target=_consume, args=(settings, f"c{i}", stop),
                                  daemon=True) for i in range(CONSUMERS)]
     for process in consumers:
         process.start()
-    asyncio.run(_produce(server.url, keys, template, 1.0))  # warm-up
-    bytes_before = client.info("stats")["total_net_input_bytes"]
-    pids = {"redis": server.pid, "consumer": consumers[0].pid}
+    asyncio.run(_produce(settings, template, 1.0))  # warm-up
+    clients = [redis.Redis(port=server.port) for server in servers]
+
+    def bytes_in() -> int:
+        return sum(c.info("stats")["total_net_input_bytes"] for c in clients)
+
+    bytes_before = bytes_in()
+    pids = {**{f"redis{i}": server.pid for i, server in enumerate(servers)},
+            "consumer": consumers[0].pid}
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     producer_before = time.process_time()
-    done, elapsed = asyncio.run(_produce(server.url, keys, template, seconds))
+    done, elapsed = asyncio.run(_produce(settings, template, seconds))
     cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+    cpu["redis"] = sum(cpu.pop(f"redis{i}") for i in range(len(servers)))
     cpu["producer"] = time.process_time() - producer_before
-    bytes_in = client.info("stats")["total_net_input_bytes"] - bytes_before
+    received = bytes_in() - bytes_before
     stop.set()
     for process in consumers:
         process.join()
-    return {f"queue_job_bytes_{images}": template.image_bytes,
-            f"queue_redis_bytes_in_per_job_{images}": bytes_in / done,
-            **{f"queue_{name}_cpu_ms_per_job_{images}": seconds / done * 1000
+    tag = f"{images}{suffix}"
+    return {f"queue_job_bytes_{tag}": template.image_bytes,
+            f"queue_redis_bytes_in_per_job_{tag}": received / done,
+            **{f"queue_{name}_cpu_ms_per_job_{tag}": seconds / done * 1000
                for name, seconds in cpu.items()},
-            f"queue_jobs_per_s_{images}": done / elapsed}
+            f"queue_jobs_per_s_{tag}": done / elapsed}
