@@ -276,7 +276,7 @@ class JobProducer:
                 await asyncio.sleep(LISTENER_BACKOFF_S)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 8
 
     async def _monitor(self) -> None:
         while True:
