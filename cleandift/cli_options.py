@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 if TYPE_CHECKING:
+    from pydantic import ValidationError
+
     from .extractor import Extractor
     from .settings import Settings
 
@@ -42,11 +44,25 @@ def settings_with(**overrides: Any) -> Settings:
 
     from .settings import Settings
 
+    given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+        return Settings(**given)
     except ValidationError as exc:
-        typer.echo(f"error: invalid settings: {exc}", err=True)
+        typer.echo(f"error: {settings_problem(exc, flags=set(given))}", err=True)
         raise typer.Exit(2) from exc
+
+
+def settings_problem(exc: ValidationError, flags: set[str]) -> str:
+    """pydantic's report in one line a person reads: the setting as it was given (its flag,
+    or its CLEANDIFT_ variable), what it accepts, what it got."""
+    parts = []
+    for error in exc.errors(include_url=False):
+        name = str(error["loc"][0]) if error["loc"] else "settings"
+        env = "CLEANDIFT_" + name.upper()  # flags read the same variable
+        where = f"--{name.replace('_', '-')} ({env})" if name in flags else env
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {message} (got {error.get('input')!r})")
+    return "invalid " + "; ".join(parts)
 
 
 def _load(model: str | None, unet: str | None, device: str | None,
@@ -82,6 +98,15 @@ def _layer_keys(layers: str | None) -> list[str] | None:
         return None
     with user_errors():
         return validate_layers(layers.split(","), [])
+
+
+def _given_size(size: int | None) -> None:
+    """--size checked before the model loads: a typo costs no wait."""
+    from .contract import check_size
+
+    if size is not None:
+        with user_errors():
+            check_size(size)
 
 
 def _input_size(extractor: Extractor, size: int | None) -> int:

@@ -17,6 +17,7 @@ from .cli_options import (
     ModelOpt,
     SizeOpt,
     UnetOpt,
+    _given_size,
     _input_size,
     _layer_keys,
     _load,
@@ -45,6 +46,7 @@ def eval_warps(
     from . import warps
 
     chosen = _layer_keys(layers)  # before the model loads
+    _given_size(size)
     extractor, _ = _load(model, unet, device, dtype)
     side = _input_size(extractor, size)
     try:

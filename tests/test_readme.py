@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -25,12 +26,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SKIP = re.compile(r"^cleandift (serve|api|worker)\b")
 
 
-def blocks(section: str, language: str) -> list[str]:
-    """The fenced `language` blocks of the README's `## section`."""
+def blocks(section: str | None, language: str) -> list[str]:
+    """The fenced `language` blocks of the README's `## section` (None: the opening, before
+    the first section)."""
     readme = (ROOT / "README.md").read_text()
-    match = re.search(rf"^## {re.escape(section)}\n(.*?)(?=^## |\Z)", readme, re.M | re.S)
-    assert match, f"README.md has no section '## {section}'"
-    return re.findall(rf"^```{language}\n(.*?)^```", match.group(1), re.M | re.S)
+    if section is None:
+        text = readme.split("\n## ", 1)[0]
+    else:
+        match = re.search(rf"^## {re.escape(section)}\n(.*?)(?=^## |\Z)", readme, re.M | re.S)
+        assert match, f"README.md has no section '## {section}'"
+        text = match.group(1)
+    return re.findall(rf"^```{language}\n(.*?)^```", text, re.M | re.S)
 
 
 def commands(block: str) -> list[str]:
@@ -38,6 +44,20 @@ def commands(block: str) -> list[str]:
     joined = re.sub(r"\\\n\s*", " ", block)
     return [line for line in joined.splitlines()
             if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_the_quick_start_is_what_ci_runs():
+    """The opening's two commands: `serve` (run by the `served` fixture below) and the
+    install and test commands, the very lines .ci/run runs."""
+    install_and_serve, install_and_test = commands(blocks(None, "bash")[0])
+    torch, install, serve = install_and_serve.split(" && ")
+    dev_install, test_command = install_and_test.split(" && ")
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert serve == "cleandift serve" and ci[-1] == test_command
+    for step in (torch, dev_install):
+        assert any(line.startswith(step.replace("pip install", "python -m pip install -q"))
+                   for line in ci), (step, ci)
+    assert install.replace(",dev,ray", "") == install
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +103,18 @@ def test_the_python_examples_run_as_pasted(served):
         done = subprocess.run([sys.executable, "-c", code], cwd=here, capture_output=True,
                               text=True, timeout=300)
         assert done.returncode == 0, f"{code}\n{done.stderr[-3000:]}"
+
+
+def test_the_two_model_example_runs_as_pasted(cache_dir, tmp_path):
+    """The opening's second block: `serve` with two demo models by name, then its curl line."""
+    serve, *rest = commands(blocks(None, "bash")[1])
+    args = shlex.split(serve, comments=True)
+    assert args[:2] == ["cleandift", "serve"] and rest
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    (tmp_path / ".curlrc").write_text("fail-with-body\nsilent\nshow-error\n")
+    with serving(args[2:], cache_dir, tmp_path / "serve.log") as url:
+        out = "".join(run(line, url, tmp_path) for line in rest)
+    assert '"name":"sd15"' in out.replace(" ", "") and '"model":"sd15"' in out.replace(" ", "")
 
 
 def test_the_command_line_examples_run_as_pasted(served):

@@ -20,6 +20,7 @@ from ..cli_options import (
     SizeOpt,
     UnetOpt,
     _client_api_key,
+    _given_size,
     _input_size,
     _layer_keys,
     _load,
@@ -82,6 +83,7 @@ def extract_dataset(
         raise typer.BadParameter("--engine ray computes with its own actors; --service "
                                  "sends to a running service: choose one")
     _layer_keys(layers)  # before anything is listed, loaded or written: a typo costs no wait
+    _given_size(size)
     limits = ReadLimits() if fetch_timeout is None else ReadLimits(fetch_timeout_s=fetch_timeout)
     records = _list(source)  # before any model loads: a bad source costs no wait
     if engine == "ray":  # Ray starts while the model is read for its facts (a thread):
