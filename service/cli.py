@@ -51,6 +51,12 @@ LogFormatOpt = Annotated[str | None, typer.Option(
     envvar="CLEANDIFT_LOG_FORMAT", help="text (default) or json (one object per line)")]
 TracingOpt = Annotated[str | None, typer.Option(
     envvar="CLEANDIFT_TRACING", help="off (default), otlp (OTEL_* variables) or console")]
+ClusterOpt = Annotated[bool | None, typer.Option(
+    "--redis-cluster/--no-redis-cluster", envvar="CLEANDIFT_REDIS_CLUSTER",
+    help="the Redis URL names a node of a Redis Cluster (docs/scale.md)")]
+PartitionsOpt = Annotated[int | None, typer.Option(
+    envvar="CLEANDIFT_QUEUE_PARTITIONS", help="streams per model's queue, spread over the "
+    "cluster's nodes (default 1; the API and every worker must agree)")]
 KEY_NOTE = " Clients must send CLEANDIFT_API_KEY when it is set (environment only)."
 NO_REDIS = ("error: {what} needs a Redis URL: give --redis-url, or set CLEANDIFT_REDIS_URL "
             "or REDIS_URL (`cleandift serve` starts its own Redis)")
@@ -83,6 +89,7 @@ def api(redis_url: RedisOpt = None, host: HostOpt = None, port: PortOpt = None,
         fleet: FleetOpt = None, default_model: DefaultModelOpt = None,
         max_queue: MaxQueueOpt = None, log_level: LogLevelOpt = None,
         log_format: LogFormatOpt = None, tracing: TracingOpt = None,
+        redis_cluster: ClusterOpt = None, queue_partitions: PartitionsOpt = None,
         ) -> None:
     from .fleet import FleetError, fleet_of
     from .processes.launch_api import run_api
@@ -92,6 +99,7 @@ def api(redis_url: RedisOpt = None, host: HostOpt = None, port: PortOpt = None,
                            api_workers=api_workers, fleet_file=fleet,
                            default_model=default_model, max_queue=max_queue,
                            log_level=log_level, log_format=log_format, tracing=tracing,
+                           redis_cluster=redis_cluster, queue_partitions=queue_partitions,
                            **names)
     try:
         fleet_of(settings)
@@ -123,6 +131,8 @@ def worker(
     log_level: LogLevelOpt = None,
     log_format: LogFormatOpt = None,
     tracing: TracingOpt = None,
+    redis_cluster: ClusterOpt = None,
+    queue_partitions: PartitionsOpt = None,
 ) -> None:
     """Run a worker: load the model, take batches from the queue, answer them."""
     from .processes.launch_worker import redis_problem, run_worker
@@ -131,7 +141,8 @@ def worker(
                            redis_url=redis_url, max_batch=max_batch, host=host,
                            worker_port=worker_port, torch_threads=torch_threads,
                            model_name=model_name,
-                           log_level=log_level, log_format=log_format, tracing=tracing)
+                           log_level=log_level, log_format=log_format, tracing=tracing,
+                           redis_cluster=redis_cluster, queue_partitions=queue_partitions)
     problem = redis_problem(settings)
     if problem:
         typer.echo(f"error: {problem}", err=True)
@@ -164,10 +175,16 @@ def serve(
     log_level: LogLevelOpt = None,
     log_format: LogFormatOpt = None,
     tracing: TracingOpt = None,
+    redis_cluster: ClusterOpt = None,
+    queue_partitions: PartitionsOpt = None,
 ) -> None:
     from .fleet import FleetError
     from .processes.serve import run_serve
 
+    if redis_cluster and not redis_url:
+        typer.echo("error: --redis-cluster needs --redis-url (a node of your cluster): "
+                   "serve starts a single Redis of its own otherwise", err=True)
+        raise typer.Exit(2)
     try:
         run_serve(settings_with(unet=unet, device=device, dtype=dtype, redis_url=redis_url,
                                 host=host, port=port, max_batch=max_batch, workers=workers,
@@ -177,7 +194,8 @@ def serve(
                                 worker_port=worker_port, api_workers=api_workers,
                                 max_queue=max_queue, log_level=log_level,
                                 log_format=log_format, tracing=tracing,
-                                **model_flags(model)))
+                                redis_cluster=redis_cluster,
+                                queue_partitions=queue_partitions, **model_flags(model)))
     except FleetError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

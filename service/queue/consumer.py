@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
@@ -94,9 +95,7 @@ class JobConsumer:
     def claim(self, count: int, block_ms: int) -> list[Job]:
         """New jobs for this consumer; returns as soon as at least one is there (at once
         when `block_ms` is 0)."""
-        reply: Any = self.r.xreadgroup(
-            self.keys.group, self.consumer, {self.keys.jobs: ">"}, count=count,
-            block=block_ms or None)
+        reply = self._read(">", count, block_ms)
         entries = [(entry_id, fields) for _stream, batch in reply or [] for entry_id, fields
                    in batch if fields]
         return self._parse_all(entries)
@@ -118,8 +117,7 @@ class JobConsumer:
         """A page of the entries this consumer name already holds (after `after`): when a
         worker restarts under the same name (as `serve` restarts its workers), the jobs
         of its previous life, at once. Returns (jobs, dead-lettered, last id read)."""
-        reply: Any = self.r.xreadgroup(self.keys.group, self.consumer, {self.keys.jobs: after},
-                                       count=count)
+        reply = self._read(after, count, 0)
         batch = [entry for _stream, entries in reply or [] for entry in entries]
         for entry_id, fields in batch:
             if not fields:  # deleted while pending: nothing to run
@@ -205,6 +203,20 @@ class JobConsumer:
         self._model_json = info_json
 
     # -- helpers ----------------------------------------------------------------------
+    def _read(self, after: str, count: int, block_ms: int) -> Any:
+        """XREADGROUP of this stream. A cluster client is told the node: it cannot place
+        XREADGROUP's keys itself and asks the server (COMMAND GETKEYS) before every read,
+        which doubled the Redis CPU of a read (a moved slot fails this call, QueueUnavailable,
+        and the next one goes to the new owner)."""
+        if not isinstance(self.r, redis.cluster.RedisCluster):
+            return self.r.xreadgroup(self.keys.group, self.consumer, {self.keys.jobs: after},
+                                     count=count, block=block_ms or None)
+        block = ["BLOCK", block_ms] if block_ms else []
+        return self.r.execute_command(
+            "XREADGROUP", "GROUP", self.keys.group, self.consumer, "COUNT", count, *block,
+            "STREAMS", self.keys.jobs, after,
+            target_nodes=self.r.get_node_from_key(self.keys.jobs))
+
     def _acknowledge(self, entries: list[tuple[str, str, str]]) -> None:
         """XACK + XDEL each (entry, job id, reply channel) and notify its API."""
         pipe = self.r.pipeline(transaction=False)
@@ -212,10 +224,15 @@ class JobConsumer:
             pipe.xack(self.keys.jobs, self.keys.group, entry_id)
             pipe.xdel(self.keys.jobs, entry_id)
         notes = [(reply_to, job_id) for _, job_id, reply_to in entries if reply_to]
-        if isinstance(self.r, redis.cluster.RedisCluster):  # no PUBLISH in its pipelines
+        if isinstance(self.r, redis.cluster.RedisCluster):
+            # No PUBLISH in cluster pipelines, and a cluster sends every PUBLISH to every
+            # node: one message per API carries all of its job ids (space-separated).
             pipe.execute()
+            by_channel: dict[str, list[str]] = defaultdict(list)
             for channel, job_id in notes:
-                self.r.publish(channel, job_id)
+                by_channel[channel].append(job_id)
+            for channel, job_ids in by_channel.items():
+                self.r.publish(channel, " ".join(job_ids))
             return
         for channel, job_id in notes:
             pipe.publish(channel, job_id)

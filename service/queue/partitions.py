@@ -8,9 +8,10 @@ partition); this module only spreads the work:
 
 - the API sends each job to the partition with the fewest jobs waiting (as its monitor
   last saw them), and to the next one when that partition's node is away or full;
-- a worker takes jobs from every partition: a sweep without waiting, then a short wait
-  on one partition, in turn, starting at its own; reclaim and dead letters run per
-  partition; a job is acknowledged where it was read (`Job.partition`).
+- a worker takes jobs from every partition: a sweep without waiting that fills its batch
+  from several partitions, else a short wait on one partition, in turn, starting at its
+  own; reclaim and dead letters run per partition; a job is acknowledged where it was
+  read (`Job.partition`).
 
 The model's shared keys (workers, model, live version, cancel marks) live in one slot.
 """
@@ -150,21 +151,25 @@ class PartitionedConsumer:
         self._turn = home % len(parts)
 
     def claim(self, count: int, block_ms: int) -> list[Job]:
-        """Whatever waits in any partition, at once; else a short wait on one of them.
+        """Up to `count` jobs from the partitions in turn, at once (a full batch rather
+        than one partition's few); when none waits anywhere, a short wait on one of them.
         A partition whose node is away is passed over (QueueUnavailable when all are)."""
         order = self.parts[self._turn:] + self.parts[:self._turn]
         self._turn = (self._turn + 1) % len(self.parts)
+        jobs: list[Job] = []
         reachable: list[JobConsumer] = []
         error: QueueUnavailable | None = None
         for part in order:
             try:
-                jobs = part.claim(count, 0)
+                jobs += part.claim(count - len(jobs), 0)
             except QueueUnavailable as exc:
                 error = exc
                 continue
-            if jobs:
-                return jobs
             reachable.append(part)
+            if len(jobs) >= count:
+                break
+        if jobs:
+            return jobs
         if not reachable:
             assert error is not None
             raise error

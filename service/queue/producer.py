@@ -264,9 +264,10 @@ class JobProducer:
                     log.info("reply listener reconnected to Redis")
                 warned = False
                 async for message in pubsub.listen():
-                    waiter = self._waiters.get(_text(message["data"]))
-                    if waiter is not None:
-                        waiter.event.set()
+                    for job_id in _text(message["data"]).split():  # several, from a cluster
+                        waiter = self._waiters.get(job_id)
+                        if waiter is not None:
+                            waiter.event.set()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # connection loss: waiters fall back to polling

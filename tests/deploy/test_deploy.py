@@ -89,9 +89,9 @@ def k8s_documents():
                 yield path.name, doc
 
 
-# What `kubectl apply -k` applies: the one-model deployment and the several-models overlay
-# (k8s/monitoring is applied on its own).
-KUSTOMIZATIONS = ["k8s", "k8s/overlays/two-models"]
+# What `kubectl apply -k` applies: the one-model deployment, the several-models overlay and
+# the sharded-queue one (k8s/monitoring is applied on its own).
+KUSTOMIZATIONS = ["k8s", "k8s/overlays/two-models", "k8s/overlays/sharded"]
 NO_SCHEMA = ("Kustomization", "ScaledObject", "PodMonitor", "PrometheusRule", "RayJob")
 
 

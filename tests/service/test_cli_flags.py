@@ -29,6 +29,8 @@ SHARED = {  # flag: the commands that must have it
     "--model": ("serve", "api", "worker"),
     "--max-batch": ("serve", "worker"),
     "--torch-threads": ("serve", "worker"),
+    "--redis-cluster": ("serve", "api", "worker"),
+    "--queue-partitions": ("serve", "api", "worker"),
 }
 
 
