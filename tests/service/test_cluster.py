@@ -118,3 +118,46 @@ def test_a_node_restart_with_16_in_flight_loses_nothing(cluster_settings, redis_
     assert statuses == [200] * 16, [r.text for r, _ in answers if r.status_code != 200]
     assert any(done > back_at for _, done in answers)  # some were in flight across it
     assert after.status_code == 200
+
+
+def test_answers_of_one_batch_wake_their_waiters_with_one_message(cluster_settings,
+                                                                  monkeypatch):
+    """On a cluster a worker sends one PUBLISH per API and batch (every node relays each
+    PUBLISH); the API wakes each job it names. The result poll and the deadline are pushed
+    out of reach, so only the message can answer them in the 20 s given."""
+    import asyncio
+
+    from cleandift.service.messages import Job, JobSpec, LayerMeta, Result, ResultMeta
+    from cleandift.service.queue import producer as producer_module
+    from cleandift.service.queue.partitions import make_consumer, make_producer
+
+    monkeypatch.setattr(producer_module, "RESULT_POLL_S", 3600.0)
+    settings = cluster_settings.model_copy(update={"queue_partitions": 1})
+    consumer = make_consumer(settings, sync_client(settings.redis_url, cluster=True), None, "w")
+
+    def answer() -> int:
+        taken: list[Job] = []
+        while len(taken) < 3:
+            taken += consumer.claim(3 - len(taken), 200)
+        consumer.complete([(job, Result(ResultMeta(
+            job_id=job.spec.id, model="m", model_version="v",
+            layers={"us6": LayerMeta(shape=[1], dtype="float16")}))) for job in taken])
+        return len(taken)
+
+    async def submit_three() -> list[Result]:
+        producer = make_producer(settings, settings.redis_url, None)
+        await producer.start()
+        try:
+            jobs = [Job(spec=JobSpec(kind="features", input_size=64, layers=["us6"],
+                                     image_sizes=[(64, 64)], deadline=time.time() + 3600),
+                        images=[np.zeros((64, 64, 3), np.uint8)]) for _ in range(3)]
+            worker = asyncio.get_running_loop().run_in_executor(None, answer)
+            results = await asyncio.wait_for(
+                asyncio.gather(*(producer.submit(job) for job in jobs)), 20)
+            assert await worker == 3
+            return list(results)
+        finally:
+            await producer.stop()
+
+    results = asyncio.run(submit_three())
+    assert [r.meta.status for r in results] == [200] * 3
