@@ -21,13 +21,13 @@ import pickle
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from .bulk import Options, Outcome, commit_shard, open_output, pending_shards
 from .sources import ReadLimits, Record, read_image_bytes
-from .storage import Store
+
+if TYPE_CHECKING:  # torch comes with them: the read tasks import this module without it
+    from .bulk import Options, Outcome
+    from .storage import Store
 
 
 @dataclass(frozen=True)
@@ -41,10 +41,12 @@ class RayPlan:
     torch_threads: int | None = None
 
 
-def read_shard(row: dict[str, Any], options: Options, limits: ReadLimits
+def read_shard(row: dict[str, Any], batch_size: int, limits: ReadLimits
                ) -> list[dict[str, bytes]]:
     """One shard's items read, as the local engine's batches (one part each; a shard
-    with nothing readable is one part with its errors only)."""
+    with nothing readable is one part with its errors only). Torch-free, like everything
+    it is handed: each read task's process would import torch otherwise (two seconds of
+    CPU per process, taken from the actors on a small machine)."""
     number, records = row["shard"], [Record(**r) for r in pickle.loads(row["records"])]
     errors: dict[int, str] = {}
     readable: list[tuple[int, bytes]] = []
@@ -53,8 +55,8 @@ def read_shard(row: dict[str, Any], options: Options, limits: ReadLimits
             readable.append((i, read_image_bytes(record, limits)))
         except OSError as exc:
             errors[i] = str(exc) or type(exc).__name__
-    chunks = [readable[s:s + options.batch_size]
-              for s in range(0, len(readable), options.batch_size)] or [[]]
+    chunks = [readable[s:s + batch_size]
+              for s in range(0, len(readable), batch_size)] or [[]]
     return [{"payload": pickle.dumps({
         "shard": number, "part": p, "parts": len(chunks), "keys": [r.key for r in records],
         "errors": errors if p == 0 else {}, "indices": [i for i, _ in chunk],
@@ -90,7 +92,10 @@ class FeatureActor:
 
 def _outcomes(parts: list[dict[str, Any]]) -> list[Outcome]:
     """A whole shard's outcomes from its parts (any order)."""
+    import numpy as np
     import torch
+
+    from .bulk import Outcome
 
     outcomes = [Outcome(key) for key in parts[0]["keys"]]
     for part in parts:
@@ -123,6 +128,8 @@ def ray_extract(location: str | Path, options: Options, plan: RayPlan, model: di
     import ray
     import ray.data
 
+    from .bulk import open_output, pending_shards
+
     out, records, committed = open_output(location, options, model, records)
     shards = list(pending_shards(records, len(committed), options.shard_size))
     failed = sum("error" in row for row in committed)
@@ -139,9 +146,11 @@ def _run(out: Store, options: Options, plan: RayPlan, model: dict[str, str],
          shards: list[tuple[int, list[Record]]], limits: ReadLimits) -> int:
     import ray.data
 
+    from .bulk import commit_shard
+
     items = [{"shard": n, "records": pickle.dumps([asdict(r) for r in rs])} for n, rs in shards]
     dataset = (ray.data.from_items(items, override_num_blocks=len(items))
-               .flat_map(partial(read_shard, options=options, limits=limits),
+               .flat_map(partial(read_shard, batch_size=options.batch_size, limits=limits),
                          num_cpus=0, compute=ray.data.TaskPoolStrategy(size=2))
                .map_batches(FeatureActor, fn_constructor_kwargs={"plan": plan,
                                                                  "options": options},

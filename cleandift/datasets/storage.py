@@ -16,14 +16,12 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Protocol
-
-import torch
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as dump_tensors
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..contract import UsageError
+
+if TYPE_CHECKING:  # imported where tensors are written or read: reading images (sources,
+    import torch  # the Ray engine's read tasks) needs the paths here, not torch
 
 MANIFEST = "manifest.json"
 INDEX = "index.jsonl"
@@ -177,6 +175,8 @@ class LocalStore(_IndexedStore):
         if tensors:
             self.folder.mkdir(parents=True, exist_ok=True)
             temp = self.folder / (name + ".tmp")
+            from safetensors.torch import save_file
+
             save_file(tensors, str(temp), metadata=metadata)
             _fsync(temp)
             os.replace(temp, self.folder / name)
@@ -227,12 +227,16 @@ class RemoteStore(_IndexedStore):
                rows: list[dict[str, Any]]) -> None:
         """The shard object, then its index part: both whole or absent."""
         if tensors:
-            self._write(name, dump_tensors(tensors, metadata=metadata))
+            from safetensors.torch import save
+
+            self._write(name, save(tensors, metadata=metadata))
         self._commit_rows(name, rows, "parts")
 
     def tensors(self, name: str) -> Any:
         """A shard read whole (one request), answering `get_tensor` like safe_open."""
-        return _Loaded(load_tensors(self.fs.cat_file(self._path(name))))
+        from safetensors.torch import load
+
+        return _Loaded(load(self.fs.cat_file(self._path(name))))
 
 
 class _Loaded:

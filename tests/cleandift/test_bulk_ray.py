@@ -90,3 +90,18 @@ def test_every_ray_option_is_checked(tmp_path, demo_dir, cache_dir):
               "--workers", "0")
     _, err = bad.communicate(timeout=120)
     assert bad.returncode == 2 and b"--workers" in err
+
+
+def test_the_read_tasks_do_not_import_torch():
+    """Ray imports a task's module in each worker process that runs it: the read tasks'
+    module (and what it is handed) must not pull torch in, two seconds of CPU and a few
+    hundred MB per process, taken from the actors."""
+    code = ("import pickle, sys\n"
+            "from functools import partial\n"
+            "from cleandift.datasets.ray_engine import read_shard\n"
+            "from cleandift.datasets.sources import ReadLimits\n"
+            "pickle.loads(pickle.dumps(partial(read_shard, batch_size=8, limits=ReadLimits())))\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
