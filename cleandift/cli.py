@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
@@ -123,6 +124,9 @@ def extract(
 
     keys = _layer_keys(layers)  # before the model loads: a typo costs no wait
     _given_size(size)
+    if not out.parent.is_dir():  # nor an hour of work with nowhere to write it
+        typer.echo(f"error: --out: no folder {out.parent}", err=True)
+        raise typer.Exit(2)
     extractor, settings = _load(model, unet, device, dtype)
     side = _input_size(extractor, size)
     tensors = {}
@@ -168,8 +172,11 @@ def correspond(
     # What can be checked without the model is checked before it loads: a typo costs no wait.
     chosen = _layer_keys(layer)
     _given_size(size)
-    with user_errors():
+    try:
         raw_points = json.loads(points) if points else None
+    except json.JSONDecodeError as exc:
+        typer.echo(f"error: --points is not JSON ({exc}): give e.g. '[[120, 80]]'", err=True)
+        raise typer.Exit(2) from exc
     extractor, settings = _load(model, unet, device, None)
     side = _input_size(extractor, size)
     (src, src_size), (tgt, tgt_size) = (_read_image(p, side, settings) for p in (source, target))
@@ -252,11 +259,21 @@ def command() -> Command:
 def _plain_metavars(command: Command) -> None:
     for param in command.params:
         described = getattr(param, "type_descriptor", None)
-        if (param.param_type_name == "option" and not getattr(param, "is_flag", False)
+        if param.param_type_name == "argument":  # IMAGES..., not {IMAGES}... <list[Path]>
+            setattr(param, "display_type_rich", lambda ctx: None)  # noqa: B010 (an instance)
+            setattr(param, "_usage_display_name", partial(_usage_name, param))  # noqa: B010
+        elif (param.param_type_name == "option" and not getattr(param, "is_flag", False)
                 and param.metavar is None and not getattr(described, "is_choice", False)):
-            param.metavar = (param.name or "value").upper()  # choices keep <clean|dift>
+            flag = next((o for o in param.opts if o.startswith("--")), param.name or "value")
+            param.metavar = flag.lstrip("-").replace("-", "_").upper()  # choices: <a|b>
     for sub in getattr(command, "commands", {}).values():
         _plain_metavars(sub)
+
+
+def _usage_name(param: Any) -> str:
+    name = param.metavar or (param.name or "arg").upper()
+    name = name if param.required else f"[{name}]"
+    return name + ("..." if param.nargs != 1 else "")
 
 
 def _register_optional_commands() -> None:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .dtypes import FloatName, canonical_dtype
+from .method import SIZE_MULTIPLE
 
 DEVICE_PATTERN = r"^(cpu|mps|cuda(:\d+)?)$"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"  # a served name: URLs, Redis keys
@@ -25,6 +27,9 @@ GATE_MARGIN = 0.02  # absolute warp PCK@0.10 a new version may lose against the 
 
 def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "cleandift"
+
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 class Settings(BaseSettings):
@@ -224,6 +229,28 @@ class Settings(BaseSettings):
     def _split_models(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        """A URL redis-py can open, or the command stops here with one line (not a
+        traceback from deep in the client at its first connection)."""
+        if value is None:
+            return value
+        if not value.startswith(REDIS_SCHEMES):
+            raise ValueError("a Redis URL starts with " + ", ".join(REDIS_SCHEMES))
+        try:
+            urlsplit(value).port  # noqa: B018 (raises on a port that is not a number)
+        except ValueError as exc:
+            raise ValueError(f"not a Redis URL: {exc}") from exc
+        return value
+
+    @field_validator("min_size", "max_size")
+    @classmethod
+    def _size_multiple(cls, value: int) -> int:
+        if value % SIZE_MULTIPLE:
+            raise ValueError(f"sizes are multiples of {SIZE_MULTIPLE}")
         return value
 
     @field_validator("log_level", mode="before")

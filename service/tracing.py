@@ -41,11 +41,26 @@ def configure_tracing(exporter: str, service_name: str) -> None:
         span_exporter: Any = OTLPSpanExporter()
     else:
         span_exporter = ConsoleSpanExporter()
-    # OTEL_SERVICE_NAME (read by the SDK's resource detector) wins over our default name.
-    named = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": service_name}
+    # A name the user gave (OTEL_SERVICE_NAME, or service.name in OTEL_RESOURCE_ATTRIBUTES,
+    # both read by the SDK's resource detector) wins over our default one.
+    named = {} if user_service_name() else {"service.name": service_name}
     provider = TracerProvider(resource=Resource.create(named))
     provider.add_span_processor(BatchSpanProcessor(span_exporter))
     trace.set_tracer_provider(provider)
+
+
+def user_service_name() -> str | None:
+    if os.environ.get("OTEL_SERVICE_NAME"):
+        return os.environ["OTEL_SERVICE_NAME"]
+    for pair in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
+        key, _, value = pair.partition("=")
+        if key.strip() == "service.name" and value.strip():
+            return value.strip()
+    return None
+
+
+def mark_error(current: Span, description: str) -> None:
+    current.set_status(trace.Status(trace.StatusCode.ERROR, description))
 
 
 def tracer() -> trace.Tracer:

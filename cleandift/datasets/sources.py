@@ -102,25 +102,29 @@ def folder_records(root: Path) -> list[Record]:
 
 
 def tar_records(tar_path: str) -> list[Record]:
-    """Group a shard's members by key (file name without extension), as webdataset does."""
+    """Group a shard's members by key (file name without extension), as webdataset does,
+    in the archive's order (a compressed shard is then read once, front to back; captions
+    are read as the listing passes them, never by seeking back)."""
     groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    captions: dict[str, str] = {}
     with _open_binary(tar_path) as fh, tarfile.open(fileobj=fh) as tar:
         seekable = tar.fileobj is fh  # uncompressed: a member is a byte range of the file
         for member in tar:
             if member.isfile() and "." in member.name:
                 key, ext = member.name.split(".", 1)
                 groups.setdefault(key, {})[ext.lower()] = member
+                if ext.lower() in ("txt", "json"):
+                    data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                    caption = parse_caption(member.name, data)
+                    if caption and (ext.lower() == "json" or key not in captions):
+                        captions[key] = caption  # .json wins, as before
         records = []
-        for key, members in sorted(groups.items()):
+        for key, members in groups.items():
             image = next((m for ext, m in members.items() if "." + ext in IMAGE_EXTS), None)
             if image is None:
                 continue
-            caption = ""
-            for ext in ("txt", "json"):
-                if ext in members:
-                    data = tar.extractfile(members[ext]).read()  # type: ignore[union-attr]
-                    caption = parse_caption(members[ext].name, data) or caption
-            records.append(Record(tar_path, image.name, caption, f"{Path(tar_path).name}/{key}",
+            records.append(Record(tar_path, image.name, captions.get(key, ""),
+                                  f"{Path(tar_path).name}/{key}",
                                   image.offset_data if seekable else -1, image.size))
     return records
 

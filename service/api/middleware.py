@@ -70,6 +70,8 @@ class RequestContextMiddleware:
         async def tag(message: Message) -> None:
             if message["type"] == "http.response.start":
                 root.set_attribute("http.response.status_code", message["status"])
+                if message["status"] >= 500:  # a server's span errs on 5xx only (semconv)
+                    tracing.mark_error(root, str(message["status"]))
             await tagged(message)
 
         if path in QUIET_PATHS:  # probes and scrapes: no span (dozens a minute per pod)
@@ -90,6 +92,8 @@ class RequestContextMiddleware:
                     if route:
                         root.update_name(f"{method} {route}")
                         root.set_attribute("http.route", route)
+                    else:  # no route: the method alone (a raw path would be unbounded)
+                        root.update_name(method)
         finally:
             request_id_var.reset(token)
 

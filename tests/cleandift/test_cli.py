@@ -163,10 +163,19 @@ def test_a_bad_size_is_refused_before_the_model_loads(files, tmp_path):
      "error: invalid CLEANDIFT_MAX_BATCH: Input should be greater than or equal to 1"),
     (["extract", "a.jpg", "--out", "b", "--dtype", "float8"], {},
      "error: invalid --dtype (CLEANDIFT_DTYPE): unknown dtype 'float8'"),
+    (["api", "--redis-url", "notaurl"], {},
+     "error: invalid --redis-url (CLEANDIFT_REDIS_URL): a Redis URL starts with redis://"),
+    (["worker"], {"REDIS_URL": "redis://host:port/0"},
+     "error: invalid --redis-url (CLEANDIFT_REDIS_URL): not a Redis URL: Port could not"),
+    (["info"], {"CLEANDIFT_MIN_SIZE": "65"},
+     "error: invalid CLEANDIFT_MIN_SIZE: sizes are multiples of 64"),
 ])
 def test_a_bad_setting_is_one_line_naming_where_it_came_from(args, env, expected, monkeypatch):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    for name in ("REDIS_URL", "CLEANDIFT_REDIS_URL"):
+        if name not in env:
+            monkeypatch.delenv(name, raising=False)
     result = CliRunner().invoke(every_command(), args)
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
@@ -174,9 +183,12 @@ def test_a_bad_setting_is_one_line_naming_where_it_came_from(args, env, expected
 
 
 def test_help_names_values_plainly(capsys):
-    """`--port PORT`, not typer's `--port <int>`; choices keep their list (the command as
-    `main` runs it: CliRunner's `app` would not show the fix)."""
+    """`--port PORT`, not typer's `--port <int>`; arguments as `SOURCE`, not `{SOURCE}
+    <path>`; choices keep their list (the command as `main` runs it: CliRunner's `app`
+    would not show the fix). Every command's help."""
     from cleandift.cli import command
+
+    root = command()
 
     def help_of(name: str) -> str:
         command().main([name, "--help"], prog_name="cleandift", standalone_mode=False)
@@ -184,5 +196,20 @@ def test_help_names_values_plainly(capsys):
 
     serve = help_of("serve")
     assert "--port PORT" in serve and "-m, --model MODEL" in serve
-    assert "<int>" not in serve and "<str>" not in serve
     assert "--mode <clean|dift>" in help_of("extract")
+    assert "Usage: cleandift correspond [OPTIONS] SOURCE TARGET" in help_of("correspond")
+    for name in root.commands:  # type: ignore[attr-defined]
+        text = help_of(name)
+        for label in ("<str>", "<int>", "<path>", "<float>", "<list["):
+            assert label not in text, (name, label)
+        assert "{" not in text.splitlines()[0], name  # the usage line
+
+
+def test_bad_points_and_an_unwritable_out_are_named_before_the_model_loads(files, tmp_path):
+    result = run("correspond", files / "a.jpg", files / "b.png", "--points", "notjson",
+                 "--model", tmp_path / "nothing-here")
+    assert result.exit_code == 2 and "error: --points is not JSON" in result.output
+    result = run("extract", files / "a.jpg", "--out", tmp_path / "no" / "x.safetensors",
+                 "--model", tmp_path / "nothing-here")
+    assert result.exit_code == 2 and "error: --out: no folder" in result.output
+    assert "no model" not in result.output

@@ -206,13 +206,22 @@ def test_a_compressed_shard_is_read_in_one_pass_not_once_per_member(tmp_path, mo
     the shard, not one each (which grew with the square of the shard size)."""
     from cleandift.datasets import sources
 
-    jpegs = {f"{k:03d}.jpg": encode(textured_image(32, 24, seed=k), "JPEG") for k in range(40)}
-    (tmp_path / "00000.tar.gz").write_bytes(_tar(jpegs, "w:gz"))
-    records = load_records(str(tmp_path / "00000.tar.gz"))
+    # Written in reverse key order, with captions: records keep the archive's order, and
+    # the captions are read while listing (a seek back would decompress again).
+    jpegs = {f"{k:03d}.jpg": encode(textured_image(32, 24, seed=k), "JPEG")
+             for k in reversed(range(40))}
+    members = {}
+    for name, data in jpegs.items():
+        members[name] = data
+        members[name.replace(".jpg", ".txt")] = f"caption {name}".encode()
+    (tmp_path / "00000.tar.gz").write_bytes(_tar(members, "w:gz"))
     opened: list[str] = []
     real = sources._open_binary
     monkeypatch.setattr(sources, "_open_binary", lambda where: opened.append(where) or real(where))
+    records = load_records(str(tmp_path / "00000.tar.gz"))
+    assert [r.caption for r in records] == [f"caption {name}" for name in jpegs]
+    assert len(opened) == 1  # the listing, captions included: one pass
     assert [read_image_bytes(r) for r in records] == list(jpegs.values())
-    assert len(opened) == 1
-    assert read_image_bytes(records[3]) == jpegs["003.jpg"]  # an earlier one: reopened
-    assert len(opened) == 2
+    assert len(opened) == 2  # every image: one more pass
+    assert read_image_bytes(records[3]) == jpegs["036.jpg"]  # an earlier one: reopened
+    assert len(opened) == 3

@@ -142,6 +142,7 @@ def test_a_trace_follows_the_request_through_the_queue(settings, extractor, jpeg
         answer = client.post("/features", files={"image": ("a.jpg", jpeg, "image/jpeg")},
                              data={"layers": "us6"}, headers={"traceparent": TRACEPARENT})
         assert answer.status_code == 200
+        assert client.get("/nowhere").status_code == 404
         deadline = time.monotonic() + 10
         while "post" not in {s.name for s in exporter.get_finished_spans()}:
             assert time.monotonic() < deadline, "the worker's spans never came"
@@ -155,7 +156,8 @@ def test_a_trace_follows_the_request_through_the_queue(settings, extractor, jpeg
     assert root.attributes["cleandift.request_id"] == answer.headers["x-request-id"]
     assert root.attributes["http.route"] == "/features"
     servers = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
-    assert [s.name for s in servers] == ["POST /features"]  # one; no probe's span
+    # One per request, no probe's span; a path no route matched is named by its method.
+    assert [s.name for s in servers] == ["POST /features", "GET"]
     enqueue = next(s for s in spans if s.name == "enqueue")
     assert enqueue.kind == SpanKind.PRODUCER and enqueue.attributes["messaging.system"] == "redis"
     process = next(s for s in spans if s.name == "process")  # the worker's side
@@ -199,3 +201,31 @@ def test_openapi_declares_auth_stable_operation_ids_and_headers(service):
     ok = spec["paths"]["/features"]["post"]["responses"]
     assert {"X-Model-Version", "X-Request-ID"} <= set(ok["200"]["headers"])
     assert "Retry-After" in ok["503"]["headers"]
+
+
+@pytest.mark.parametrize(("env", "name"), [
+    ({}, "cleandift-api"),
+    ({"OTEL_SERVICE_NAME": "feat"}, "feat"),
+    ({"OTEL_RESOURCE_ATTRIBUTES": "team=v, service.name=feat2"}, "feat2"),
+])
+def test_the_users_service_name_wins_over_ours(env, name, monkeypatch):
+    pytest.importorskip("opentelemetry.sdk")
+    for key in ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    installed = []
+    monkeypatch.setattr(trace, "set_tracer_provider", installed.append)
+    tracing.configure_tracing("console", "cleandift-api")
+    installed[0].shutdown()  # its export thread
+    assert installed[0].resource.attributes["service.name"] == name
+
+
+def test_a_server_error_marks_the_span_as_failed():
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with provider.get_tracer("t").start_as_current_span("s") as current:
+        tracing.mark_error(current, "503")
+    [span] = exporter.get_finished_spans()
+    assert span.status.status_code == trace.StatusCode.ERROR

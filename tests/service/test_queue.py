@@ -4,6 +4,8 @@ dead letters, bounds, deadlines and readiness."""
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
 import os
 import signal
 import subprocess
@@ -174,17 +176,27 @@ def test_full_queue_answers_429_without_enqueuing(settings, extractor, jpeg):
     publish_model_then_stop(small, extractor)
     busy_worker(small)
     keys = Keys(small.queue_prefix)
-    with ApiServer(small) as api, httpx.Client(base_url=api.url, timeout=60) as client:
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            waiting = [pool.submit(post, client, jpeg) for _ in range(2)]
-            r = redis_client(small)
-            while r.xlen(keys.jobs) < 2:
-                time.sleep(0.01)
-            refused = post(client, jpeg)
-            assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
-            assert r.xlen(keys.jobs) == 2
-            with WorkerThread(small, extractor):
-                assert [f.result().status_code for f in waiting] == [200, 200]
+    access, lines = logging.getLogger("cleandift.access"), io.StringIO()
+    handler = logging.StreamHandler(lines)
+    access.addHandler(handler)
+    level, access.level = access.level, logging.INFO
+    try:
+        with ApiServer(small) as api, httpx.Client(base_url=api.url, timeout=60) as client:
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                waiting = [pool.submit(post, client, jpeg) for _ in range(2)]
+                r = redis_client(small)
+                while r.xlen(keys.jobs) < 2:
+                    time.sleep(0.01)
+                refused = post(client, jpeg)
+                assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+                assert r.xlen(keys.jobs) == 2
+                with WorkerThread(small, extractor):
+                    assert [f.result().status_code for f in waiting] == [200, 200]
+    finally:
+        access.removeHandler(handler)
+        access.level = level
+    # The refusal has its access line, like every answer.
+    assert "POST /features 429" in lines.getvalue()
 
 
 def test_deadline_gives_504_and_the_job_never_reaches_the_model(settings, extractor, jpeg):
