@@ -12,6 +12,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,28 @@ def test_the_two_model_example_runs_as_pasted(cache_dir, tmp_path):
     with serving(args[2:], cache_dir, tmp_path / "serve.log") as url:
         out = "".join(run(line, url, tmp_path) for line in rest)
     assert '"name":"sd15"' in out.replace(" ", "") and '"model":"sd15"' in out.replace(" ", "")
+
+
+def test_the_training_example_runs_as_pasted(cache_dir, tmp_path):
+    """Make data, train v1, serve the registry, train v2 beside it: the answer's version
+    becomes v2 without a restart (the worker's check every 5 s finds it)."""
+    block = blocks("Training a student, and serving it as it is published", "bash")[0]
+    lines = commands(block)
+    [serve] = [line for line in lines if line.startswith("cleandift serve")]
+    before, after = lines[:lines.index(serve)], lines[lines.index(serve) + 1:]
+    assert len(before) == 2 and len(after) == 2 and "train" in after[0]
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    (tmp_path / ".curlrc").write_text("fail-with-body\nsilent\nshow-error\n")
+    for line in before:
+        run(line, "http://unused", tmp_path)
+    args = shlex.split(serve, comments=True)[2:]
+    with serving(args, cache_dir, tmp_path / "serve.log", cwd=tmp_path) as url:
+        assert run(after[1], url, tmp_path).strip() == "v1"
+        run(after[0], url, tmp_path)
+        deadline = time.monotonic() + 60
+        while (version := run(after[1], url, tmp_path).strip()) != "v2":
+            assert version == "v1" and time.monotonic() < deadline, version
+            time.sleep(1)
 
 
 def test_the_command_line_examples_run_as_pasted(served):

@@ -174,9 +174,10 @@ def expected_features(extractor, data: bytes, layers, size: int = 256) -> dict[s
 
 
 @contextmanager
-def serving(args: list[str], cache_dir: Path, log: Path, **env: str) -> Iterator[str]:
+def serving(args: list[str], cache_dir: Path, log: Path, cwd: Path | None = None,
+            **env: str) -> Iterator[str]:
     """`cleandift serve` as a user runs it (its own redis-server, a worker process), on a
-    free port; yields its URL once ready."""
+    free port, in `cwd` (relative paths in `args`); yields its URL once ready."""
     port = free_port()
     full = {**os.environ, "CLEANDIFT_CACHE_DIR": str(cache_dir), "CLEANDIFT_WORKER_PORT": "0",
             "CLEANDIFT_TORCH_THREADS": "1", **env}
@@ -185,7 +186,7 @@ def serving(args: list[str], cache_dir: Path, log: Path, **env: str) -> Iterator
     with open(log, "wb") as out:
         serve = subprocess.Popen([sys.executable, "-m", "cleandift.cli", "serve", "--port",
                                   str(port), *args], env=full, stdout=out,
-                                 stderr=subprocess.STDOUT)
+                                 stderr=subprocess.STDOUT, cwd=cwd)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
