@@ -61,8 +61,18 @@ def settings_problem(exc: ValidationError, flags: set[str]) -> str:
         env = "CLEANDIFT_" + name.upper()  # flags read the same variable
         where = f"--{name.replace('_', '-')} ({env})" if name in flags else env
         message = error["msg"].removeprefix("Value error, ")
+        described = _described(name)
+        if error["type"] == "string_pattern_mismatch" and described:  # a regex says little
+            message = f"expected {described}"
         parts.append(f"{where}: {message} (got {error.get('input')!r})")
     return "invalid " + "; ".join(parts)
+
+
+def _described(name: str) -> str | None:
+    from .settings import Settings
+
+    field = Settings.model_fields.get(name)
+    return field.description if field is not None else None
 
 
 def _load(model: str | None, unet: str | None, device: str | None,

@@ -68,7 +68,9 @@ def fleet_of(settings: Settings) -> Fleet:
         default = settings.default_model
     else:
         if settings.default_model is not None:
-            raise FleetError("default_model names a model, but no named models are declared")
+            raise FleetError("--default-model (CLEANDIFT_DEFAULT_MODEL) names a model, but no "
+                             "named models are declared (--model NAME=SPEC, "
+                             "CLEANDIFT_MODELS or --fleet)")
         return Fleet((ModelPlan(None, settings.model),), None)
     names = [plan.name for plan in plans]
     if len(set(names)) != len(names):

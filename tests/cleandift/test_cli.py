@@ -167,6 +167,8 @@ def test_a_bad_size_is_refused_before_the_model_loads(files, tmp_path):
      "error: invalid --redis-url (CLEANDIFT_REDIS_URL): a Redis URL starts with redis://"),
     (["worker"], {"REDIS_URL": "redis://host:port/0"},
      "error: invalid --redis-url (CLEANDIFT_REDIS_URL): not a Redis URL: Port could not"),
+    (["info"], {"CLEANDIFT_DEVICES": "gpu7"},
+     "error: invalid CLEANDIFT_DEVICES: expected `serve`: where workers run: all"),
     (["info"], {"CLEANDIFT_MIN_SIZE": "65"},
      "error: invalid CLEANDIFT_MIN_SIZE: sizes are multiples of 64"),
 ])
