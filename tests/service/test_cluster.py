@@ -9,6 +9,7 @@ import uuid
 
 import numpy as np
 import pytest
+import redis
 from redis.crc import key_slot
 
 from cleandift.service.processes.redis_cluster import SLOTS
@@ -121,10 +122,10 @@ def test_a_node_restart_with_16_in_flight_loses_nothing(cluster_settings, redis_
 
 
 def test_answers_of_one_batch_wake_their_waiters_with_one_message(cluster_settings,
-                                                                  monkeypatch):
+                                                                  redis_cluster, monkeypatch):
     """On a cluster a worker sends one PUBLISH per API and batch (every node relays each
     PUBLISH); the API wakes each job it names. The result poll and the deadline are pushed
-    out of reach, so only the message can answer them in the 20 s given."""
+    out of reach, so only the message can answer them in the 90 s given."""
     import asyncio
 
     from cleandift.service.messages import Job, JobSpec, LayerMeta, Result, ResultMeta
@@ -147,13 +148,16 @@ def test_answers_of_one_batch_wake_their_waiters_with_one_message(cluster_settin
     async def submit_three() -> list[Result]:
         producer = make_producer(settings, settings.redis_url, None)
         await producer.start()
+        while not any(redis.Redis(port=node.port).pubsub_numsub(producer.reply_channel)[0][1]
+                      for node in redis_cluster.nodes):  # listening before any answer
+            await asyncio.sleep(0.05)
         try:
             jobs = [Job(spec=JobSpec(kind="features", input_size=64, layers=["us6"],
                                      image_sizes=[(64, 64)], deadline=time.time() + 3600),
                         images=[np.zeros((64, 64, 3), np.uint8)]) for _ in range(3)]
             worker = asyncio.get_running_loop().run_in_executor(None, answer)
             results = await asyncio.wait_for(
-                asyncio.gather(*(producer.submit(job) for job in jobs)), 20)
+                asyncio.gather(*(producer.submit(job) for job in jobs)), 90)
             assert await worker == 3
             return list(results)
         finally:
