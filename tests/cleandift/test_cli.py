@@ -101,17 +101,26 @@ def every_command() -> typer.Typer:
     return full
 
 
-def test_unknown_layers_are_refused_before_the_model_loads(files, tmp_path):
-    """A typo in --layers is named at once: the model (here one that does not exist, which
-    would be an error of its own) is never loaded."""
+@pytest.mark.parametrize(("flag", "value", "says", "commands"), [
+    ("--layers", "us6,nope", "unknown layer(s) ['nope']", ("extract", "eval-warps",
+                                                           "extract-dataset")),
+    ("--size", "65", "multiple of 64", ("extract", "correspond", "eval-warps",
+                                         "extract-dataset")),
+])
+def test_a_bad_layer_or_size_is_refused_before_the_model_loads(files, tmp_path, flag, value,
+                                                                says, commands):
+    """A typo is named at once: the model (here one that does not exist, which would be an
+    error of its own) is never loaded."""
     full = every_command()
-    for command in (["extract", files / "a.jpg", "--out", tmp_path / "x.safetensors"],
-                    ["eval-warps", files],
-                    ["extract-dataset", files, "--out", tmp_path / "ds"]):
-        args = [*command, "--layers", "us6,nope", "--model", tmp_path / "nothing-here"]
+    given = {"extract": ["extract", files / "a.jpg", "--out", tmp_path / "x.safetensors"],
+             "correspond": ["correspond", files / "a.jpg", files / "b.png"],
+             "eval-warps": ["eval-warps", files],
+             "extract-dataset": ["extract-dataset", files, "--out", tmp_path / "ds"]}
+    for name in commands:
+        args = [*given[name], flag, value, "--model", tmp_path / "nothing-here"]
         result = CliRunner().invoke(full, list(map(str, args)))
         assert result.exit_code == 2, result.output
-        assert "unknown layer(s) ['nope']" in result.output and "no model" not in result.output
+        assert says in result.output and "no model" not in result.output
     assert not (tmp_path / "ds").exists()  # nothing written that a rerun would trip on
 
 
@@ -141,19 +150,6 @@ def test_an_unknown_demo_model_kind_is_a_usage_error(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
-def test_a_bad_size_is_refused_before_the_model_loads(files, tmp_path):
-    full = every_command()
-    for command in (["extract", files / "a.jpg", "--out", tmp_path / "x.safetensors"],
-                    ["correspond", files / "a.jpg", files / "b.png"],
-                    ["eval-warps", files],
-                    ["extract-dataset", files, "--out", tmp_path / "ds"]):
-        args = [*command, "--size", "65", "--model", tmp_path / "nothing-here"]
-        result = CliRunner().invoke(full, list(map(str, args)))
-        assert result.exit_code == 2, result.output
-        assert "multiple of 64" in result.output and "no model" not in result.output
-    assert not (tmp_path / "ds").exists()
-
-
 @pytest.mark.parametrize(("args", "env", "expected"), [
     (["serve", "--log-format", "xml"], {},
      "error: invalid --log-format (CLEANDIFT_LOG_FORMAT): Input should be 'text' or 'json' "
@@ -167,6 +163,8 @@ def test_a_bad_size_is_refused_before_the_model_loads(files, tmp_path):
      "error: invalid --redis-url (CLEANDIFT_REDIS_URL): a Redis URL starts with redis://"),
     (["worker"], {"REDIS_URL": "redis://host:port/0"},
      "error: invalid --redis-url (CLEANDIFT_REDIS_URL): not a Redis URL: Port could not"),
+    (["api", "--redis-url", "redis://h:6379/0", "--queue-partitions", "0"], {},
+     "error: invalid --queue-partitions (CLEANDIFT_QUEUE_PARTITIONS): Input should be greater"),
     (["info"], {"CLEANDIFT_DEVICES": "gpu7"},
      "error: invalid CLEANDIFT_DEVICES: expected `serve`: where workers run: all"),
     (["info"], {"CLEANDIFT_MIN_SIZE": "65"},
