@@ -9,7 +9,8 @@ errors a few times with a short back-off, which lands them on a fresh connection
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import redis
@@ -23,6 +24,7 @@ from redis.retry import Retry
 
 from cleandift.settings import Settings
 
+from .errors import QueueUnavailable
 from .keys import Keys
 
 RETRIES = 3
@@ -35,6 +37,16 @@ REDIS_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterExcep
 # transport's own AttributeError/TypeError instead of ConnectionError (redis/redis-py#4287,
 # 8.1.0): around an asyncio client's Redis calls only, those mean the same.
 ASYNC_REDIS_ERRORS: tuple[type[Exception], ...] = (*REDIS_ERRORS, AttributeError, TypeError)
+
+
+@contextlib.asynccontextmanager
+async def redis_errors() -> AsyncIterator[None]:
+    """Every Redis failure leaves the API's side of the queue as `QueueUnavailable`, so
+    routes never see redis-py."""
+    try:
+        yield
+    except ASYNC_REDIS_ERRORS as exc:
+        raise QueueUnavailable(str(exc)) from exc
 
 
 def async_client(url: str, *, socket_timeout: float = 10.0, cluster: bool = False

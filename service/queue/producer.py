@@ -1,11 +1,12 @@
-"""The API's side of the queue: admission, bounded enqueue, awaiting answers, queue state.
+"""The API's side of the queue: admission, bounded enqueue, awaiting answers.
 
 One listener task per API process owns the reply channel and wakes the waiting requests;
 a slow poll of the result key covers any notification lost while Redis reconnected. A
-monitor task keeps what admission needs (live workers, queue depth) fresh and notices a
-Redis that restarted empty: the jobs it lost are submitted again from the copies the
-waiting requests hold, so an accepted request is answered, not left to time out.
-Every Redis failure leaves this class as a `QueueError`, so routes never see redis-py.
+monitor task keeps what admission needs (live workers, queue depth: `QueueObserver`)
+fresh and notices a Redis that restarted empty: the jobs it lost are submitted again from
+the copies the waiting requests hold, so an accepted request is answered, not left to
+time out. Every Redis failure leaves this class as a `QueueError`, so routes never see
+redis-py.
 """
 
 from __future__ import annotations
@@ -16,23 +17,19 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
-import redis
 import redis.asyncio as aioredis
-import redis.asyncio.cluster as aiocluster
-from pydantic import ValidationError
-
-from cleandift.contract import ModelInfo
 
 from .. import tracing
 from ..logs import request_id_var
-from ..messages import UPLOADS_VERSION, Heartbeat, Job, Result
-from .connect import ASYNC_REDIS_ERRORS, Script
+from ..messages import Job, Result
+from .connect import ASYNC_REDIS_ERRORS, Script, redis_errors
 from .errors import ClientGone, NoAnswerByDeadline, NoLiveWorker, QueueFull, QueueUnavailable
 from .keys import Keys
+from .observer import QueueObserver, text
 
 log = logging.getLogger(__name__)
 
@@ -42,37 +39,11 @@ if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
 return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
 """
 RESULT_POLL_S = 1.0
-MODEL_CACHE_S = 1.0
 MONITOR_S = 0.25
 LISTENER_BACKOFF_S = 0.5
-PROTOCOLS_S = 5.0  # the live workers' job formats are read again at least this often
 STOP_S = 5.0  # longest each step of a shutdown waits
 WAKE_KEEP = 100  # wake-up calls kept at most (only the list's length matters)
 WAKE_TTL_S = 600  # a call nobody answered in this long is forgotten
-
-
-@contextlib.asynccontextmanager
-async def _redis_errors() -> AsyncIterator[None]:
-    try:
-        yield
-    except ASYNC_REDIS_ERRORS as exc:
-        raise QueueUnavailable(str(exc)) from exc
-
-
-@dataclass
-class QueueView:
-    """What the monitor saw last: enough to admit or refuse a request without Redis."""
-
-    reachable: bool = True
-    live_workers: int = 1  # optimistic until the first look
-    depth: int = 0
-    run_id: str = ""
-    epoch: int = 0  # bumped when Redis restarted (a new run_id)
-    no_worker_since: float | None = None
-    restarted_at: float | None = None  # monotonic time a new Redis run was first seen
-    # Every live worker reads jobs that carry uploads (v4): the API need not decode.
-    workers_decode: bool = False
-    seen_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -83,27 +54,22 @@ class _Waiter:
     event: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class JobProducer:
+class JobProducer(QueueObserver):
     def __init__(
         self, client: aioredis.Redis, keys: Keys, *, max_queue: int, stream_maxlen: int,
         worker_ttl_s: float,
     ) -> None:
-        self.r, self.keys = client, keys
+        super().__init__(client, keys, worker_ttl_s=worker_ttl_s)
         self.max_queue, self.stream_maxlen = max_queue, stream_maxlen
-        self.worker_ttl_s = worker_ttl_s
         self.api_id = uuid.uuid4().hex[:12]
         self.reply_channel = keys.replies(self.api_id)
-        self.view = QueueView()
         self._waiters: dict[str, _Waiter] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._xadd = Script(client, _BOUNDED_XADD)
-        self._model: tuple[float, ModelInfo | None] = (0.0, None)
-        self._members: frozenset[bytes] = frozenset()  # the live workers seen last
-        self._members_at = 0.0
 
     async def start(self) -> None:
         with contextlib.suppress(QueueUnavailable):
-            await self._look()
+            await self._refresh()
         self._tasks = [asyncio.create_task(self._listen(), name="reply-listener"),
                        asyncio.create_task(self._monitor(), name="queue-monitor")]
 
@@ -127,7 +93,7 @@ class JobProducer:
         view = self.view
         if view.reachable and view.live_workers > 0 and view.depth < self.max_queue:
             return
-        await self._look()
+        await self._refresh()
         if self.view.live_workers == 0:
             await self._wake()
             raise NoLiveWorker
@@ -156,9 +122,9 @@ class JobProducer:
 
     async def _enqueue(self, job: Job, *, bounded: bool) -> str:
         fields = job.to_fields()  # the oldest version that expresses it
-        async with _redis_errors():
+        async with redis_errors():
             if not bounded:  # a job accepted before: never refused for room
-                return _text(await self.r.xadd(self.keys.jobs, fields,  # type: ignore[arg-type]
+                return text(await self.r.xadd(self.keys.jobs, fields,  # type: ignore[arg-type]
                                                maxlen=self.stream_maxlen, approximate=True))
             args: list[Any] = [self.max_queue, self.stream_maxlen]
             for name, value in fields.items():
@@ -166,7 +132,7 @@ class JobProducer:
             entry = await self._xadd(keys=[self.keys.jobs], args=args)
         if entry is None:
             raise QueueFull
-        return _text(entry)
+        return text(entry)
 
     async def _await(self, waiter: _Waiter, gone: Callable[[], Awaitable[bool]] | None
                      ) -> Result:
@@ -189,7 +155,7 @@ class JobProducer:
             waiter.event.clear()
             result = await self._take_result(job_id)
             if result is not None:
-                self._note_version(result.meta.model_version)
+                self.note_version(result.meta.model_version)
                 return result
             if gone is not None and await gone():
                 await self._cancel(waiter)
@@ -221,7 +187,7 @@ class JobProducer:
         back as taken (nobody would run it again before the visibility timeout). Only a
         job still waiting to be taken is left as it is."""
         try:
-            async with _redis_errors():
+            async with redis_errors():
                 entry = waiter.entry
                 exists = await self.r.xrange(self.keys.jobs, entry, entry)
                 taken = bool(exists) and bool(await self.r.xpending_range(
@@ -264,7 +230,7 @@ class JobProducer:
                     log.info("reply listener reconnected to Redis")
                 warned = False
                 async for message in pubsub.listen():
-                    for job_id in _text(message["data"]).split():  # several, from a cluster
+                    for job_id in text(message["data"]).split():  # several, from a cluster
                         waiter = self._waiters.get(job_id)
                         if waiter is not None:
                             waiter.event.set()
@@ -279,140 +245,25 @@ class JobProducer:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 8
 
+    async def _refresh(self) -> None:
+        """A look; after a Redis restart every waiting request checks its job at once."""
+        if await self.look():
+            for waiter in list(self._waiters.values()):
+                waiter.event.set()
+
     async def _monitor(self) -> None:
         while True:
             try:
-                await self._look()
+                await self._refresh()
             except QueueUnavailable:
                 self.view.reachable = False
             await asyncio.sleep(MONITOR_S)
 
     async def _wake(self) -> None:
         """Ask for workers (scaled to zero, or all dead): a bounded, expiring list."""
-        async with _redis_errors():
+        async with redis_errors():
             pipe = self.r.pipeline(transaction=False)
             pipe.rpush(self.keys.wake, str(time.time()))
             pipe.ltrim(self.keys.wake, -WAKE_KEEP, -1)
             pipe.expire(self.keys.wake, WAKE_TTL_S)
             await pipe.execute()
-
-    async def _look(self) -> None:
-        since = time.time() - self.worker_ttl_s
-        async with _redis_errors():
-            pipe = self.r.pipeline(transaction=False)
-            pipe.zrangebyscore(self.keys.workers, since, "+inf")
-            pipe.xlen(self.keys.jobs)
-            members, depth = await pipe.execute()
-            run_id = await self._run_id()
-            live = len(members)
-            await self._look_at_workers(frozenset(members))
-        view = self.view
-        if view.run_id and run_id != view.run_id:
-            view.epoch += 1
-            log.warning("Redis restarted (run id %s): waiting requests are checked", run_id[:8])
-            for waiter in list(self._waiters.values()):
-                waiter.event.set()
-            view.restarted_at, view.no_worker_since = time.monotonic(), None
-        view.run_id, view.reachable = run_id, True
-        view.live_workers, view.depth = int(live), int(depth)
-        now = time.monotonic()
-        # An empty Redis knows no worker until each heartbeats again (a period plus its
-        # reconnection): only after worker_ttl_s does "none registered" mean "none alive".
-        registering = view.restarted_at is not None and now - view.restarted_at < self.worker_ttl_s
-        if live or registering:
-            view.no_worker_since = None
-        else:
-            view.no_worker_since = view.no_worker_since or now
-        view.seen_at = now
-
-    async def _run_id(self) -> str:
-        """The run id of the server holding this queue's stream (in a cluster, the node
-        that owns its slot): a new one means it restarted, maybe empty."""
-        if isinstance(self.r, aiocluster.RedisCluster):
-            node = self.r.get_node_from_key(self.keys.jobs)
-            return str((await self.r.info("server", target_nodes=node))["run_id"])
-        return str((await self.r.info("server"))["run_id"])
-
-    async def _look_at_workers(self, members: frozenset[bytes]) -> None:
-        """Whether every live worker decodes uploads: read from their heartbeats when the
-        set of workers changes (a worker's version changes only with its id's restart,
-        which a heartbeat refresh notices within PROTOCOLS_S)."""
-        now = time.monotonic()
-        if members == self._members and now - self._members_at < PROTOCOLS_S:
-            return
-        beats = await self.r.mget([self.keys.worker(_text(m)) for m in members]) if members else []
-        parsed = [_parse(Heartbeat, raw) for raw in beats if raw]
-        self.view.workers_decode = bool(parsed) and all(
-            beat is not None and UPLOADS_VERSION in beat.protocols for beat in parsed)
-        self._members, self._members_at = members, now
-
-    def decode_here(self, decode_at: str) -> bool:
-        """Whether the API decodes this request's images (docs/scale.md)."""
-        return decode_at == "api" or not self.view.workers_decode
-
-    # -- state ------------------------------------------------------------------------
-    async def ping(self) -> bool:
-        try:
-            return bool(await self.r.ping())
-        except ASYNC_REDIS_ERRORS:
-            return False
-
-    async def live_workers(self) -> list[str]:
-        since = time.time() - self.worker_ttl_s
-        async with _redis_errors():
-            members = await self.r.zrangebyscore(self.keys.workers, since, "+inf")
-        return [_text(m) for m in members]
-
-    async def heartbeats(self) -> list[Heartbeat]:
-        """The latest heartbeat of each live worker."""
-        workers = await self.live_workers()
-        if not workers:
-            return []
-        async with _redis_errors():
-            beats = await self.r.mget([self.keys.worker(w) for w in workers])
-        return [beat for raw in beats if raw and (beat := _parse(Heartbeat, raw)) is not None]
-
-    async def queue_state(self) -> tuple[int, int]:
-        """(jobs in the stream, jobs delivered but not acknowledged)."""
-        async with _redis_errors():
-            depth = await self.r.xlen(self.keys.jobs)
-            try:
-                pending = (await self.r.xpending(self.keys.jobs, self.keys.group))["pending"]
-            except redis.ResponseError:  # no group yet
-                pending = 0
-        return int(depth), int(pending)
-
-    async def model_info(self, *, fresh: bool = False) -> ModelInfo | None:
-        """What the workers serve (published on load and on every swap, before any answer
-        of the new version), cached 1 s unless `fresh`; an answer of another version than
-        the cached one invalidates the cache (`_note_version`)."""
-        fetched_at, info = self._model
-        if not fresh and time.monotonic() - fetched_at < MODEL_CACHE_S and info is not None:
-            return info
-        async with _redis_errors():
-            raw = await self.r.get(self.keys.model)
-        info = _parse(ModelInfo, raw) if raw else None
-        self._model = (time.monotonic(), info)
-        return info
-
-    def _note_version(self, version: str) -> None:
-        """An answer from a version other than the cached one means a reload happened: the
-        next model_info() reads Redis again, so /v1/models and ETags never lag an answer."""
-        _, info = self._model
-        if info is not None and version and version != info.version:
-            self._model = (0.0, info)
-
-
-M = TypeVar("M", ModelInfo, Heartbeat)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _parse(model: type[M], raw: bytes | str) -> M | None:
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as exc:  # written by a worker of another version: skip it
-        log.warning("unreadable %s in Redis: %s", model.__name__, exc)
-        return None

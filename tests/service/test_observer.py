@@ -1,4 +1,4 @@
-"""The API's view of the queue (JobProducer's monitor): what it concludes from Redis."""
+"""The API's view of the queue (QueueObserver, run by JobProducer's monitor)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from cleandift.service.queue import observer
 from cleandift.service.queue import producer as producer_module
 from cleandift.service.queue.connect import async_client
 from cleandift.service.queue.keys import Keys
@@ -23,11 +24,11 @@ def test_after_an_empty_redis_restart_workers_get_time_to_register(settings, mon
             stream_maxlen=1000, worker_ttl_s=10)
         producer.view.run_id = "a-redis-that-is-gone"  # as if Redis had restarted
         seen = []
-        await producer._look()
+        await producer.look()
         seen.append(producer.view.no_worker_since)
         later = time.monotonic() + 11
-        monkeypatch.setattr(producer_module.time, "monotonic", lambda: later)
-        await producer._look()
+        monkeypatch.setattr(observer.time, "monotonic", lambda: later)
+        await producer.look()
         seen.append(producer.view.no_worker_since)
         await producer.r.aclose()
         return seen
