@@ -173,6 +173,14 @@ def _never() -> bool:
     return False
 
 
+def correspondence_layer(metadata: dict[str, Any]) -> str:
+    return str(metadata.get("correspondence_layer", CORRESPONDENCE_LAYER))
+
+
+def default_layers(metadata: dict[str, Any]) -> list[str]:
+    return list(metadata.get("default_layers", [correspondence_layer(metadata)]))
+
+
 def model_info(
     *,
     name: str,
@@ -185,13 +193,13 @@ def model_info(
 ) -> ModelInfo:
     """ModelInfo from the UNet config (layer shapes probed on the meta device)."""
     layers = probe_layers(dict(unet_config), input_size, latent_factor)
-    corr = str(metadata.get("correspondence_layer", CORRESPONDENCE_LAYER))
+    corr = correspondence_layer(metadata)
     return ModelInfo(
         name=name,
         version=version,
         base=base,
         input_size=input_size,
-        default_layers=list(metadata.get("default_layers", [corr])),
+        default_layers=default_layers(metadata),
         correspondence_layer=corr,
         layers=layers,
         student_timestep=float(metadata.get("student_timestep", STUDENT_TIMESTEP)),

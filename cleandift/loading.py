@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from . import official, registry
 from .demo import METADATA_FILE, ensure_model
 from .dtypes import torch_dtype
-from .extractor import Extractor, model_info
+from .extractor import Extractor, default_layers, model_info
 from .hf import HF_SCHEME, hub_file, quiet_progress_bars
 from .prompts import EMPTY_PROMPT_FILE, PromptEncoder
 from .settings import default_cache_dir
@@ -142,6 +142,15 @@ def load_unet_state(unet: torch.nn.Module, path: Path) -> dict[str, str]:
     return metadata
 
 
+def _unet_file_metadata(path: Path) -> dict[str, str]:
+    """The header metadata `load_unet_state` adds (the weights left unread)."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read UNet weights {path}: {exc}") from exc
+
+
 def unet_path(unet: str | Path) -> Path:
     """A local UNet file, or an `hf://OWNER/REPO/FILE` reference fetched into the
     Hugging Face cache."""
@@ -196,16 +205,13 @@ def load_extractor(
     unet_file = unet_path(unet) if unet is not None else resolved.unet_file
     student = _weights(UNet2DConditionModel, resolved, "unet", dt)
     metadata = dict(resolved.metadata)
-    version = resolved.version
     if unet_file is not None:  # checked whole before any weight is replaced
         metadata.update(load_unet_state(student, unet_file))
-        if unet is not None:  # an explicit file; registry versions are named already
-            version = "unet-" + registry.sha256_file(unet_file)[:12]
+    version = _version(resolved, unet)
     vae = _weights(AutoencoderKL, resolved, "vae", dt)
     vae.decoder = None  # features need the encoder only
     scheduler = _from_pretrained(DDPMScheduler, resolved, "scheduler")
-    latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    input_size = int(metadata.get("input_size", student.config.sample_size * latent_factor))
+    latent_factor, input_size = _input_size(metadata, student.config, vae.config)
     info = model_info(
         name=resolved.name,
         version=version,
@@ -226,6 +232,56 @@ def load_extractor(
         load_base_unet=_base_loader(resolved, dev, dt) if unet_file is not None else None,
         base_spec=resolved.source,
     )
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a dataset records of its model, known before any weight loads."""
+
+    name: str
+    version: str
+    input_size: int
+    default_layers: list[str]
+
+
+def describe_model(spec: str | Path | None, *, unet: str | Path | None = None,
+                   cache_dir: str | Path | None = None, demo_seed: int = 0
+                   ) -> ModelFacts | None:
+    """A model's facts as `load_extractor` finds them, from its configs and the headers
+    of its files: a process that only writes what others compute need not import diffusers
+    nor hold the weights. None for a hub id (its configs come with loading)."""
+    resolved = resolve_spec(spec, Path(cache_dir) if cache_dir else default_cache_dir(),
+                            demo_seed)
+    if resolved.is_hub:
+        return None
+    unet_file = unet_path(unet) if unet is not None else resolved.unet_file
+    metadata = dict(resolved.metadata)
+    if unet_file is not None:
+        metadata.update(_unet_file_metadata(unet_file))
+    folder = Path(resolved.source)
+    try:
+        configs = [json.loads((folder / part / "config.json").read_text())
+                   for part in ("unet", "vae")]
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read the configs of {folder}: {exc}") from exc
+    _, input_size = _input_size(metadata, *configs)
+    return ModelFacts(name=resolved.name, version=_version(resolved, unet),
+                      input_size=input_size, default_layers=default_layers(metadata))
+
+
+def _version(resolved: ResolvedSpec, unet: str | Path | None) -> str:
+    """An explicit UNet file is named by its checksum; registry versions by their own."""
+    if unet is None:
+        return resolved.version
+    return "unet-" + registry.sha256_file(unet_path(unet))[:12]
+
+
+def _input_size(metadata: dict[str, Any], unet_config: Any, vae_config: Any
+                ) -> tuple[int, int]:
+    """(latent factor, the model's input size); configs as dicts or diffusers configs."""
+    latent_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    return latent_factor, int(metadata.get("input_size",
+                                           unet_config["sample_size"] * latent_factor))
 
 
 def _base_loader(

@@ -86,12 +86,13 @@ def extract_dataset(
     _given_size(size)
     limits = ReadLimits() if fetch_timeout is None else ReadLimits(fetch_timeout_s=fetch_timeout)
     records = _list(source)  # before any model loads: a bad source costs no wait
-    if engine == "ray":  # Ray starts while the model is read for its facts (a thread):
-        # the actors load it again where they run.
-        load = ThreadPoolExecutor(1).submit(_backend, None, concurrency, model, unet, "cpu",
-                                            dtype, size, layers)
+    if engine == "ray":  # the actors load the model where they run; the driver only
+        # writes, so it reads the model's facts from its files (no weights) as Ray starts
+        args = settings_with(model=model, unet=unet, device=device,
+                             dtype=dtype).extractor_args()
+        facts = ThreadPoolExecutor(1).submit(_facts, args, concurrency, size, layers)
         _start_ray(address)
-        compute, info, side, keys = load.result()
+        info, side, keys = facts.result()
     else:
         compute, info, side, keys = _backend(service, concurrency, model, unet, device,
                                              dtype, size, layers)
@@ -101,8 +102,6 @@ def extract_dataset(
     try:
         with user_errors():
             if engine == "ray":
-                args = settings_with(model=model, unet=unet, device=device,
-                                     dtype=dtype).extractor_args()
                 counts = _run_ray(out, options, info, limits, args, address, workers,
                                   gpus_per_worker, records)
             else:
@@ -139,11 +138,17 @@ def _start_ray(address: str | None) -> None:
 def _run_ray(out: str, options: Any, info: dict[str, str], limits: Any,
              extractor_args: dict[str, Any], address: str | None, workers: int,
              gpus: float, records: list[Any]) -> dict[str, int]:
+    from ..loading import ModelLoadError
     from .ray_engine import RayPlan, ray_extract
 
-    plan = RayPlan(extractor_args=extractor_args, workers=workers, gpus_per_worker=gpus,
+    plan = RayPlan(extractor_args=extractor_args, model=info, workers=workers,
+                   gpus_per_worker=gpus,
                    address=address, torch_threads=_torch_threads())
-    return ray_extract(out, options, plan, info, limits=limits, records=records)
+    try:
+        return ray_extract(out, options, plan, info, limits=limits, records=records)
+    except ModelLoadError as exc:  # an actor's load (Ray raises the cause's type here)
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
 def _torch_threads() -> int:
@@ -152,6 +157,31 @@ def _torch_threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+def _facts(args: dict[str, Any], concurrency: int, size: int | None, layers: str | None
+           ) -> tuple[dict[str, str], int, list[str]]:
+    """(model name/version, input size, layers) as a loaded model would give them. A hub
+    id (no local configs) is loaded here to learn them, and so is a model with a --unet
+    file: whether a user's file fits the base UNet is known only by loading it, and a
+    misfit is better said here, at once and plainly, than by each actor."""
+    from ..contract import check_size
+    from ..loading import ModelLoadError, describe_model
+
+    try:
+        facts = None if args["unet"] else describe_model(
+            args["spec"], cache_dir=args["cache_dir"], demo_seed=args["demo_seed"])
+    except ModelLoadError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if facts is None:
+        _, info, side, keys = _backend(None, concurrency, args["spec"], args["unet"], "cpu",
+                                       args["dtype"], size, layers)
+        return info, side, keys
+    with user_errors():
+        side = check_size(size if size is not None else facts.input_size)
+    return ({"model": facts.name, "model_version": facts.version}, side,
+            layers.split(",") if layers else facts.default_layers)
 
 
 def _backend(service: str | None, concurrency: int, model: str | None,

@@ -35,6 +35,7 @@ class RayPlan:
     """What the actors load and where they run: `address` None starts Ray here."""
 
     extractor_args: dict[str, Any]  # load_extractor's arguments, as Settings gives them
+    model: dict[str, str]  # the name and version the driver records: each actor checks
     workers: int = 1
     gpus_per_worker: float = 0.0
     address: str | None = None
@@ -65,17 +66,23 @@ def read_shard(row: dict[str, Any], batch_size: int, limits: ReadLimits
 
 class FeatureActor:
     """One model per actor, loaded once; each part's images decoded and computed as the
-    local engine computes a batch."""
+    local engine computes a batch. The driver described the model from its files; an actor
+    that loads another (a registry's LATEST moved, other files on another node) stops the
+    run rather than write features under the wrong name."""
 
     def __init__(self, plan: RayPlan, options: Options) -> None:
         import torch
 
-        from ..loading import load_extractor
+        from ..loading import ModelLoadError, load_extractor
         from .compute import local_compute
 
         if plan.torch_threads:
             torch.set_num_threads(plan.torch_threads)
         extractor = load_extractor(**plan.extractor_args)
+        loaded = {"model": extractor.info.name, "model_version": extractor.info.version}
+        if loaded != plan.model:
+            raise ModelLoadError(f"an actor loaded {loaded}, not the {plan.model} this "
+                                 "dataset records: the model changed while the run started")
         self.compute = local_compute(extractor, options)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[bytes]]:
@@ -149,9 +156,11 @@ def _run(out: Store, options: Options, plan: RayPlan, model: dict[str, str],
     from .bulk import commit_shard
 
     items = [{"shard": n, "records": pickle.dumps([asdict(r) for r in rs])} for n, rs in shards]
+    # One read task per actor and one ahead: reads (object storage, on a cluster) keep up
+    # with every actor, and a small machine starts few processes (each imports Ray Data).
     dataset = (ray.data.from_items(items, override_num_blocks=len(items))
                .flat_map(partial(read_shard, batch_size=options.batch_size, limits=limits),
-                         num_cpus=0, compute=ray.data.TaskPoolStrategy(size=2))
+                         num_cpus=0, compute=ray.data.TaskPoolStrategy(size=plan.workers + 1))
                .map_batches(FeatureActor, fn_constructor_kwargs={"plan": plan,
                                                                  "options": options},
                             batch_size=1,
@@ -161,16 +170,19 @@ def _run(out: Store, options: Options, plan: RayPlan, model: dict[str, str],
     expected = iter(n for n, _ in shards)
     parts: list[dict[str, Any]] = []
     failed = 0
-    for row in dataset.iter_rows():
-        part = pickle.loads(row["payload"])
-        parts.append(part)
-        if len(parts) < part["parts"]:
-            continue
-        number = next(expected)
-        if part["shard"] != number:
-            raise RuntimeError(f"shard {part['shard']} arrived before shard {number}")
-        outcomes = _outcomes(parts)
-        commit_shard(out, number, outcomes, options, model)
-        failed += sum(o.error is not None for o in outcomes)
-        parts = []
+    # Each block as soon as it is computed: iter_rows' prefetch holds a block back until
+    # the next one is ready (a shard committed one shard late, and a busier driver).
+    for block in dataset.iter_batches(batch_size=None, prefetch_batches=0):
+        for payload in block["payload"]:
+            part = pickle.loads(payload)
+            parts.append(part)
+            if len(parts) < part["parts"]:
+                continue
+            number = next(expected)
+            if part["shard"] != number:
+                raise RuntimeError(f"shard {part['shard']} arrived before shard {number}")
+            outcomes = _outcomes(parts)
+            commit_shard(out, number, outcomes, options, model)
+            failed += sum(o.error is not None for o in outcomes)
+            parts = []
     return failed

@@ -105,3 +105,31 @@ def test_the_read_tasks_do_not_import_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_unet_file_that_does_not_fit_is_said_in_one_line(tmp_path, demo_dir, cache_dir):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"conv_in.weight": torch.zeros(2)}, str(tmp_path / "bad.safetensors"))
+    bad = run(write_folder(tmp_path / "images", 2), tmp_path / "out", demo_dir, cache_dir,
+              "--engine", "ray", "--unet", str(tmp_path / "bad.safetensors"))
+    _, err = bad.communicate(timeout=300)
+    assert bad.returncode == 2 and b"does not fit the base UNet" in err
+    assert b"Traceback" not in err
+
+
+def test_an_actor_that_loads_another_model_stops_the_run(demo_dir, cache_dir):
+    """The driver records the model it described from its files; an actor that loads
+    another (a registry's LATEST moved meanwhile) must not compute under that name."""
+    from cleandift.datasets.bulk import Options
+    from cleandift.datasets.ray_engine import FeatureActor, RayPlan
+    from cleandift.loading import ModelLoadError
+
+    args = {"spec": str(demo_dir), "unet": None, "device": "cpu", "dtype": None,
+            "cache_dir": cache_dir, "demo_seed": 0}
+    options = Options(source="-", layers=["us6"], size=128)
+    FeatureActor(RayPlan(args, {"model": "cleandift-demo", "model_version": "demo-seed0"}),
+                 options)
+    with pytest.raises(ModelLoadError, match="the model changed"):
+        FeatureActor(RayPlan(args, {"model": "cleandift-demo", "model_version": "v2"}), options)

@@ -177,3 +177,30 @@ def test_an_absent_accelerator_is_a_clear_error(demo_dir):
     if mps is None or not mps.is_available():
         with pytest.raises(ModelLoadError, match="no MPS backend"):
             load_extractor(demo_dir, device="mps")
+
+
+@pytest.mark.slow  # loads five models: outside the unit tier
+def test_describe_model_finds_what_loading_finds(demo_dir, student_file, tmp_path):
+    """`extract-dataset --engine ray` records these facts without loading the weights; the
+    loaded model is the reference: name, version, input size and default layers agree for
+    the built-in demos, a folder whose metadata overrides them, and a registry version
+    whose UNet file carries its own metadata."""
+    from cleandift import registry
+    from cleandift.loading import describe_model
+
+    folder = tmp_path / "overrides"
+    shutil.copytree(demo_dir, folder)
+    (folder / "cleandift.json").write_text(json.dumps(
+        {"name": "mine", "version": "7", "input_size": 192, "default_layers": ["mid", "us6"]}))
+    unet = tmp_path / "unet.safetensors"
+    save_file(student_file[1], str(unet), metadata={"input_size": "320"})
+    registry.publish(tmp_path / "reg", "student", {registry.UNET_FILE: unet},
+                     {"base": str(folder), "default_layers": ["us3"]})
+    for spec in ("demo", "demo15", folder, tmp_path / "reg" / "student"):
+        facts = describe_model(spec)
+        info = load_extractor(spec, device="cpu").info
+        assert facts is not None
+        assert (facts.name, facts.version, facts.input_size, facts.default_layers) == (
+            info.name, info.version, info.input_size, info.default_layers), spec
+    assert (facts.name, facts.version, facts.input_size) == ("student", "v1", 320)
+    assert describe_model("someone/some-model") is None  # a hub id: learnt by loading
