@@ -207,7 +207,7 @@ def load_extractor(
     metadata = dict(resolved.metadata)
     if unet_file is not None:  # checked whole before any weight is replaced
         metadata.update(load_unet_state(student, unet_file))
-    version = _version(resolved, unet)
+    version = _version(resolved, unet_file if unet is not None else None)
     vae = _weights(AutoencoderKL, resolved, "vae", dt)
     vae.decoder = None  # features need the encoder only
     scheduler = _from_pretrained(DDPMScheduler, resolved, "scheduler")
@@ -265,15 +265,16 @@ def describe_model(spec: str | Path | None, *, unet: str | Path | None = None,
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read the configs of {folder}: {exc}") from exc
     _, input_size = _input_size(metadata, *configs)
-    return ModelFacts(name=resolved.name, version=_version(resolved, unet),
+    return ModelFacts(name=resolved.name,
+                      version=_version(resolved, unet_file if unet is not None else None),
                       input_size=input_size, default_layers=default_layers(metadata))
 
 
-def _version(resolved: ResolvedSpec, unet: str | Path | None) -> str:
+def _version(resolved: ResolvedSpec, explicit_unet: Path | None) -> str:
     """An explicit UNet file is named by its checksum; registry versions by their own."""
-    if unet is None:
+    if explicit_unet is None:
         return resolved.version
-    return "unet-" + registry.sha256_file(unet_path(unet))[:12]
+    return "unet-" + registry.sha256_file(explicit_unet)[:12]
 
 
 def _input_size(metadata: dict[str, Any], unet_config: Any, vae_config: Any
