@@ -262,9 +262,10 @@ def describe_model(spec: str | Path | None, *, unet: str | Path | None = None,
     try:
         configs = [json.loads((folder / part / "config.json").read_text())
                    for part in ("unet", "vae")]
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read the configs of {folder}: {exc}") from exc
-    _, input_size = _input_size(metadata, *configs)
+        _, input_size = _input_size(metadata, *configs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"cannot read the configs of {folder}: "
+                             f"{type(exc).__name__}: {exc}") from exc
     return ModelFacts(name=resolved.name,
                       version=_version(resolved, unet_file if unet is not None else None),
                       input_size=input_size, default_layers=default_layers(metadata))

@@ -138,16 +138,18 @@ def _start_ray(address: str | None) -> None:
 def _run_ray(out: str, options: Any, info: dict[str, str], limits: Any,
              extractor_args: dict[str, Any], address: str | None, workers: int,
              gpus: float, records: list[Any]) -> dict[str, int]:
-    from ..loading import ModelLoadError
-    from .ray_engine import RayPlan, ray_extract
+    from .ray_engine import RayPlan, model_error, ray_extract
 
     plan = RayPlan(extractor_args=extractor_args, model=info, workers=workers,
                    gpus_per_worker=gpus,
                    address=address, torch_threads=_torch_threads())
     try:
         return ray_extract(out, options, plan, info, limits=limits, records=records)
-    except ModelLoadError as exc:  # an actor's load (Ray raises the cause's type here)
-        typer.echo(f"error: {exc}", err=True)
+    except Exception as exc:  # an actor could not load the model: one line, not Ray's stack
+        message = model_error(exc)
+        if message is None:
+            raise
+        typer.echo(f"error: {message}", err=True)
         raise typer.Exit(2) from exc
 
 

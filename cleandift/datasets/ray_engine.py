@@ -119,10 +119,30 @@ def _outcomes(parts: list[dict[str, Any]]) -> list[Outcome]:
     return outcomes
 
 
+def model_error(exc: BaseException) -> str | None:
+    """The ModelLoadError an actor raised while loading, as its message, or None. Ray
+    hands the driver an ActorDiedError (or Ray Data's wrapper of it) that keeps only the
+    text of the actor's exception, so the text is where it is found."""
+    from ..loading import ModelLoadError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ModelLoadError):
+            return str(seen)
+        text = str(seen)
+        if f"{ModelLoadError.__name__}: " in text:
+            return text.rsplit(f"{ModelLoadError.__name__}: ", 1)[1].splitlines()[0]
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def start_ray(address: str | None, progress: bool = True) -> None:
     """Join the cluster at `address`, or start Ray on this machine (None); once."""
     import ray
 
+    # Ray Data logs a failed run's stack in full before raising it; the command says what
+    # went wrong once (an actor's load error in one line, anything else as raised).
+    logging.getLogger("ray.data.exceptions").setLevel(logging.CRITICAL)
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=progress,
                  logging_level=logging.WARNING)

@@ -119,6 +119,26 @@ def test_a_unet_file_that_does_not_fit_is_said_in_one_line(tmp_path, demo_dir, c
     assert b"Traceback" not in err
 
 
+def test_a_model_only_the_actors_find_wrong_is_said_in_one_line(tmp_path, demo_dir,
+                                                                cache_dir):
+    """A registry version is described from its files; that its UNet does not fit its
+    base (here an SD2.1-shaped UNet on the SD1.5-shaped demo) only an actor's load finds:
+    the command still ends with that one line and exit code 2."""
+    from safetensors.torch import save_file
+
+    from cleandift import load_extractor, registry
+
+    unet = tmp_path / "unet.safetensors"
+    save_file(load_extractor(demo_dir, device="cpu").unet.state_dict(), str(unet))
+    registry.publish(tmp_path / "reg", "misfit", {registry.UNET_FILE: unet}, {"base": "demo15"})
+    bad = run(write_folder(tmp_path / "images", 2), tmp_path / "out", tmp_path / "reg" / "misfit",
+              cache_dir, "--engine", "ray")
+    _, err = bad.communicate(timeout=300)
+    last = err.decode().strip().splitlines()[-1]
+    assert bad.returncode == 2, err.decode()[-3000:]
+    assert last.startswith("error: ") and "does not fit the base UNet" in last, last
+
+
 def test_an_actor_that_loads_another_model_stops_the_run(demo_dir, cache_dir):
     """The driver records the model it described from its files; an actor that loads
     another (a registry's LATEST moved meanwhile) must not compute under that name."""

@@ -204,3 +204,17 @@ def test_describe_model_finds_what_loading_finds(demo_dir, student_file, tmp_pat
             info.name, info.version, info.input_size, info.default_layers), spec
     assert (facts.name, facts.version, facts.input_size) == ("student", "v1", 320)
     assert describe_model("someone/some-model") is None  # a hub id: learnt by loading
+
+
+@pytest.mark.parametrize("vae_config", ["{}", "[]", "{", None])
+def test_describe_model_says_which_config_it_cannot_read(demo_dir, tmp_path, vae_config):
+    from cleandift.loading import describe_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(demo_dir, folder)
+    if vae_config is None:
+        (folder / "vae" / "config.json").unlink()
+    else:
+        (folder / "vae" / "config.json").write_text(vae_config)
+    with pytest.raises(ModelLoadError, match="cannot read the configs of"):
+        describe_model(folder)
