@@ -113,11 +113,9 @@ def _weights(cls: Any, spec: ResolvedSpec, subfolder: str, dtype: torch.dtype) -
 def load_unet_state(unet: torch.nn.Module, path: Path) -> dict[str, str]:
     """Strictly load a flat diffusers-named safetensors state dict, or the student UNet of
     an official full checkpoint (whose learned timestep then serves); returns metadata."""
+    metadata = _unet_file_metadata(path)
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            metadata = dict(fh.metadata() or {})
-            full = official.is_full(set(fh.keys()))
-        if full:
+        if official.is_full_file(path):
             checkpoint = official.read_full(path)
             state = checkpoint.unet
             metadata["student_timestep"] = str(checkpoint.timestep)
@@ -205,9 +203,11 @@ def load_extractor(
     unet_file = unet_path(unet) if unet is not None else resolved.unet_file
     student = _weights(UNet2DConditionModel, resolved, "unet", dt)
     metadata = dict(resolved.metadata)
+    version = resolved.version
     if unet_file is not None:  # checked whole before any weight is replaced
         metadata.update(load_unet_state(student, unet_file))
-    version = _version(resolved, unet_file if unet is not None else None)
+        if unet is not None:  # an explicit file; registry versions are named already
+            version = "unet-" + registry.sha256_file(unet_file)[:12]
     vae = _weights(AutoencoderKL, resolved, "vae", dt)
     vae.decoder = None  # features need the encoder only
     scheduler = _from_pretrained(DDPMScheduler, resolved, "scheduler")
@@ -244,20 +244,19 @@ class ModelFacts:
     default_layers: list[str]
 
 
-def describe_model(spec: str | Path | None, *, unet: str | Path | None = None,
-                   cache_dir: str | Path | None = None, demo_seed: int = 0
-                   ) -> ModelFacts | None:
-    """A model's facts as `load_extractor` finds them, from its configs and the headers
-    of its files: a process that only writes what others compute need not import diffusers
-    nor hold the weights. None for a hub id (its configs come with loading)."""
+def describe_model(spec: str | Path | None, *, cache_dir: str | Path | None = None,
+                   demo_seed: int = 0) -> ModelFacts | None:
+    """A model's facts as `load_extractor` finds them (without a --unet file), from its
+    configs and the headers of its files: a process that only writes what others compute
+    need not import diffusers nor hold the weights. None for a hub id (its configs come
+    with loading)."""
     resolved = resolve_spec(spec, Path(cache_dir) if cache_dir else default_cache_dir(),
                             demo_seed)
     if resolved.is_hub:
         return None
-    unet_file = unet_path(unet) if unet is not None else resolved.unet_file
     metadata = dict(resolved.metadata)
-    if unet_file is not None:
-        metadata.update(_unet_file_metadata(unet_file))
+    if resolved.unet_file is not None:  # a registry version's UNet
+        metadata.update(_unet_file_metadata(resolved.unet_file))
     folder = Path(resolved.source)
     try:
         configs = [json.loads((folder / part / "config.json").read_text())
@@ -266,16 +265,8 @@ def describe_model(spec: str | Path | None, *, unet: str | Path | None = None,
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelLoadError(f"cannot read the configs of {folder}: "
                              f"{type(exc).__name__}: {exc}") from exc
-    return ModelFacts(name=resolved.name,
-                      version=_version(resolved, unet_file if unet is not None else None),
-                      input_size=input_size, default_layers=default_layers(metadata))
-
-
-def _version(resolved: ResolvedSpec, explicit_unet: Path | None) -> str:
-    """An explicit UNet file is named by its checksum; registry versions by their own."""
-    if explicit_unet is None:
-        return resolved.version
-    return "unet-" + registry.sha256_file(explicit_unet)[:12]
+    return ModelFacts(name=resolved.name, version=resolved.version, input_size=input_size,
+                      default_layers=default_layers(metadata))
 
 
 def _input_size(metadata: dict[str, Any], unet_config: Any, vae_config: Any

@@ -196,13 +196,19 @@ def test_describe_model_finds_what_loading_finds(demo_dir, student_file, tmp_pat
     save_file(student_file[1], str(unet), metadata={"input_size": "320"})
     registry.publish(tmp_path / "reg", "student", {registry.UNET_FILE: unet},
                      {"base": str(folder), "default_layers": ["us3"]})
-    for spec in ("demo", "demo15", folder, tmp_path / "reg" / "student"):
+    expected = {  # written from the files above, apart from both functions
+        "demo": ("cleandift-demo", "demo-seed0", 256, ["us6"]),
+        "demo15": ("cleandift-demo15", "demo-seed0", 192, ["us6"]),
+        folder: ("mine", "7", 192, ["mid", "us6"]),
+        tmp_path / "reg" / "student": ("student", "v1", 320, ["us3"]),
+    }
+    for spec, facts_by_hand in expected.items():
         facts = describe_model(spec)
         info = load_extractor(spec, device="cpu").info
         assert facts is not None
-        assert (facts.name, facts.version, facts.input_size, facts.default_layers) == (
-            info.name, info.version, info.input_size, info.default_layers), spec
-    assert (facts.name, facts.version, facts.input_size) == ("student", "v1", 320)
+        described = (facts.name, facts.version, facts.input_size, facts.default_layers)
+        assert described == facts_by_hand, spec
+        assert described == (info.name, info.version, info.input_size, info.default_layers)
     assert describe_model("someone/some-model") is None  # a hub id: learnt by loading
 
 
