@@ -19,7 +19,8 @@ from PIL import Image
 from tests.corpus import textured_image
 
 # Shared fixtures and the tier marks, for every folder of the suite.
-pytest_plugins = ["tests.plugins.service", "tests.plugins.programs", "tests.plugins.tiers"]
+pytest_plugins = ["tests.plugins.service", "tests.plugins.programs", "tests.plugins.tiers",
+                  "tests.plugins.report"]
 
 _CACHE = Path(tempfile.mkdtemp(prefix="cleandift-test-cache-"))
 os.environ.setdefault("CLEANDIFT_CACHE_DIR", str(_CACHE))

@@ -61,22 +61,31 @@ class Outcome:
     error: str | None = None
 
 
+def _manifest(options: Options, model: dict[str, str]) -> dict[str, Any]:
+    return {"options": asdict(options), "model": model, "layers": options.layers,
+            "format": 1}
+
+
 def prepare_folder(out: Store, options: Options, model: dict[str, str]
                    ) -> list[dict[str, Any]]:
-    """Create or reopen the output; returns the committed index rows."""
-    manifest = {"options": asdict(options), "model": model,
-                "layers": options.layers, "format": 1}
+    """Reopen the output (or find it new); returns the committed index rows. Only a
+    committed shard ties the folder to its manifest's options and model: the manifest is
+    written just before the first shard (`commit_shard`), so a run that fails before that
+    shard is committed (a model its actors cannot load, a service that is down, a full
+    disk) leaves the same --out free for the next try, whatever model it uses."""
+    out.drop_strays()
+    committed = out.read_index()
     text = out.read_text(MANIFEST)
-    if text is not None:
+    if committed and text is None:
+        raise UsageError(f"{out.location} holds committed features but no {MANIFEST}: "
+                         "use another --out")
+    if committed and text is not None:
         before = json.loads(text)
-        if before["options"] != manifest["options"] or before["model"] != model:
+        if before["options"] != asdict(options) or before["model"] != model:
             raise UsageError(f"{out.location} holds features made differently "
                              f"({before['options']}, {before['model']}); use another --out "
                              "or the same options")
-    else:
-        out.write_text(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    out.drop_strays()
-    return out.read_index()
+    return committed
 
 
 def shard_outcomes(records: Sequence[Record], options: Options, compute: Compute,
@@ -115,6 +124,9 @@ def commit_shard(out: Store, number: int, outcomes: list[Outcome], options: Opti
     tensors: dict[str, torch.Tensor] = {}
     rows: list[dict[str, Any]] = []
     name = SHARD.format(number)
+    if number == 0:  # how every shard is made, written before the first is committed
+        out.write_text(MANIFEST, json.dumps(_manifest(options, model), indent=2,
+                                            sort_keys=True) + "\n")
     for entry, outcome in enumerate(outcomes):
         if outcome.features is None:
             rows.append({"key": outcome.key, "error": outcome.error})

@@ -91,6 +91,50 @@ def test_a_run_with_other_options_refuses_the_folder(tmp_path, demo_dir):
     assert missing.exit_code == 2 and "nowhere" in missing.output
 
 
+def test_only_a_committed_shard_ties_the_folder_to_a_model(tmp_path):
+    """A run that fails before its first shard is committed (a service down, a model its
+    actors cannot load, a commit that fails) leaves the --out free: the next try, with
+    another model version, takes it. Once a shard is committed the folder is that model's
+    (a resume must match), and committed rows without their manifest are refused."""
+    from cleandift.contract import UsageError
+    from cleandift.datasets.bulk import Options, extract_dataset
+
+    root = write_folder(tmp_path / "images", 5, corrupt=False)
+    options = Options(source=str(root), layers=["us6"], size=64, shard_size=2, batch_size=2)
+    out, calls = tmp_path / "out", []
+
+    def compute(fail_at: int, layer: str = "us6"):
+        def one_batch(images: list[bytes]):
+            calls.append(len(images))
+            if len(calls) == fail_at:
+                raise ConnectionError("the service went away")
+            return [({layer: torch.ones(8, 4, 4)}, (80, 64)) for _ in images]
+        return one_batch
+
+    v1, v2, v3 = ({"model": "m", "model_version": v} for v in ("v1", "v2", "v3"))
+    with pytest.raises(ConnectionError):  # before the first shard's maps
+        extract_dataset(out, options, compute(fail_at=1), v1, progress=False)
+    assert not (out / "manifest.json").exists() and read_index(out) == []
+    with pytest.raises(KeyError):  # the first shard's commit fails (its maps lack us6)
+        extract_dataset(out, options, compute(fail_at=0, layer="mid"), v3, progress=False)
+    assert (out / "manifest.json").exists() and read_index(out) == []
+    calls.clear()
+    with pytest.raises(ConnectionError):  # v2 takes the folder; fails in its second shard
+        extract_dataset(out, options, compute(fail_at=2), v2, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"] == v2 and manifest["options"]["shard_size"] == 2
+    assert [row["key"] for row in read_index(out)] == ["a/001.jpg", "a/003.jpg"]
+    with pytest.raises(UsageError, match="made differently"):
+        extract_dataset(out, options, compute(fail_at=0), v1, progress=False)
+    calls.clear()
+    counts = extract_dataset(out, options, compute(fail_at=0), v2, progress=False)
+    assert counts == {"items": 5, "resumed_after": 2, "failed": 0} and calls == [2, 1]
+    assert len(FeatureDataset(out)) == 5
+    (out / "manifest.json").unlink()
+    with pytest.raises(UsageError, match="no manifest.json"):
+        extract_dataset(out, options, compute(fail_at=0), v2, progress=False)
+
+
 def test_lists_and_shards_are_sources(tmp_path):
     write_folder(tmp_path / "images", 3, corrupt=False)
     (tmp_path / "list.txt").write_text("# two of them\nimages/a/001.jpg\n\nimages/b/002.jpg\n"

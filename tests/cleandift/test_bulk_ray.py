@@ -1,7 +1,9 @@
 """`extract-dataset --engine ray` (Ray started on this machine, two actors): killed after a
 committed shard (the driver and every Ray process of its session) and run again, every
 file is byte-identical to an uninterrupted run of the local engine. The images are read
-through a `file://` URL (fsspec, in Ray's tasks), as from object storage."""
+through a `file://` URL (fsspec, in Ray's tasks), as from object storage, and the last
+one from a local HTTP server that holds its answer while the run is to be killed: so the
+kill lands after the first commit and before the end however loaded the machine is."""
 
 from __future__ import annotations
 
@@ -10,18 +12,23 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from cleandift.datasets import FeatureDataset, read_index
 from tests.cleandift.test_bulk import lines, write_folder
+from tests.corpus import encode, textured_image
 
 pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long(seconds=80)]
 
-ITEMS = 41  # 40 images and a corrupt one (an error row, as in the local engine)
+ITEMS = 41  # 39 files, one held URL, and a corrupt file (an error row, as in the local engine)
 
 
 def run(source: Path | str, out: Path, demo_dir: Path, cache_dir: Path, *more: str
@@ -51,27 +58,67 @@ def finish(process: subprocess.Popen) -> dict:
     return json.loads(out.decode().strip().splitlines()[-1])
 
 
-def test_ray_killed_and_resumed_equals_the_local_engine(tmp_path, demo_dir, cache_dir):
-    root = f"file://{write_folder(tmp_path / 'images', ITEMS - 1)}"
-    local = finish(run(root, tmp_path / "local", demo_dir, cache_dir))
-    assert local == {"items": ITEMS, "resumed_after": 0, "failed": 1}
+@contextmanager
+def held_image(image: bytes) -> Iterator[tuple[str, threading.Event]]:
+    """(URL, release): the URL answers `image` once `release` is set, waiting until then."""
+    release, stop = threading.Event(), threading.Event()
 
-    ray_out = tmp_path / "ray"
-    killed = run(root, ray_out, demo_dir, cache_dir, "--engine", "ray", "--workers", "2")
-    deadline = time.monotonic() + 300
-    while lines(ray_out) < 8:  # one shard committed, the run going on
-        assert killed.poll() is None and time.monotonic() < deadline, "finished too soon"
-        time.sleep(0.01)
-    kill_session(killed)
-    assert 8 <= lines(ray_out) < ITEMS
-    resumed = finish(run(root, ray_out, demo_dir, cache_dir, "--engine", "ray",
-                         "--workers", "2"))
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            while not (release.wait(0.1) or stop.is_set()):
+                pass
+            with suppress(OSError):  # a killed reader: nobody to answer
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(image)))
+                self.end_headers()
+                self.wfile.write(image)
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = False  # server_close() joins them
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/held.jpg", release
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def test_ray_killed_and_resumed_equals_the_local_engine(tmp_path, demo_dir, cache_dir):
+    folder = write_folder(tmp_path / "images", ITEMS - 2)
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.jpg"))
+    image = encode(textured_image(90, 64, seed=99), "JPEG", quality=90)
+    with held_image(image) as (url, release):
+        (folder / "list.txt").write_text("".join(f"{f}\n" for f in files) + f"{url}\n")
+        root = f"file://{folder}/list.txt"
+        release.set()
+        local = finish(run(root, tmp_path / "local", demo_dir, cache_dir))
+        assert local == {"items": ITEMS, "resumed_after": 0, "failed": 1}
+
+        release.clear()  # the last shard cannot be read, so not committed, until released
+        ray_out = tmp_path / "ray"
+        killed = run(root, ray_out, demo_dir, cache_dir, "--engine", "ray", "--workers", "2",
+                     "--fetch-timeout", "600")
+        deadline = time.monotonic() + 300
+        while lines(ray_out) < 8:  # one shard committed, the run going on
+            assert killed.poll() is None and time.monotonic() < deadline, "finished too soon"
+            time.sleep(0.01)
+        kill_session(killed)
+        assert 8 <= lines(ray_out) <= ITEMS - 1
+        release.set()
+        resumed = finish(run(root, ray_out, demo_dir, cache_dir, "--engine", "ray",
+                             "--workers", "2"))
     assert resumed["items"] == ITEMS and resumed["resumed_after"] >= 8
     assert resumed["failed"] == 1
 
     a, b = tmp_path / "local", ray_out
     names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir()) and len(names) == 2 + 5  # (the 6th: errors)
+    assert names == sorted(p.name for p in b.iterdir()) and len(names) == 2 + 6
     assert all(filecmp.cmp(a / n, b / n, shallow=False) for n in names)
     rows = read_index(b)
     assert [r["key"] for r in rows] == [r["key"] for r in read_index(a)]
@@ -137,6 +184,8 @@ def test_a_model_only_the_actors_find_wrong_is_said_in_one_line(tmp_path, demo_d
     last = err.decode().strip().splitlines()[-1]
     assert bad.returncode == 2, err.decode()[-3000:]
     assert last.startswith("error: ") and "does not fit the base UNet" in last, last
+    # nothing was committed: the folder records no dataset, so a fixed model may use it
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_an_actor_that_loads_another_model_stops_the_run(demo_dir, cache_dir):

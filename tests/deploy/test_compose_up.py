@@ -27,7 +27,8 @@ UP_TIMEOUT_S = 300
 DEMO_UNET = "/models/demo/unet/diffusion_pytorch_model.safetensors"
 
 # Building the images the first time takes minutes (cached afterwards).
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800),
+              pytest.mark.long(seconds=100)]
 
 
 def _cannot(problem: str) -> None:
