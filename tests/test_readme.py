@@ -19,8 +19,7 @@ import pytest
 
 from tests.service.service_helpers import serving
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900),
-              pytest.mark.long(seconds=130)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[1]
 # Long-running or environment-changing lines, run elsewhere (the serve fixture itself, the

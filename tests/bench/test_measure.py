@@ -11,8 +11,6 @@ from cleandift.bench.load import features_request, run_load
 from tests.corpus import encode
 from tests.service.service_helpers import running_service
 
-pytestmark = pytest.mark.long(seconds=60)  # scheduling: tests/plugins/tiers.py
-
 
 @pytest.fixture(scope="module")
 def images():

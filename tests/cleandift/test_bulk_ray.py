@@ -26,7 +26,7 @@ from tests.cleandift.test_bulk import lines, write_folder
 from tests.corpus import encode, textured_image
 
 pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
-pytestmark = [pytest.mark.integration, pytest.mark.long(seconds=80)]
+pytestmark = pytest.mark.integration
 
 ITEMS = 41  # 39 files, one held URL, and a corrupt file (an error row, as in the local engine)
 

@@ -27,8 +27,7 @@ UP_TIMEOUT_S = 300
 DEMO_UNET = "/models/demo/unet/diffusion_pytorch_model.safetensors"
 
 # Building the images the first time takes minutes (cached afterwards).
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800),
-              pytest.mark.long(seconds=100)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 
 
 def _cannot(problem: str) -> None:

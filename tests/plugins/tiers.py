@@ -40,32 +40,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if item.get_closest_marker("integration") is None \
                 and item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.unit)
-    items[:] = _long_modules_first(items)
-
-
-def _long_modules_first(items: list[pytest.Item]) -> list[pytest.Item]:
-    """The order in which the two xdist workers take whole modules (`--dist loadscope`,
-    with `--no-loadscope-reorder`: xdist would otherwise put the modules of most tests first):
-    modules marked `long(seconds=...)` first, longest first, then the other modules with
-    integration tests, then those with slow ones, unit-only modules last. So the longest
-    chains start at once, and the suite's last minutes are short tests on both workers
-    rather than one long module alone. Each module's tests stay together and in order."""
-    def module(item: pytest.Item) -> str:
-        return item.nodeid.split("::")[0]
-
-    rank: dict[str, tuple[int, float]] = {}
-    for item in items:
-        long = item.get_closest_marker("long")
-        tier = ((0, -_seconds(long)) if long else
-                (1, 0.0) if item.get_closest_marker("integration") else
-                (2, 0.0) if item.get_closest_marker("slow") else (3, 0.0))
-        rank[module(item)] = min(tier, rank.get(module(item), (3, 0.0)))
-    return sorted(items, key=lambda item: rank[module(item)])
-
-
-def _seconds(mark: pytest.Mark) -> float:
-    """`long(seconds=60)` or `long(60)`."""
-    return float(mark.kwargs.get("seconds", mark.args[0] if mark.args else 0))
 
 
 class Refused(OSError):

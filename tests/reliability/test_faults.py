@@ -23,7 +23,7 @@ from cleandift.service.processes.redis_server import free_port, start_redis_serv
 from cleandift.trainer.publish import publish_weights
 from tests.reliability.helpers import IMAGE, Background, pending_by_consumer, status, wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.long(seconds=55)]
+pytestmark = pytest.mark.integration
 
 
 def test_sigkilled_worker_loses_no_request(demo_dir, record):

@@ -25,7 +25,7 @@ from tests.corpus import encode, textured_image
 from tests.reliability.helpers import IMAGE, rss_mib, wait_for
 from tests.service.service_helpers import metric, wait_metric
 
-pytestmark = [pytest.mark.integration, pytest.mark.long(seconds=85)]
+pytestmark = pytest.mark.integration
 SIDE = 7000
 
 

@@ -33,7 +33,7 @@ from tests.service.service_helpers import (
     wait_ready,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.long(seconds=55)]
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from cleandift import ModelLoadError, load_extractor
 from cleandift.trainer.synthetic import write_images
 from cleandift.trainer.train import TrainConfig, train
 
-pytestmark = [pytest.mark.integration, pytest.mark.long(seconds=40)]
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
