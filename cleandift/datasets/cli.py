@@ -183,7 +183,12 @@ def _facts(args: dict[str, Any], concurrency: int, size: int | None, layers: str
     with user_errors():
         side = check_size(size if size is not None else facts.input_size)
     return ({"model": facts.name, "model_version": facts.version}, side,
-            layers.split(",") if layers else facts.default_layers)
+            _layers(layers, facts.default_layers))
+
+
+def _layers(asked: str | None, default: list[str]) -> list[str]:
+    """--layers as given, else the model's default layers."""
+    return asked.split(",") if asked else list(default)
 
 
 def _backend(service: str | None, concurrency: int, model: str | None,
@@ -202,14 +207,14 @@ def _backend(service: str | None, concurrency: int, model: str | None,
         client.wait_ready(timeout=300)
         served = client.models(model)
         info = {"model": served["name"], "model_version": served["version"]}
-        keys = layers.split(",") if layers else list(served["default_layers"])
+        keys = _layers(layers, served["default_layers"])
         side = size or int(served["input_size"])
         compute = partial(bulk_compute.service_compute, client, concurrency=concurrency,
                           model_version=info["model_version"])
         return compute, info, side, keys
     extractor, _ = _load(model, unet, device, dtype)
     info = {"model": extractor.info.name, "model_version": extractor.info.version}
-    keys = layers.split(",") if layers else list(extractor.info.default_layers)
+    keys = _layers(layers, extractor.info.default_layers)
     return ((lambda o: bulk_compute.local_compute(extractor, o)), info,
             _input_size(extractor, size), keys)
 
